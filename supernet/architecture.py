@@ -1,0 +1,261 @@
+"""Architecture: the one hand-off type between choosing precisions and using them.
+
+A frozen record of, for every site (keyed by its Hugging Face module name), the bits of each group
+(0 = pruned), the group's parameter count and the site's activation bits. The DNAS derivation and the
+HAWQ-V2 baseline produce it; QAT, evaluation and export consume it. Sizes come from `supernet.cost`
+with one-hot probabilities, i.e. the same function that prices the supernet during search.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .cost import FP32_BITS, MIB, CostEntry, Scope, SiteShape, Size, bitops, size
+from .mixed import sites
+from .params import other_fp32_params
+from .quantizers import check_bits
+from .space import SiteKind
+
+FORMAT = "bert-mpq.architecture"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class SiteArch:
+    """The discrete precision of one site."""
+
+    kind: SiteKind
+    bits: tuple[int, ...]  # per group, 0 = pruned
+    group_numel: int  # weights per group
+    rows_per_group: int  # output features per group
+    in_features: int  # MACs per output feature per token (0 for embeddings)
+    bias: bool
+    a_bits: int | None = None  # input activation bits (None: not quantized / no input)
+
+    def __post_init__(self) -> None:
+        if not self.bits:
+            raise ValueError("a site needs at least one group")
+        for b in self.bits:
+            check_bits(b)
+        if self.group_numel < 1 or self.rows_per_group < 1:
+            raise ValueError(f"group_numel and rows_per_group must be positive, got {self.group_numel}, {self.rows_per_group}")
+        if self.a_bits is not None:
+            check_bits(self.a_bits)
+
+    @property
+    def shape(self) -> SiteShape:
+        return SiteShape(self.kind, len(self.bits), self.group_numel, self.rows_per_group, self.in_features, self.bias)
+
+    def entry(self) -> CostEntry:
+        cands = sorted(set(self.bits))
+        idx = torch.tensor([cands.index(b) for b in self.bits])
+        probs = torch.nn.functional.one_hot(idx, len(cands)).float()  # [G] -> [G, K]
+        return CostEntry(self.shape, cands, probs, float(self.a_bits or FP32_BITS))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Bits per group for every site, plus the count of parameters kept in FP32 outside the sites."""
+
+    sites: tuple[tuple[str, SiteArch], ...]
+    other_params: int
+    scale_bits: int = FP32_BITS
+
+    def __post_init__(self) -> None:
+        names = [n for n, _ in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError("an architecture names a site twice")
+        if not names:
+            raise ValueError("an architecture needs at least one site")
+
+    # --- lookup --------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.sites]
+
+    def site(self, name: str) -> SiteArch:
+        for n, s in self.sites:
+            if n == name:
+                return s
+        raise KeyError(f"no site {name!r} in this architecture")
+
+    def __iter__(self) -> Iterator[tuple[str, SiteArch]]:
+        return iter(self.sites)
+
+    # --- size ----------------------------------------------------------------------------------
+    def size(self, scope: Scope | str = Scope.ENCODER) -> Size:
+        return size([s.entry() for _, s in self.sites], self.other_params, Scope(scope), self.scale_bits)
+
+    def size_bytes(self, scope: Scope | str = Scope.ENCODER) -> float:
+        """Exact bytes of `scope` (steps included; see supernet.cost)."""
+        return float(self.size(scope).bytes)
+
+    def size_mb(self, scope: Scope | str = Scope.ENCODER) -> float:
+        return self.size_bytes(scope) / MIB
+
+    def avg_bits(self, scope: Scope | str = Scope.ENCODER) -> float:
+        """Average bits per weight in `scope`, step overhead excluded (the papers' convention)."""
+        return float(self.size(scope).avg_bits)
+
+    def fp32_bytes(self, scope: Scope | str = Scope.ENCODER) -> float:
+        return self.size(scope).weights * FP32_BITS / 8
+
+    def compression_ratio(self, scope: Scope | str = Scope.ENCODER) -> float:
+        """FP32 bytes / exact bytes of `scope`; inf when everything in it is pruned."""
+        size_bytes = self.size_bytes(scope)
+        return self.fp32_bytes(scope) / size_bytes if size_bytes > 0 else float("inf")
+
+    def bitops(self) -> float:
+        """Bit-operations per token (see supernet.cost.bitops)."""
+        return float(bitops([s.entry() for _, s in self.sites]))
+
+    def n_groups(self) -> int:
+        return sum(len(s.bits) for _, s in self.sites)
+
+    def pruned_groups(self) -> int:
+        return sum(s.bits.count(0) for _, s in self.sites)
+
+    def bits_histogram(self, scope: Scope | str = Scope.ENCODER) -> dict[int, int]:
+        """Number of weights at each bit-width in `scope`."""
+        hist: Counter[int] = Counter()
+        for _, s in self.sites:
+            if Scope(scope) is Scope.ENCODER and s.kind is not SiteKind.ENCODER:
+                continue
+            for b in s.bits:
+                hist[b] += s.group_numel
+        return dict(sorted(hist.items()))
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for scope in Scope:
+            out[f"{scope.value}_mb"] = round(self.size_mb(scope), 4)
+            out[f"{scope.value}_avg_bits"] = round(self.avg_bits(scope), 4)
+            ratio = self.compression_ratio(scope)
+            out[f"{scope.value}_compression"] = round(ratio, 3) if ratio != float("inf") else None
+        out["groups"] = self.n_groups()
+        out["pruned_groups"] = self.pruned_groups()
+        out["bitops_per_token"] = self.bitops()
+        return out
+
+    # --- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "summary": self.summary(),
+            "other_fp32_params": self.other_params,
+            "scale_bits": self.scale_bits,
+            "sites": {
+                name: {
+                    "kind": s.kind.value,
+                    "bits": list(s.bits),
+                    "group_numel": s.group_numel,
+                    "rows_per_group": s.rows_per_group,
+                    "in_features": s.in_features,
+                    "bias": s.bias,
+                    "a_bits": s.a_bits,
+                }
+                for name, s in self.sites
+            },
+        }
+
+    def to_json(self) -> str:
+        # one site per line, its bits on that line: readable and diff-able
+        d = self.to_dict()
+        site_lines = [f"    {json.dumps(n)}: {json.dumps(s)}" for n, s in d.pop("sites").items()]
+        head = json.dumps(d, indent=2)[:-2]
+        return head + ',\n  "sites": {\n' + ",\n".join(site_lines) + "\n  }\n}\n"
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "architecture") -> "Architecture":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError(f"{source} is not a bert-mpq architecture (no \"format\": \"{FORMAT}\")")
+        if d.get("version") != VERSION:
+            raise ValueError(f"{source} has version {d.get('version')!r}; this bert-mpq reads version {VERSION}")
+        try:
+            site_items = d["sites"].items()
+            built = []
+            for name, s in site_items:
+                try:
+                    built.append((name, SiteArch(
+                        kind=SiteKind(s["kind"]), bits=tuple(int(b) for b in s["bits"]), group_numel=int(s["group_numel"]),
+                        rows_per_group=int(s["rows_per_group"]), in_features=int(s["in_features"]), bias=bool(s["bias"]),
+                        a_bits=None if s.get("a_bits") is None else int(s["a_bits"]),
+                    )))
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"{source}: site {name!r} is malformed ({type(e).__name__}: {e})") from None
+            return cls(tuple(built), int(d["other_fp32_params"]), int(d.get("scale_bits", FP32_BITS)))
+        except (KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"{source} is malformed: missing or wrong {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "architecture") -> "Architecture":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        return cls.from_dict(d, source)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a crash never leaves a half-written architecture.json."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Architecture":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"architecture file {path} does not exist; pass the architecture.json a search or hawq run wrote")
+        return cls.from_json(path.read_text(), source=str(path))
+
+    # --- supernet ------------------------------------------------------------------------------
+    @classmethod
+    def from_supernet(cls, model: nn.Module, scale_bits: int = FP32_BITS) -> "Architecture":
+        """Argmax of every group's logits (or its fixed choice)."""
+        built = []
+        for name, site in sites(model):
+            shape = site.shape()
+            a_bits = None
+            if site.aq is not None and not site.aq.cands.is_identity:
+                a_bits = site.aq.chosen_bits()[0]
+            built.append((name, SiteArch(shape.kind, site.wq.chosen_bits(), shape.group_numel, shape.rows_per_group,
+                                         shape.in_features, shape.bias, a_bits)))
+        if not built:
+            raise ValueError("the model has no mixed-precision sites; convert it with supernet.to_supernet first")
+        return cls(tuple(built), other_fp32_params(model), scale_bits)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Fix every site of a supernet to this architecture (in place); returns the model."""
+        model_sites = dict(sites(model))
+        missing = [n for n in self.names if n not in model_sites]
+        extra = [n for n in model_sites if n not in dict(self.sites)]
+        if missing or extra:
+            raise ValueError(
+                f"architecture does not match the model: {len(missing)} sites missing from the model "
+                f"{missing[:3]}, {len(extra)} model sites not in the architecture {extra[:3]}"
+            )
+        for name, arch in self.sites:
+            site = model_sites[name]
+            shape = site.shape()
+            if (shape.n_groups, shape.group_numel) != (len(arch.bits), arch.group_numel):
+                raise ValueError(
+                    f"{name}: architecture has {len(arch.bits)} groups of {arch.group_numel} weights, the model "
+                    f"{shape.n_groups} of {shape.group_numel}; convert with the space the architecture was made for"
+                )
+            site.wq.fix(arch.bits)
+            if site.aq is not None and not site.aq.cands.is_identity:
+                site.aq.fix([arch.a_bits if arch.a_bits is not None else site.aq.chosen_bits()[0]])
+        return model

@@ -1,0 +1,279 @@
+"""Mixed-precision sites: MixedLinear and MixedEmbedding, and the quantizers they own.
+
+Each site keeps ONE shared floating-point weight. Per group it holds a row of architecture logits
+alpha[G, K] over K candidate bit-widths and a learnable LSQ step per group per candidate. Forward mixes
+the *quantized weights* with the candidate probabilities and runs one matmul (EdMIPS, arXiv:2004.05795;
+AQ-BERT, arXiv:2112.14938), so the cost of a step barely depends on K. Input activations pass through
+their own quantizer (one candidate, or several with their own logits).
+
+`fix(bits)` pins every group to one candidate: the supernet becomes the discrete quantized model that QAT,
+evaluation and the baselines use. Pruning is the 0-bit candidate; a pruned group's bias goes too, so its
+output features are exactly zero.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .groups import Grouping
+from .quantizers import (
+    CandidateKind,
+    CandidateSet,
+    InitRule,
+    QuantMode,
+    init_step,
+    lsq_grad_scale,
+    mix_fake_quant,
+)
+from .cost import SiteShape
+from .space import Relaxation, SiteKind
+
+
+class _Chooser(nn.Module):
+    """Candidates, their logits (when there is a choice) and an optional fixed choice per group."""
+
+    def __init__(self, cands: CandidateSet, n_groups: int) -> None:
+        super().__init__()
+        self.cands = cands
+        self.n_groups = n_groups
+        k = len(cands)
+        self.alpha = nn.Parameter(torch.zeros(n_groups, k)) if k > 1 else None
+        self.register_buffer("choice", torch.full((n_groups,), -1, dtype=torch.long))
+        self.relaxation = Relaxation.SOFTMAX
+        self.tau = 1.0
+        self._active: tuple[bool, ...] | None = None  # set while fixed: candidates some group uses
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+
+    @property
+    def searchable(self) -> bool:
+        return self.alpha is not None and self._active is None
+
+    @property
+    def fixed(self) -> bool:
+        return self._active is not None
+
+    def _refresh(self) -> None:
+        used = set(self.choice.tolist())
+        self._active = None if -1 in used else tuple(k in used for k in range(len(self.cands)))
+
+    def probs(self) -> torch.Tensor:
+        """[G, K] candidate probabilities of every group."""
+        k = len(self.cands)
+        if self._active is not None:
+            return F.one_hot(self.choice, k).float()
+        if self.alpha is None:
+            return torch.ones(self.n_groups, 1, device=self.choice.device)
+        if not self.training or self.relaxation is Relaxation.SOFTMAX:
+            return torch.softmax(self.alpha / self.tau, dim=-1)
+        return F.gumbel_softmax(self.alpha, tau=self.tau, hard=self.relaxation is Relaxation.GUMBEL_HARD, dim=-1)
+
+    def mean_probs(self) -> torch.Tensor:
+        """[G, K] probabilities without sampling noise: what the cost model charges for."""
+        if self.training and self.alpha is not None and self._active is None and self.relaxation is not Relaxation.SOFTMAX:
+            return torch.softmax(self.alpha / self.tau, dim=-1)
+        return self.probs()
+
+    def active(self) -> tuple[bool, ...] | None:
+        return self._active
+
+    def fix(self, bits: Sequence[int]) -> None:
+        """Pin group g to the candidate with `bits[g]` bits."""
+        if len(bits) != self.n_groups:
+            raise ValueError(f"expected {self.n_groups} bit-widths (one per group), got {len(bits)}")
+        idx = [self.cands.index(int(b)) for b in bits]
+        self.choice.copy_(torch.tensor(idx, dtype=torch.long))
+        self._refresh()
+
+    def unfix(self) -> None:
+        self.choice.fill_(-1)
+        self._active = None
+
+    def chosen_bits(self) -> tuple[int, ...]:
+        """Bits per group: the fixed choice, else the argmax of the logits."""
+        if self._active is not None:
+            idx = self.choice.tolist()
+        elif self.alpha is None:
+            idx = [0] * self.n_groups
+        else:
+            idx = self.alpha.detach().argmax(-1).tolist()
+        return tuple(self.cands.bits[i] for i in idx)
+
+    def keep_prob(self, probs: torch.Tensor) -> torch.Tensor | None:
+        """[G] probability that each group is NOT pruned; None when pruning is not a candidate."""
+        if 0 not in self.cands.bits:
+            return None
+        return 1 - probs[:, self.cands.index(0)]
+
+
+class WeightQuantizer(_Chooser):
+    """K candidate quantizers of one weight, a step per group per candidate (LSQ)."""
+
+    def __init__(self, cands: CandidateSet, grouped: torch.Tensor, rule: InitRule) -> None:
+        super().__init__(cands, grouped.shape[0])
+        self.group_numel = grouped.shape[1]
+        step = torch.ones(self.n_groups, len(cands), device=grouped.device)
+        for k, (b, kind) in enumerate(zip(cands.bits, cands.kinds)):
+            if kind is CandidateKind.INT:
+                step[:, k] = init_step(grouped, b, QuantMode.SYMMETRIC, rule)[0]
+        self.step = nn.Parameter(step)
+        self.grad_scales = tuple(lsq_grad_scale(self.group_numel, b, QuantMode.SYMMETRIC) for b in cands.bits)
+
+    def mix(self, x: torch.Tensor, probs: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Mix the quantized copies of x; `shape` is how one group's [K] values broadcast against x."""
+        k = len(self.cands)
+        return mix_fake_quant(
+            x, probs.t().reshape(k, *shape), self.step.t().reshape(k, *shape), self.cands, self.grad_scales, active=self.active()
+        )
+
+
+class ActQuantizer(_Chooser):
+    """Fake-quantizes a site's input activations; step (and offset) initialised on the first batch."""
+
+    def __init__(self, cands: CandidateSet, features: int, rule: InitRule) -> None:
+        super().__init__(cands, 1)
+        k = len(cands)
+        self.rule = rule
+        self.step = nn.Parameter(torch.ones(1, k))
+        self.offset = nn.Parameter(torch.zeros(1, k)) if cands.mode is QuantMode.ASYMMETRIC else None
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._initialized = False
+        self.grad_scales = tuple(lsq_grad_scale(features, b, cands.mode) for b in cands.bits)
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        self._initialized = bool(self.initialized)
+
+    @torch.no_grad()
+    def _init_from(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(1, -1)  # [*, features] -> [1, n]
+        for k, (b, kind) in enumerate(zip(self.cands.bits, self.cands.kinds)):
+            if kind is CandidateKind.INT:
+                step, offset = init_step(flat, b, self.cands.mode, self.rule, max_samples=65536)
+                self.step[0, k] = step[0]
+                if self.offset is not None:
+                    self.offset[0, k] = offset[0]
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cands.is_identity:
+            return x
+        if not self._initialized:
+            self._init_from(x)
+        k = len(self.cands)
+        shape = (k,) + (1,) * x.dim()
+        offsets = None if self.offset is None else self.offset.reshape(shape)
+        dtype = x.dtype
+        y = mix_fake_quant(
+            x.float(), self.probs().reshape(shape), self.step.reshape(shape), self.cands, self.grad_scales, offsets, self.active()
+        )
+        return y.to(dtype)
+
+
+class MixedLinear(nn.Linear):
+    """nn.Linear with mixed-precision weights (groups along output rows) and quantized inputs."""
+
+    def __init__(self, linear: nn.Linear, kind: SiteKind, wcands: CandidateSet, grouping: Grouping,
+                 acands: CandidateSet | None, rule: InitRule) -> None:
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        self.weight = linear.weight  # the very same Parameter: optimisers and tied weights stay valid
+        self.bias = linear.bias
+        self.kind = kind
+        self.grouping = grouping
+        g = grouping.n_groups
+        self.wq = WeightQuantizer(wcands, self.weight.detach().view(g, -1), rule)  # [out, in] -> [G, rows/G * in]
+        self.aq = ActQuantizer(acands, self.in_features, rule) if acands is not None else None
+
+    def shape(self) -> SiteShape:
+        g = self.grouping
+        return SiteShape(self.kind, g.n_groups, self.wq.group_numel, g.size, self.in_features, self.bias is not None)
+
+    def quantized_weight(self, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mixed fake-quantized weight [out, in], bias with pruned groups removed)."""
+        probs = self.wq.probs() if probs is None else probs
+        g = self.grouping.n_groups
+        if self.wq.cands.is_identity:
+            w = self.weight
+        else:
+            w = self.wq.mix(self.weight.view(g, -1), probs, (g, 1)).view_as(self.weight)  # [G, n] -> [out, in]
+        bias = self.bias
+        keep = self.wq.keep_prob(probs)
+        if bias is not None and keep is not None:
+            bias = bias * keep.to(bias.dtype).repeat_interleave(self.grouping.size)  # [G] -> [out]
+        return w, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aq is not None:
+            x = self.aq(x)
+        w, bias = self.quantized_weight()
+        return F.linear(x, w, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, w_bits={list(self.wq.cands.bits)}, groups={self.grouping.n_groups}, kind={self.kind.value}"
+
+
+class MixedEmbedding(nn.Embedding):
+    """nn.Embedding with mixed-precision tables; groups along the embedding dimension.
+
+    Quantization is elementwise with one step per group of columns, so quantizing the looked-up rows
+    equals looking up rows of the quantized table, at a fraction of the cost.
+    """
+
+    def __init__(self, emb: nn.Embedding, wcands: CandidateSet, grouping: Grouping, rule: InitRule) -> None:
+        super().__init__(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.max_norm, emb.norm_type,
+                         emb.scale_grad_by_freq, emb.sparse, device="meta")
+        self.weight = emb.weight
+        self.kind = SiteKind.EMBEDDING
+        self.grouping = grouping
+        self.bias = None
+        self.aq = None
+        g = grouping.n_groups
+        grouped = self.weight.detach().t().reshape(g, -1)  # [V, D] -> [D, V] -> [G, D/G * V]
+        self.wq = WeightQuantizer(wcands, grouped, rule)
+
+    def shape(self) -> SiteShape:
+        g = self.grouping
+        return SiteShape(self.kind, g.n_groups, self.wq.group_numel, g.size, 0, False)
+
+    def quantized_weight(self, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """The whole mixed fake-quantized table [V, D] (for export and inspection; forward avoids it)."""
+        return self._mix_rows(self.weight, probs), None
+
+    def _mix_rows(self, rows: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        if self.wq.cands.is_identity:
+            return rows
+        probs = self.wq.probs() if probs is None else probs
+        g = self.grouping.n_groups
+        grouped = rows.reshape(*rows.shape[:-1], g, self.grouping.size)  # [..., D] -> [..., G, D/G]
+        return self.wq.mix(grouped, probs, (g, 1)).reshape(rows.shape)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)  # [..., D]
+        return self._mix_rows(rows)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, w_bits={list(self.wq.cands.bits)}, groups={self.grouping.n_groups}"
+
+
+Site = MixedLinear | MixedEmbedding
+
+
+def sites(model: nn.Module) -> Iterator[tuple[str, Site]]:
+    """(name, module) of every mixed-precision site, in model order."""
+    for name, module in model.named_modules():
+        if isinstance(module, (MixedLinear, MixedEmbedding)):
+            yield name, module
+
+
+def set_relaxation(model: nn.Module, relaxation: Relaxation, tau: float) -> None:
+    """Set how every site turns logits into probabilities, and the temperature."""
+    if tau <= 0:
+        raise ValueError(f"temperature must be positive, got {tau}")
+    for module in model.modules():
+        if isinstance(module, _Chooser):
+            module.relaxation = Relaxation(relaxation)
+            module.tau = float(tau)

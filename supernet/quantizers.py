@@ -1,0 +1,294 @@
+"""Uniform fake quantizers with a learned step size, one at a time or K mixed at once.
+
+Follows LSQ (Esser et al., arXiv:1902.08153): q(x) = round(clamp(x / s, qmin, qmax)) * s with a
+straight-through round and the step gradient scaled by 1 / sqrt(n * qmax); LSQ+ adds a learned offset
+for asymmetric activations. Candidate bit-widths:
+  * 0        -> exact zeros (the group is pruned),
+  * 2 .. 8   -> a uniform integer grid of 2**bits levels,
+  * 16 or 32 -> floating point, the identity.
+
+`mix_fake_quant` is the hot path of the supernet: sum_k p_k * q_k(x) for all K candidates in one
+autograd node that saves only its inputs and recomputes the candidates in backward, so memory does not
+grow with K (EdMIPS mixes quantized weights the same way). `lsq_fake_quant` is the plain-autograd
+reference for one candidate; tests check the fused node against it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+FLOAT_BITS = (16, 32)
+INT_BITS = tuple(range(2, 9))
+MIN_STEP = 1e-8
+
+
+class QuantMode(Enum):
+    """Integer grid of a quantizer."""
+
+    SYMMETRIC = "symmetric"  # signed, [-2^(b-1), 2^(b-1) - 1]; weights always use this
+    UNSIGNED = "unsigned"  # [0, 2^b - 1], zero offset
+    ASYMMETRIC = "asymmetric"  # [0, 2^b - 1] shifted by a learned offset (LSQ+)
+
+
+class InitRule(Enum):
+    """How a step size is initialised from the tensor it quantizes."""
+
+    MSE = "mse"  # clipping range minimising ||q(x) - x||^2 over a grid (best at 2-3 bits)
+    MAX_ABS = "max_abs"  # no clipping: the grid spans the tensor's range
+    LSQ = "lsq"  # the LSQ paper's 2 * mean|x| / sqrt(qmax)
+
+
+class CandidateKind(Enum):
+    ZERO = "zero"
+    INT = "int"
+    FLOAT = "float"
+
+
+def check_bits(bits: int) -> int:
+    """Return `bits` if it is a supported candidate, else raise a one-line ValueError."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"bit-width {bits!r} is not an integer; use 0 (pruned), 2..8, 16 or 32")
+    if bits != 0 and bits not in INT_BITS and bits not in FLOAT_BITS:
+        raise ValueError(f"bit-width {bits} is not supported; use 0 (pruned), 2..8, 16 or 32 (float)")
+    return bits
+
+
+def candidate_kind(bits: int) -> CandidateKind:
+    check_bits(bits)
+    if bits == 0:
+        return CandidateKind.ZERO
+    return CandidateKind.FLOAT if bits in FLOAT_BITS else CandidateKind.INT
+
+
+def qrange(bits: int, mode: QuantMode) -> tuple[int, int]:
+    """Integer range [qmin, qmax] of a `bits`-bit grid: 2**bits levels."""
+    if candidate_kind(bits) is not CandidateKind.INT:
+        raise ValueError(f"{bits} bits has no integer grid")
+    if mode is QuantMode.SYMMETRIC:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """The K candidate bit-widths of one quantizer, with their grids."""
+
+    bits: tuple[int, ...]
+    mode: QuantMode = QuantMode.SYMMETRIC
+
+    def __post_init__(self) -> None:
+        if not self.bits:
+            raise ValueError("a candidate set needs at least one bit-width")
+        for b in self.bits:
+            check_bits(b)
+        if len(set(self.bits)) != len(self.bits):
+            raise ValueError(f"candidate bit-widths repeat: {list(self.bits)}")
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    @property
+    def kinds(self) -> tuple[CandidateKind, ...]:
+        return tuple(candidate_kind(b) for b in self.bits)
+
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """(qmin, qmax) per candidate; (0, 0) for zero and float candidates."""
+        return tuple(qrange(b, self.mode) if k is CandidateKind.INT else (0, 0) for b, k in zip(self.bits, self.kinds))
+
+    def index(self, bits: int) -> int:
+        if bits not in self.bits:
+            raise ValueError(f"{bits} bits is not a candidate here (candidates: {list(self.bits)})")
+        return self.bits.index(bits)
+
+    @property
+    def is_identity(self) -> bool:
+        return len(self.bits) == 1 and self.kinds[0] is CandidateKind.FLOAT
+
+
+def lsq_grad_scale(numel: int, bits: int, mode: QuantMode) -> float:
+    """LSQ's step gradient scale 1 / sqrt(N * Q_p); 0 where the candidate has no step."""
+    if candidate_kind(bits) is not CandidateKind.INT:
+        return 0.0
+    return 1.0 / math.sqrt(max(numel, 1) * qrange(bits, mode)[1])
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() whose gradient is the identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity in forward; multiplies the gradient by `scale` in backward (LSQ's trick)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def lsq_fake_quant(
+    x: torch.Tensor,
+    step: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    grad_scale: float = 1.0,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference LSQ(+) fake quantizer written with plain autograd (one candidate)."""
+    s = scale_grad(step, grad_scale).clamp_min(MIN_STEP)
+    o = scale_grad(offset, grad_scale) if offset is not None else 0.0
+    return round_ste(torch.clamp((x - o) / s, qmin, qmax)) * s + o
+
+
+def _fake_quant(x: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
+    v = x - o if o is not None else x
+    v = v / s
+    q = v.round_().clamp_(qmin, qmax).mul_(s)
+    return q.add_(o) if o is not None else q
+
+
+class _MixFakeQuant(torch.autograd.Function):
+    """y = sum_k p_k * q_k(x), saving only the inputs; candidates are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, probs, steps, offsets, cands: CandidateSet, grad_scales: tuple[float, ...], active):
+        ctx.cands, ctx.grad_scales, ctx.active = cands, grad_scales, active
+        has_offsets = offsets is not None
+        ctx.has_offsets = has_offsets
+        ctx.save_for_backward(x, probs, steps, offsets if has_offsets else steps)
+        out = None
+        for k, (kind, (qmin, qmax)) in enumerate(zip(cands.kinds, cands.ranges())):
+            if kind is CandidateKind.ZERO or not active[k]:
+                continue
+            if kind is CandidateKind.FLOAT:
+                term = x * probs[k]
+            else:
+                q = _fake_quant(x, steps[k].clamp_min(MIN_STEP), offsets[k] if has_offsets else None, qmin, qmax)
+                term = q.mul_(probs[k])
+            out = term if out is None else out.add_(term)
+        return torch.zeros_like(x) if out is None else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, probs, steps, offsets = ctx.saved_tensors
+        need_x, need_p, need_s, need_o = ctx.needs_input_grad[:4]
+        gx = torch.zeros_like(x) if need_x else None
+        gp = torch.zeros_like(probs) if need_p else None
+        gs = torch.zeros_like(steps) if need_s else None
+        go = torch.zeros_like(offsets) if (need_o and ctx.has_offsets) else None
+        bshape = probs.shape[1:]
+        for k, (kind, (qmin, qmax)) in enumerate(zip(ctx.cands.kinds, ctx.cands.ranges())):
+            if kind is CandidateKind.ZERO or not ctx.active[k]:
+                continue
+            if kind is CandidateKind.FLOAT:
+                if need_x:
+                    gx.addcmul_(grad, probs[k])
+                if need_p:
+                    gp[k] = (grad * x).sum_to_size(bshape)
+                continue
+            s = steps[k].clamp_min(MIN_STEP)
+            o = offsets[k] if ctx.has_offsets else None
+            v = (x - o) / s if o is not None else x / s
+            r = torch.round(v)
+            rc = r.clamp(qmin, qmax)
+            if need_p:
+                q = rc * s
+                if o is not None:
+                    q = q + o
+                gp[k] = (grad * q).sum_to_size(bshape)
+                del q
+            gq = grad * probs[k]
+            inside = (v >= qmin) & (v <= qmax)
+            if need_x:
+                gx.add_(gq * inside)
+            if need_s:
+                # d q / d s = round(v) - v inside the range (STE), the clamp bound outside (LSQ eq. 3)
+                ds = torch.where(inside, r - v, rc)
+                gs[k] = (gq * ds).sum_to_size(bshape) * ctx.grad_scales[k] * (steps[k] >= MIN_STEP)
+            if go is not None:
+                go[k] = (gq * ~inside).sum_to_size(bshape) * ctx.grad_scales[k]
+        return gx, gp, gs, go, None, None, None
+
+
+def mix_fake_quant(
+    x: torch.Tensor,
+    probs: torch.Tensor,
+    steps: torch.Tensor,
+    cands: CandidateSet,
+    grad_scales: tuple[float, ...],
+    offsets: torch.Tensor | None = None,
+    active: tuple[bool, ...] | None = None,
+) -> torch.Tensor:
+    """Mix the K fake-quantized copies of `x`: sum_k probs[k] * q_k(x).
+
+    probs, steps, offsets: [K, *b] with `b` broadcastable to x.shape (one value per group).
+    active: candidates to evaluate (a fixed architecture skips the ones no group uses).
+    """
+    if probs.shape[0] != len(cands) or steps.shape[0] != len(cands):
+        raise ValueError(f"expected {len(cands)} candidates, got probs {tuple(probs.shape)}, steps {tuple(steps.shape)}")
+    active = tuple(True for _ in cands.bits) if active is None else active
+    return _MixFakeQuant.apply(x, probs.to(x.dtype), steps.to(x.dtype), None if offsets is None else offsets.to(x.dtype), cands, tuple(grad_scales), active)
+
+
+@torch.no_grad()
+def init_step(
+    x: torch.Tensor,
+    bits: int,
+    mode: QuantMode = QuantMode.SYMMETRIC,
+    rule: InitRule = InitRule.MSE,
+    max_samples: int = 8192,
+    grid: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial (step, offset) per group for `x` of shape [G, n].
+
+    MSE searches the clipping ratio r in (0, 1] of the group's range that minimises the quantization
+    error (LSQ's own init clips too little at 2 bits, max-abs wastes levels on outliers). Groups larger
+    than `max_samples` are estimated on an evenly strided subsample.
+    """
+    qmin, qmax = qrange(bits, mode)
+    x = x.detach().float()
+    if x.shape[1] > max_samples:
+        stride = x.shape[1] // max_samples
+        x = x[:, ::stride]  # [G, n] -> [G, <= 2 * max_samples]
+    lo = None  # only the asymmetric grid has an offset
+    if mode is QuantMode.ASYMMETRIC:
+        lo = x.amin(1)
+        span = (x.amax(1) - lo).clamp_min(MIN_STEP)
+    elif mode is QuantMode.UNSIGNED:
+        span = x.amax(1).clamp_min(MIN_STEP)
+    else:
+        span = x.abs().amax(1).clamp_min(MIN_STEP)
+    levels = qmax - qmin if mode is not QuantMode.SYMMETRIC else qmax
+
+    def at(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        step = (ratio * span / levels).clamp_min(MIN_STEP)
+        if lo is None:
+            return step, torch.zeros_like(step)
+        return step, lo + (1 - ratio) * span / 2  # clip both tails equally
+
+    if rule is InitRule.MAX_ABS:
+        return at(torch.ones_like(span))
+    if rule is InitRule.LSQ:
+        step = (2 * x.abs().mean(1) / math.sqrt(qmax)).clamp_min(MIN_STEP)
+        return step, (lo if lo is not None else torch.zeros_like(step))
+    best_err = torch.full_like(span, float("inf"))
+    best_step, best_offset = at(torch.ones_like(span))
+    for r in torch.linspace(1.0 / grid, 1.0, grid).tolist():
+        step, offset = at(torch.full_like(span, r))
+        q = torch.round((x - offset[:, None]) / step[:, None]).clamp(qmin, qmax) * step[:, None] + offset[:, None]
+        err = (q - x).pow(2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_step = torch.where(better, step, best_step)
+        best_offset = torch.where(better, offset, best_offset)
+    return best_step, best_offset

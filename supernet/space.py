@@ -1,0 +1,91 @@
+"""The search space: which candidates every kind of site offers, and how weights are grouped.
+
+A candidate list with one entry fixes that precision; two or more make it searchable. This is the
+only configuration the library takes (the app builds it from the hydra `space` group).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from .quantizers import FLOAT_BITS, CandidateSet, InitRule, QuantMode, check_bits
+
+
+class SiteKind(Enum):
+    """Where a site sits; decides its candidates and the size scope it counts in."""
+
+    ENCODER = "encoder"  # Q/K/V, attention output, FFN in/out of an encoder layer
+    EMBEDDING = "embedding"  # word / position / token-type embeddings
+    HEAD = "head"  # pooler and task head
+
+
+class Relaxation(Enum):
+    """How architecture logits become candidate probabilities during search."""
+
+    SOFTMAX = "softmax"  # softmax(alpha / tau)
+    GUMBEL = "gumbel"  # Gumbel-softmax sample, soft
+    GUMBEL_HARD = "gumbel_hard"  # Gumbel-softmax sample, one-hot forward, soft backward
+
+
+def _bits_list(name: str, bits: List[int], allow_zero: bool) -> tuple[int, ...]:
+    if not bits:
+        raise ValueError(f"space.{name} is empty; give at least one bit-width, e.g. [8]")
+    for b in bits:
+        check_bits(b)
+    if not allow_zero and 0 in bits:
+        raise ValueError(f"space.{name} cannot contain 0: activations cannot be pruned")
+    if len(set(bits)) != len(bits):
+        raise ValueError(f"space.{name} repeats a bit-width: {list(bits)}")
+    return tuple(sorted(bits))
+
+
+@dataclass
+class SearchSpace:
+    """Candidates per kind of site, grouping and quantizer settings.
+
+    w_bits: encoder Linear weights (Q/K/V, attention output, FFN in/out); 0 prunes a group, 16/32 is float.
+    groups: groups per matrix along output features (-1: one group per row).
+    a_bits: input activations of every quantized Linear (32 = not quantized).
+    embedding_bits / embedding_groups: word, position and token-type embeddings ([32] leaves them FP).
+    head_bits: pooler and task head ([32] leaves them FP, the default).
+    """
+
+    w_bits: List[int] = field(default_factory=lambda: [0, 2, 4, 8])
+    groups: int = 128
+    a_bits: List[int] = field(default_factory=lambda: [8])
+    a_mode: QuantMode = QuantMode.SYMMETRIC
+    embedding_bits: List[int] = field(default_factory=lambda: [8])
+    embedding_groups: Optional[int] = None
+    head_bits: List[int] = field(default_factory=lambda: [32])
+    init: InitRule = InitRule.MSE
+    scale_bits: int = 32  # storage cost of one step size (fp32; 16 for fp16 scales)
+
+    def __post_init__(self) -> None:
+        _bits_list("w_bits", self.w_bits, allow_zero=True)
+        _bits_list("a_bits", self.a_bits, allow_zero=False)
+        _bits_list("embedding_bits", self.embedding_bits, allow_zero=True)
+        _bits_list("head_bits", self.head_bits, allow_zero=True)
+        for name in ("groups", "embedding_groups"):
+            g = getattr(self, name)
+            if g is not None and (isinstance(g, bool) or not isinstance(g, int) or (g < 1 and g != -1)):
+                raise ValueError(f"space.{name}={g!r} is invalid; use a positive number of groups or -1 for one per row")
+        if self.scale_bits not in FLOAT_BITS:
+            raise ValueError(f"space.scale_bits={self.scale_bits} is invalid; scales are stored as 16 or 32 bits")
+        self.a_mode = QuantMode(self.a_mode)
+        self.init = InitRule(self.init)
+
+    def weight_candidates(self) -> CandidateSet:
+        return CandidateSet(_bits_list("w_bits", self.w_bits, True))
+
+    def activation_candidates(self) -> CandidateSet:
+        return CandidateSet(_bits_list("a_bits", self.a_bits, False), self.a_mode)
+
+    def embedding_candidates(self) -> CandidateSet:
+        return CandidateSet(_bits_list("embedding_bits", self.embedding_bits, True))
+
+    def head_candidates(self) -> CandidateSet:
+        return CandidateSet(_bits_list("head_bits", self.head_bits, True))
+
+    def embedding_group_count(self) -> int:
+        return self.groups if self.embedding_groups is None else self.embedding_groups
