@@ -1,0 +1,152 @@
+"""Cost model, Architecture and parameter sets: exact sizes by hand, expected == exact, JSON, disjoint sets."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from supernet import (
+    Architecture,
+    SearchSpace,
+    SiteArch,
+    SiteKind,
+    expected_bitops,
+    expected_size,
+    other_fp32_params,
+    param_sets,
+    sites,
+    to_supernet,
+)
+
+SPACE = SearchSpace(w_bits=[0, 2, 4, 8], groups=4, a_bits=[4, 8], embedding_bits=[0, 4, 8], embedding_groups=4, head_bits=[8, 32])
+
+
+def _supernet(cfg, space=SPACE):
+    torch.manual_seed(0)
+    return to_supernet(BertForSequenceClassification(cfg), space)
+
+
+def _random_one_hot(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "alpha", None) is not None and hasattr(module, "choice"):
+                k = torch.randint(0, module.alpha.shape[1], (module.alpha.shape[0],), generator=g)
+                module.alpha.fill_(0).scatter_(1, k[:, None], 1e4)
+
+
+def test_size_by_hand_for_one_site():
+    # 4 groups of 3 rows x 10 inputs = 30 weights each; bits 2, 0, 4, 8; scales fp32
+    site = SiteArch(SiteKind.ENCODER, (2, 0, 4, 8), group_numel=30, rows_per_group=3, in_features=10, bias=True, a_bits=8)
+    arch = Architecture((("enc", site),), other_params=100)
+    weight_bits = 30 * (2 + 0 + 4 + 8)
+    assert arch.size_bytes("encoder") == (weight_bits + 3 * 32) / 8  # the pruned group has no scale
+    assert arch.avg_bits("encoder") == weight_bits / 120
+    bias_bits = 3 * 32 * 3  # the pruned group's bias is gone too
+    assert arch.size_bytes("total") == (weight_bits + 3 * 32 + bias_bits + 100 * 32) / 8
+    assert arch.pruned_groups() == 1
+    assert arch.bitops() == 3 * 10 * (2 + 0 + 4 + 8) * 8
+    assert arch.compression_ratio("encoder") == pytest.approx(120 * 4 / arch.size_bytes("encoder"))
+
+
+def test_uniform_architecture_has_exact_average_bits(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    arch = Architecture.from_supernet(model)
+    for b in (2, 4, 8):
+        uni = Architecture(tuple((n, dataclasses.replace(s, bits=(b,) * len(s.bits))) for n, s in arch), arch.other_params)
+        assert uni.avg_bits("encoder") == b
+        assert uni.size_bytes("encoder") > uni.size("encoder").weights * b / 8  # scales cost bytes too
+
+
+def test_expected_size_equals_exact_size_when_alpha_is_one_hot(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    _random_one_hot(model)
+    arch = Architecture.from_supernet(model)
+    for scope in ("encoder", "total"):
+        exp = expected_size(model, scope)
+        assert float(exp.bytes) == pytest.approx(arch.size_bytes(scope), rel=1e-6)
+        assert float(exp.avg_bits) == pytest.approx(arch.avg_bits(scope), rel=1e-6)
+    assert float(expected_bitops(model)) == pytest.approx(arch.bitops(), rel=1e-6)
+
+
+def test_total_size_counts_every_parameter(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    arch = Architecture.from_supernet(model)
+    n_weights = sum(p.numel() for p in param_sets(model).weights)
+    assert arch.size("total").weights == n_weights
+    fp32 = Architecture(tuple((n, dataclasses.replace(s, bits=(32,) * len(s.bits))) for n, s in arch), arch.other_params)
+    assert fp32.size_bytes("total") == n_weights * 4
+
+
+def test_expected_size_is_differentiable_and_a_penalty_lowers_it(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    arch_params = param_sets(model).arch
+    opt = torch.optim.SGD(arch_params, lr=1.0)
+    before = float(expected_size(model, "encoder").bytes)
+    for _ in range(5):
+        opt.zero_grad()
+        expected_size(model, "encoder").mb.backward()
+        opt.step()
+    assert float(expected_size(model, "encoder").bytes) < before
+
+
+def test_json_round_trip(tmp_path, tiny_cfg):
+    model = _supernet(tiny_cfg)
+    _random_one_hot(model, seed=3)
+    arch = Architecture.from_supernet(model)
+    assert Architecture.from_json(arch.to_json()) == arch
+    path = arch.save(tmp_path / "run" / "architecture.json")
+    assert Architecture.load(path) == arch
+    d = json.loads(path.read_text())
+    assert d["sites"]["bert.encoder.layer.0.attention.self.query"]["bits"] == list(arch.site("bert.encoder.layer.0.attention.self.query").bits)
+    assert d["summary"]["pruned_groups"] == arch.pruned_groups()
+
+
+def test_apply_fixes_the_model_and_derive_reads_it_back(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    _random_one_hot(model, seed=5)
+    arch = Architecture.from_supernet(model)
+    fresh = _supernet(tiny_cfg)
+    arch.apply(fresh)
+    assert all(site.wq.fixed for _, site in sites(fresh))
+    assert Architecture.from_supernet(fresh) == arch
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "not valid JSON"),
+    ('{"format": "other"}', "not a bert-mpq architecture"),
+    ('{"format": "bert-mpq.architecture", "version": 1, "other_fp32_params": 1, "sites": {"a": {"kind": "encoder"}}}', "site 'a' is malformed"),
+    ('{"format": "bert-mpq.architecture", "version": 1, "other_fp32_params": 1, "sites": {"a": {"kind": "encoder", "bits": [3, 5, 7, 9], '
+     '"group_numel": 1, "rows_per_group": 1, "in_features": 1, "bias": true}}}', "bit-width 9"),
+])
+def test_malformed_architecture_is_a_clear_error(text, match):
+    with pytest.raises(ValueError, match=match):
+        Architecture.from_json(text)
+
+
+def test_missing_architecture_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        Architecture.load(tmp_path / "nope.json")
+
+
+def test_apply_to_a_different_model_raises(tiny_cfg):
+    arch = Architecture.from_supernet(_supernet(tiny_cfg))
+    other = _supernet(tiny_cfg, dataclasses.replace(SPACE, groups=2))
+    with pytest.raises(ValueError, match="groups"):
+        arch.apply(other)
+
+
+def test_parameter_sets_are_disjoint_and_cover_the_model(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    sets = param_sets(model)
+    ids = [set(map(id, s)) for s in (sets.arch, sets.scales, sets.weights)]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert set.union(*ids) == set(map(id, model.parameters()))
+    n_sites = len(list(sites(model)))
+    # every site has weight logits; every encoder/head site also activation logits (two a_bits candidates)
+    n_act = sum(1 for _, s in sites(model) if s.aq is not None)
+    assert len(sets.arch) == n_sites + n_act
+    assert all(p.dim() == 2 for p in sets.arch)
+    assert other_fp32_params(model) == sum(p.numel() for p in sets.weights) - sum(
+        s.weight.numel() + (s.bias.numel() if s.bias is not None else 0) for _, s in sites(model))

@@ -1,0 +1,137 @@
+"""Quantizer invariants: grids, zero/float candidates, STE and LSQ gradients, fused mixing, init."""
+import math
+
+import pytest
+import torch
+
+from supernet.quantizers import (
+    CandidateSet,
+    InitRule,
+    QuantMode,
+    check_bits,
+    init_step,
+    lsq_fake_quant,
+    lsq_grad_scale,
+    mix_fake_quant,
+    qrange,
+    round_ste,
+)
+
+
+def _lsq_step_grad_by_hand(x, s, qmin, qmax, g, upstream):
+    """LSQ eq. 3, element by element: dq/ds = -v + round(v) inside, qmin / qmax outside."""
+    total = 0.0
+    for xi, ui in zip(x.tolist(), upstream.tolist()):
+        v = xi / s
+        d = qmin if v <= qmin else qmax if v >= qmax else round(v) - v
+        total += ui * d
+    return total * g
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("mode", list(QuantMode))
+def test_values_lie_on_grid(bits, mode):
+    torch.manual_seed(bits)
+    x = torch.randn(4, 500) * 3
+    step, offset = init_step(x, bits, mode, InitRule.MSE)
+    off = offset[:, None] if mode is QuantMode.ASYMMETRIC else None
+    q = lsq_fake_quant(x, step[:, None], *qrange(bits, mode), offset=off)
+    codes = (q - (off if off is not None else 0)) / step[:, None]
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    qmin, qmax = qrange(bits, mode)
+    assert qmax - qmin + 1 == 2**bits
+    assert codes.round().min() >= qmin and codes.round().max() <= qmax
+    for row in codes.round():
+        assert row.unique().numel() <= 2**bits
+
+
+def test_zero_and_float_candidates():
+    x = torch.randn(3, 10)
+    cands = CandidateSet((0, 32))
+    steps = torch.ones(2, 3, 1)
+    zero = mix_fake_quant(x, torch.tensor([1.0, 0.0])[:, None, None].expand(2, 3, 1), steps, cands, (0.0, 0.0))
+    ident = mix_fake_quant(x, torch.tensor([0.0, 1.0])[:, None, None].expand(2, 3, 1), steps, cands, (0.0, 0.0))
+    assert torch.equal(zero, torch.zeros_like(x))
+    assert torch.equal(ident, x)
+
+
+def test_round_ste_gradient_is_identity():
+    x = torch.linspace(-2, 2, 11, requires_grad=True)
+    (round_ste(x) * torch.arange(11.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(11.0))
+
+
+def test_lsq_step_gradient_matches_hand_computation():
+    torch.manual_seed(0)
+    x = torch.randn(50) * 2
+    upstream = torch.randn(50)
+    qmin, qmax = qrange(3, QuantMode.SYMMETRIC)
+    g = lsq_grad_scale(50, 3, QuantMode.SYMMETRIC)
+    assert g == pytest.approx(1 / math.sqrt(50 * 3))
+    step = torch.tensor(0.4, requires_grad=True)
+    (lsq_fake_quant(x, step, qmin, qmax, g) * upstream).sum().backward()
+    assert step.grad.item() == pytest.approx(_lsq_step_grad_by_hand(x, 0.4, qmin, qmax, g, upstream), rel=1e-4)
+    # the fused node gives the same step gradient
+    step2 = torch.tensor([[0.4]], requires_grad=True)
+    y = mix_fake_quant(x[None], torch.ones(1, 1), step2, CandidateSet((3,)), (g,))
+    (y[0] * upstream).sum().backward()
+    assert step2.grad.item() == pytest.approx(step.grad.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", list(QuantMode))
+def test_fused_mixing_matches_autograd_reference(mode):
+    torch.manual_seed(1)
+    bits = (0, 2, 4, 32) if mode is QuantMode.SYMMETRIC else (2, 4, 8)
+    cands = CandidateSet(bits, mode)
+    G, n, K = 5, 40, len(bits)
+    x = (torch.randn(G, n) * 2).requires_grad_()
+    probs = torch.softmax(torch.randn(G, K), -1).t().reshape(K, G, 1).detach().requires_grad_()
+    steps = (torch.rand(K, G, 1) * 0.5 + 0.1).requires_grad_()
+    offsets = (torch.randn(K, G, 1) * 0.3).requires_grad_() if mode is QuantMode.ASYMMETRIC else None
+    gs = tuple(lsq_grad_scale(n, b, mode) for b in bits)
+    up = torch.randn(G, n)
+
+    fused = mix_fake_quant(x, probs, steps, cands, gs, offsets)
+    (fused * up).sum().backward()
+    got = [x.grad.clone(), probs.grad.clone(), steps.grad.clone()] + ([offsets.grad.clone()] if offsets is not None else [])
+    for t in [x, probs, steps] + ([offsets] if offsets is not None else []):
+        t.grad = None
+
+    ref = 0
+    for k, b in enumerate(bits):
+        if b == 0:
+            continue
+        if b >= 16:
+            ref = ref + probs[k] * x
+        else:
+            off = offsets[k] if offsets is not None else None
+            ref = ref + probs[k] * lsq_fake_quant(x, steps[k], *qrange(b, mode), gs[k], off)
+    assert torch.allclose(fused, ref, atol=1e-6)
+    (ref * up).sum().backward()
+    want = [x.grad, probs.grad, steps.grad] + ([offsets.grad] if offsets is not None else [])
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_mse_init_beats_max_abs_at_two_bits():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4000)
+    errs = {}
+    for rule in (InitRule.MSE, InitRule.MAX_ABS):
+        step, _ = init_step(x, 2, QuantMode.SYMMETRIC, rule)
+        q = lsq_fake_quant(x, step[:, None], *qrange(2, QuantMode.SYMMETRIC))
+        errs[rule] = (q - x).pow(2).sum().item()
+    assert errs[InitRule.MSE] < 0.8 * errs[InitRule.MAX_ABS]
+
+
+@pytest.mark.parametrize("bad", [1, 9, 12, 64, -2, 2.5, True])
+def test_unsupported_bits_raise(bad):
+    with pytest.raises(ValueError, match="bit-width"):
+        check_bits(bad)
+
+
+def test_candidate_set_validates():
+    with pytest.raises(ValueError, match="repeat"):
+        CandidateSet((2, 2))
+    with pytest.raises(ValueError, match="not a candidate"):
+        CandidateSet((0, 2)).index(4)
