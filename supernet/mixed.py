@@ -124,9 +124,8 @@ class WeightQuantizer(_Chooser):
     def mix(self, x: torch.Tensor, probs: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Mix the quantized copies of x; `shape` is how one group's [K] values broadcast against x."""
         k = len(self.cands)
-        return mix_fake_quant(
-            x, probs.t().reshape(k, *shape), self.step.t().reshape(k, *shape), self.cands, self.grad_scales, active=self.active()
-        )
+        mix_probs = None if k == 1 else probs.t().reshape(k, *shape)  # [G, K] -> [K, *shape]
+        return mix_fake_quant(x, mix_probs, self.step.t().reshape(k, *shape), self.cands, self.grad_scales, active=self.active())
 
 
 class ActQuantizer(_Chooser):
@@ -167,9 +166,8 @@ class ActQuantizer(_Chooser):
         shape = (k,) + (1,) * x.dim()
         offsets = None if self.offset is None else self.offset.reshape(shape)
         dtype = x.dtype
-        y = mix_fake_quant(
-            x.float(), self.probs().reshape(shape), self.step.reshape(shape), self.cands, self.grad_scales, offsets, self.active()
-        )
+        probs = None if k == 1 else self.probs().reshape(shape)  # [1, K] -> [K, 1, ..., 1]
+        y = mix_fake_quant(x.float(), probs, self.step.reshape(shape), self.cands, self.grad_scales, offsets, self.active())
         return y.to(dtype)
 
 

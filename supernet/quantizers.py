@@ -147,82 +147,121 @@ def lsq_fake_quant(
     """Reference LSQ(+) fake quantizer written with plain autograd (one candidate)."""
     s = scale_grad(step, grad_scale).clamp_min(MIN_STEP)
     o = scale_grad(offset, grad_scale) if offset is not None else 0.0
-    return round_ste(torch.clamp((x - o) / s, qmin, qmax)) * s + o
+    return round_ste(torch.clamp((x - o) * s.reciprocal(), qmin, qmax)) * s + o
 
 
-def _fake_quant(x: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
-    v = x - o if o is not None else x
-    v = v / s
-    q = v.round_().clamp_(qmin, qmax).mul_(s)
-    return q.add_(o) if o is not None else q
+def _to_grid(x: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
+    """v = (x - o) / s as a multiply by 1/s (a vector multiply is cheaper than a divide on CPUs)."""
+    inv = s.reciprocal()
+    return (x - o) * inv if o is not None else x * inv
+
+
+def _group_dot(a: torch.Tensor, b: torch.Tensor, bshape: torch.Size) -> torch.Tensor:
+    """sum(a * b) reduced to `bshape` (one value per group), without an a*b temporary where possible."""
+    if all(d == 1 for d in bshape):
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(bshape)
+    if bshape[-1] == 1:  # groups never split the last axis: a fused dot along it, then sum the rest
+        return torch.linalg.vecdot(a, b, dim=-1).sum_to_size(bshape[:-1]).reshape(bshape)  # [..., G] -> [G, 1]
+    return (a * b).sum_to_size(bshape)
 
 
 class _MixFakeQuant(torch.autograd.Function):
-    """y = sum_k p_k * q_k(x), saving only the inputs; candidates are recomputed in backward."""
+    """y = sum_k p_k * q_k(x), saving only the inputs; candidates are recomputed in backward.
+
+    Per integer candidate with codes c = round(clamp(v)), v = (x - o) / s, and `inside` where v lies in
+    [qmin, qmax]; g is the incoming gradient and g_in = g where inside, else 0:
+      dL/dx  = sum_k p_k g_in                       (STE through round, zero outside the clamp)
+      dL/dp_k = s_k <g, c> + o_k <g, 1>              (q_k = s_k c + o_k, s_k constant per group)
+      dL/ds_k = p_k (<g, c> - <g_in, clamp(v)>)     (LSQ: round(v) - v inside, the bound outside)
+      dL/do_k = p_k (<g, 1> - <g_in, 1>)            (LSQ+: zero inside, one outside)
+    with <.,.> summed within each group; the step and offset gradients then take LSQ's scale.
+    """
 
     @staticmethod
     def forward(ctx, x, probs, steps, offsets, cands: CandidateSet, grad_scales: tuple[float, ...], active):
         ctx.cands, ctx.grad_scales, ctx.active = cands, grad_scales, active
         has_offsets = offsets is not None
         ctx.has_offsets = has_offsets
-        ctx.save_for_backward(x, probs, steps, offsets if has_offsets else steps)
+        unit = probs is None  # a lone candidate with probability one: no multiplies
+        ctx.unit = unit
+        ctx.save_for_backward(x, steps if unit else probs, steps, offsets if has_offsets else steps)
         out = None
         for k, (kind, (qmin, qmax)) in enumerate(zip(cands.kinds, cands.ranges())):
             if kind is CandidateKind.ZERO or not active[k]:
                 continue
             if kind is CandidateKind.FLOAT:
-                term = x * probs[k]
+                term = x.clone() if unit else x * probs[k]
+                out = term if out is None else out.add_(term)
+                continue
+            s = steps[k].clamp_min(MIN_STEP)
+            o = offsets[k] if has_offsets else None
+            codes = _to_grid(x, s, o).clamp_(qmin, qmax).round_()  # in place: a fresh tensor
+            scale = s if unit else s * probs[k]  # [*b]: fold the probability into the step
+            if out is None:
+                out = codes.mul_(scale)
             else:
-                q = _fake_quant(x, steps[k].clamp_min(MIN_STEP), offsets[k] if has_offsets else None, qmin, qmax)
-                term = q.mul_(probs[k])
-            out = term if out is None else out.add_(term)
+                out.addcmul_(codes, scale)
+            if o is not None:
+                out.add_(o if unit else o * probs[k])
         return torch.zeros_like(x) if out is None else out
 
     @staticmethod
     def backward(ctx, grad):
         x, probs, steps, offsets = ctx.saved_tensors
         need_x, need_p, need_s, need_o = ctx.needs_input_grad[:4]
-        gx = torch.zeros_like(x) if need_x else None
-        gp = torch.zeros_like(probs) if need_p else None
+        unit = ctx.unit
+        need_p = need_p and not unit
+        grad = grad.contiguous()
+        bshape = steps.shape[1:]
+        gx = None  # starts as the first candidate's term: no zeros-then-add pass
+        gp = torch.zeros_like(probs) if need_p else None  # probs is a placeholder when unit
         gs = torch.zeros_like(steps) if need_s else None
         go = torch.zeros_like(offsets) if (need_o and ctx.has_offsets) else None
-        bshape = probs.shape[1:]
+        grad_sum = grad.sum_to_size(bshape) if (go is not None or (need_p and ctx.has_offsets)) else None
         for k, (kind, (qmin, qmax)) in enumerate(zip(ctx.cands.kinds, ctx.cands.ranges())):
             if kind is CandidateKind.ZERO or not ctx.active[k]:
                 continue
+            p = probs[k]
             if kind is CandidateKind.FLOAT:
                 if need_x:
-                    gx.addcmul_(grad, probs[k])
+                    gx = _accumulate(gx, grad, None if unit else p)
                 if need_p:
-                    gp[k] = (grad * x).sum_to_size(bshape)
+                    gp[k] = _group_dot(grad, x, bshape)
                 continue
             s = steps[k].clamp_min(MIN_STEP)
             o = offsets[k] if ctx.has_offsets else None
-            v = (x - o) / s if o is not None else x / s
-            r = torch.round(v)
-            rc = r.clamp(qmin, qmax)
-            if need_p:
-                q = rc * s
-                if o is not None:
-                    q = q + o
-                gp[k] = (grad * q).sum_to_size(bshape)
-                del q
-            gq = grad * probs[k]
-            inside = (v >= qmin) & (v <= qmax)
+            v = _to_grid(x, s, o)
+            vc = v.clamp(qmin, qmax)
+            inside = v == vc
+            del v
+            codes = torch.round(vc)
+            g_codes = _group_dot(grad, codes, bshape) if (need_p or need_s) else None
+            del codes
+            g_in = torch.where(inside, grad, 0.0)
+            del inside
             if need_x:
-                gx.add_(gq * inside)
+                gx = _accumulate(gx, g_in, None if unit else p)
+            if need_p:
+                gp[k] = s * g_codes + (o * grad_sum if o is not None else 0)
             if need_s:
-                # d q / d s = round(v) - v inside the range (STE), the clamp bound outside (LSQ eq. 3)
-                ds = torch.where(inside, r - v, rc)
-                gs[k] = (gq * ds).sum_to_size(bshape) * ctx.grad_scales[k] * (steps[k] >= MIN_STEP)
+                gs[k] = (g_codes - _group_dot(g_in, vc, bshape)) * (1 if unit else p) * ctx.grad_scales[k] * (steps[k] >= MIN_STEP)
             if go is not None:
-                go[k] = (gq * ~inside).sum_to_size(bshape) * ctx.grad_scales[k]
+                go[k] = (grad_sum - g_in.sum_to_size(bshape)) * (1 if unit else p) * ctx.grad_scales[k]
+        if need_x and gx is None:  # every candidate pruned or inactive
+            gx = torch.zeros_like(x)
         return gx, gp, gs, go, None, None, None
+
+
+def _accumulate(total: torch.Tensor | None, term: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """total + weight * term, reusing `term`'s storage for the first term when there is no weight."""
+    if total is None:
+        return term if weight is None else term * weight
+    return total.add_(term) if weight is None else total.addcmul_(term, weight)
 
 
 def mix_fake_quant(
     x: torch.Tensor,
-    probs: torch.Tensor,
+    probs: torch.Tensor | None,
     steps: torch.Tensor,
     cands: CandidateSet,
     grad_scales: tuple[float, ...],
@@ -231,13 +270,16 @@ def mix_fake_quant(
 ) -> torch.Tensor:
     """Mix the K fake-quantized copies of `x`: sum_k probs[k] * q_k(x).
 
-    probs, steps, offsets: [K, *b] with `b` broadcastable to x.shape (one value per group).
+    probs, steps, offsets: [K, *b] with `b` broadcastable to x.shape (one value per group); probs=None
+    for a single candidate taken with probability one (a fixed precision), which skips the multiplies.
     active: candidates to evaluate (a fixed architecture skips the ones no group uses).
     """
-    if probs.shape[0] != len(cands) or steps.shape[0] != len(cands):
-        raise ValueError(f"expected {len(cands)} candidates, got probs {tuple(probs.shape)}, steps {tuple(steps.shape)}")
+    if (probs is not None and probs.shape[0] != len(cands)) or steps.shape[0] != len(cands):
+        raise ValueError(f"expected {len(cands)} candidates, got probs {None if probs is None else tuple(probs.shape)}, steps {tuple(steps.shape)}")
+    if probs is None and len(cands) != 1:
+        raise ValueError("probs=None needs exactly one candidate")
     active = tuple(True for _ in cands.bits) if active is None else active
-    return _MixFakeQuant.apply(x, probs.to(x.dtype), steps.to(x.dtype), None if offsets is None else offsets.to(x.dtype), cands, tuple(grad_scales), active)
+    return _MixFakeQuant.apply(x, None if probs is None else probs.to(x.dtype), steps.to(x.dtype), None if offsets is None else offsets.to(x.dtype), cands, tuple(grad_scales), active)
 
 
 @torch.no_grad()

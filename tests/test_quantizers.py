@@ -135,3 +135,24 @@ def test_candidate_set_validates():
         CandidateSet((2, 2))
     with pytest.raises(ValueError, match="not a candidate"):
         CandidateSet((0, 2)).index(4)
+
+
+@pytest.mark.parametrize("mode", list(QuantMode))
+def test_single_fixed_candidate_path_matches_reference(mode):
+    torch.manual_seed(2)
+    x = (torch.randn(2, 6, 10) * 2).requires_grad_()
+    step = torch.tensor([[[[0.3]]]], requires_grad=True)  # [K=1, 1, 1, 1]
+    offset = torch.tensor([[[[-0.5]]]], requires_grad=True) if mode is QuantMode.ASYMMETRIC else None
+    g = lsq_grad_scale(10, 4, mode)
+    up = torch.randn(2, 6, 10)
+    y = mix_fake_quant(x, None, step, CandidateSet((4,), mode), (g,), offset)
+    (y * up).sum().backward()
+    got = [x.grad.clone(), step.grad.clone()] + ([offset.grad.clone()] if offset is not None else [])
+    for t in [x, step] + ([offset] if offset is not None else []):
+        t.grad = None
+    ref = lsq_fake_quant(x, step[0], *qrange(4, mode), g, offset[0] if offset is not None else None)
+    assert torch.allclose(y, ref, atol=1e-6)
+    (ref * up).sum().backward()
+    want = [x.grad, step.grad] + ([offset.grad] if offset is not None else [])
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
