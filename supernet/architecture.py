@@ -247,8 +247,14 @@ class Architecture:
                 f"architecture does not match the model: {len(missing)} sites missing from the model "
                 f"{missing[:3]}, {len(extra)} model sites not in the architecture {extra[:3]}"
             )
+        act_bits: dict[int, tuple[str, int | None]] = {}  # shared input quantizers must agree (Q/K/V)
         for name, arch in self.sites:
             site = model_sites[name]
+            if site.aq is not None:
+                first = act_bits.setdefault(id(site.aq), (name, arch.a_bits))
+                if first[1] != arch.a_bits:
+                    raise ValueError(f"{name} and {first[0]} share one input quantizer but the architecture gives them "
+                                     f"{arch.a_bits} and {first[1]} activation bits; give them the same")
             shape = site.shape()
             if (shape.n_groups, shape.group_numel) != (len(arch.bits), arch.group_numel):
                 raise ValueError(

@@ -18,14 +18,15 @@ from transformers import (
 )
 
 from .groups import make_grouping
-from .mixed import MixedEmbedding, MixedLinear, sites
+from .mixed import ActQuantizer, MixedEmbedding, MixedLinear, sites
 from .quantizers import CandidateSet
 from .space import SearchSpace, SiteKind
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = (BertModel, BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering)
-# path inside an encoder layer -> does it split by attention heads
+# path inside an encoder layer -> does it split by attention heads; Q/K/V read one input and share its quantizer
+SHARED_INPUT = ("attention.self.query", "attention.self.key", "attention.self.value")
 ENCODER_SITES = {
     "attention.self.query": True,
     "attention.self.key": True,
@@ -87,11 +88,13 @@ def to_supernet(model: nn.Module, space: SearchSpace) -> nn.Module:
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(f"cannot map {prefix}encoder.layer: expected a non-empty ModuleList of BertLayer")
     for i, layer in enumerate(layers):
+        shared = ActQuantizer(acands, base.config.hidden_size, space.init)
         for path, by_heads in ENCODER_SITES.items():
             name = f"{prefix}encoder.layer.{i}.{path}"
             linear = _get(layer, path, f"{prefix}encoder.layer.{i}", nn.Linear)
             grouping = make_grouping(name, linear.out_features, space.groups, heads if by_heads else None)
-            _set(layer, path, MixedLinear(linear, SiteKind.ENCODER, wcands, grouping, acands, space.init))
+            site_acands = shared if path in SHARED_INPUT else acands
+            _set(layer, path, MixedLinear(linear, SiteKind.ENCODER, wcands, grouping, site_acands, space.init))
 
     ecands = space.embedding_candidates()
     if not ecands.is_identity:

@@ -12,6 +12,7 @@ output features are exactly zero.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -129,7 +130,11 @@ class WeightQuantizer(_Chooser):
 
 
 class ActQuantizer(_Chooser):
-    """Fake-quantizes a site's input activations; step (and offset) initialised on the first batch."""
+    """Fake-quantizes a site's input activations; step (and offset) initialised on the first batch.
+
+    One quantizer may serve several sites that read the same tensor (Q, K and V): the result for the
+    last input is reused while that tensor is unchanged, so the work and the saved copy happen once.
+    """
 
     def __init__(self, cands: CandidateSet, features: int, rule: InitRule) -> None:
         super().__init__(cands, 1)
@@ -140,6 +145,8 @@ class ActQuantizer(_Chooser):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._initialized = False
         self.grad_scales = tuple(lsq_grad_scale(features, b, cands.mode) for b in cands.bits)
+        # (weak input, its version, grad mode, training, weak output): weak, so no step's tensors outlive it
+        self._last: tuple | None = None
 
     def _refresh(self) -> None:
         super()._refresh()
@@ -160,6 +167,11 @@ class ActQuantizer(_Chooser):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cands.is_identity:
             return x
+        key = (x._version, torch.is_grad_enabled(), self.training)
+        if self._last is not None and self._last[0]() is x and self._last[1:4] == key:
+            cached = self._last[4]()
+            if cached is not None:
+                return cached
         if not self._initialized:
             self._init_from(x)
         k = len(self.cands)
@@ -167,15 +179,18 @@ class ActQuantizer(_Chooser):
         offsets = None if self.offset is None else self.offset.reshape(shape)
         dtype = x.dtype
         probs = None if k == 1 else self.probs().reshape(shape)  # [1, K] -> [K, 1, ..., 1]
-        y = mix_fake_quant(x.float(), probs, self.step.reshape(shape), self.cands, self.grad_scales, offsets, self.active())
-        return y.to(dtype)
+        y = mix_fake_quant(x.float(), probs, self.step.reshape(shape), self.cands, self.grad_scales, offsets, self.active()).to(dtype)
+        # the next sites of the same layer read the same tensor; only a searched quantizer with Gumbel noise
+        # would want a fresh sample per site, and sharing one sample is the same model
+        self._last = (weakref.ref(x), *key, weakref.ref(y))
+        return y
 
 
 class MixedLinear(nn.Linear):
     """nn.Linear with mixed-precision weights (groups along output rows) and quantized inputs."""
 
     def __init__(self, linear: nn.Linear, kind: SiteKind, wcands: CandidateSet, grouping: Grouping,
-                 acands: CandidateSet | None, rule: InitRule) -> None:
+                 acands: CandidateSet | ActQuantizer | None, rule: InitRule) -> None:
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         self.weight = linear.weight  # the very same Parameter: optimisers and tied weights stay valid
         self.bias = linear.bias
@@ -183,7 +198,10 @@ class MixedLinear(nn.Linear):
         self.grouping = grouping
         g = grouping.n_groups
         self.wq = WeightQuantizer(wcands, self.weight.detach().view(g, -1), rule)  # [out, in] -> [G, rows/G * in]
-        self.aq = ActQuantizer(acands, self.in_features, rule) if acands is not None else None
+        if isinstance(acands, ActQuantizer) or acands is None:
+            self.aq = acands  # shared with the sites that read the same input
+        else:
+            self.aq = ActQuantizer(acands, self.in_features, rule)
 
     def shape(self) -> SiteShape:
         g = self.grouping

@@ -144,9 +144,23 @@ def test_parameter_sets_are_disjoint_and_cover_the_model(tiny_cfg):
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     assert set.union(*ids) == set(map(id, model.parameters()))
     n_sites = len(list(sites(model)))
-    # every site has weight logits; every encoder/head site also activation logits (two a_bits candidates)
-    n_act = sum(1 for _, s in sites(model) if s.aq is not None)
+    # every site has weight logits; every input quantizer (Q/K/V share one) activation logits
+    n_act = len({id(s.aq) for _, s in sites(model) if s.aq is not None})
+    assert n_act == 2 * (1 + 3) + 2  # per layer: Q/K/V, attention output, FFN in, FFN out; pooler, classifier
     assert len(sets.arch) == n_sites + n_act
     assert all(p.dim() == 2 for p in sets.arch)
     assert other_fp32_params(model) == sum(p.numel() for p in sets.weights) - sum(
         s.weight.numel() + (s.bias.numel() if s.bias is not None else 0) for _, s in sites(model))
+
+
+def test_qkv_share_one_input_quantizer_and_must_agree(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    attn = model.bert.encoder.layer[0].attention.self
+    assert attn.query.aq is attn.key.aq is attn.value.aq
+    assert attn.query.aq is not model.bert.encoder.layer[0].attention.output.dense.aq
+    arch = Architecture.from_supernet(model)
+    name = "bert.encoder.layer.0.attention.self.key"
+    bad = Architecture(tuple((n, dataclasses.replace(s, a_bits=4 if n == name else 8) if s.a_bits else s) for n, s in arch),
+                       arch.other_params)
+    with pytest.raises(ValueError, match="share one input quantizer"):
+        bad.apply(_supernet(tiny_cfg))

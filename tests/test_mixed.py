@@ -123,3 +123,19 @@ def test_asymmetric_activations_learn_an_offset():
     site(x).sum().backward()
     assert site.aq.offset.grad is not None and site.aq.alpha.grad is not None
     assert site.aq.offset[0, 0] > 1.5  # the grid was moved onto the data
+
+
+def test_shared_input_quantizer_reuses_its_result_only_for_the_same_unchanged_tensor():
+    site = _linear()
+    aq = site.aq
+    x = torch.randn(2, 7)
+    y1 = aq(x)
+    assert aq(x) is y1
+    assert aq(x.clone()) is not y1 and torch.equal(aq(x.clone()), y1)
+    x.mul_(2)  # in place: the cached result is stale
+    assert not torch.equal(aq(x), y1)
+    del x, y1  # y1's graph holds x
+    import gc
+
+    gc.collect()
+    assert aq._last[0]() is None  # the cache never keeps a step's tensors alive
