@@ -4,7 +4,7 @@ Depends on torch and transformers only (no hydra, no wandb, nothing from the `se
 """
 from .architecture import Architecture, SiteArch
 from .bert import to_supernet
-from .cost import MIB, CostEntry, Scope, SiteShape, Size, bitops, expected_bitops, expected_size, model_entries, size
+from .cost import MIB, CostEntry, candidate_bits, Scope, SiteShape, Size, bitops, expected_bitops, expected_size, model_entries, size
 from .groups import PER_ROW, Grouping, make_grouping
 from .mixed import ActQuantizer, MixedEmbedding, MixedLinear, WeightQuantizer, set_relaxation, sites
 from .params import ParamSets, other_fp32_params, param_sets
@@ -23,7 +23,7 @@ from .space import Relaxation, SearchSpace, SiteKind
 __all__ = [
     "ActQuantizer", "Architecture", "CandidateSet", "CostEntry", "Grouping", "InitRule", "MIB", "MixedEmbedding",
     "MixedLinear", "PER_ROW", "ParamSets", "QuantMode", "Relaxation", "Scope", "SearchSpace", "SiteArch", "SiteKind",
-    "SiteShape", "Size", "WeightQuantizer", "bitops", "expected_bitops", "expected_size", "init_step",
+    "SiteShape", "Size", "WeightQuantizer", "bitops", "candidate_bits", "expected_bitops", "expected_size", "init_step",
     "lsq_fake_quant", "make_grouping", "mix_fake_quant", "model_entries", "other_fp32_params", "param_sets", "qrange",
     "round_ste", "set_relaxation", "sites", "size", "to_supernet",
 ]

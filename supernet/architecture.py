@@ -57,7 +57,7 @@ class SiteArch:
     def entry(self) -> CostEntry:
         cands = sorted(set(self.bits))
         idx = torch.tensor([cands.index(b) for b in self.bits])
-        probs = torch.nn.functional.one_hot(idx, len(cands)).float()  # [G] -> [G, K]
+        probs = torch.nn.functional.one_hot(idx, len(cands)).double()  # [G] -> [G, K]; float64: exact sizes
         return CostEntry(self.shape, cands, probs, float(self.a_bits or FP32_BITS))
 
 

@@ -65,13 +65,14 @@ class Size:
         return self.bytes / MIB
 
 
-def _per_candidate(bits: Sequence[int], shape: SiteShape, scale_bits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[K] weight bits, step bits and kept-bias bits of one group at each candidate."""
+def candidate_bits(bits: Sequence[int], shape: SiteShape, scale_bits: int = FP32_BITS, device=None,
+                   dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[K] weight bits, step bits and kept-bias bits of ONE group of `shape` at each candidate."""
     kinds = [candidate_kind(b) for b in bits]
-    weight = torch.tensor([float(b * shape.group_numel) for b in bits], device=device)
-    step = torch.tensor([float(scale_bits if k is CandidateKind.INT else 0) for k in kinds], device=device)
+    weight = torch.tensor([float(b * shape.group_numel) for b in bits], device=device, dtype=dtype)
+    step = torch.tensor([float(scale_bits if k is CandidateKind.INT else 0) for k in kinds], device=device, dtype=dtype)
     bias_bits = FP32_BITS * shape.rows_per_group if shape.bias else 0
-    bias = torch.tensor([float(0 if k is CandidateKind.ZERO else bias_bits) for k in kinds], device=device)
+    bias = torch.tensor([float(0 if k is CandidateKind.ZERO else bias_bits) for k in kinds], device=device, dtype=dtype)
     return weight, step, bias
 
 
@@ -80,13 +81,11 @@ def size(entries: Iterable[CostEntry], other_params: int, scope: Scope, scale_bi
     scope = Scope(scope)
     weight_bits = step_bits = bias_bits = 0.0
     n_weights = n_bias = 0
-    device = None
     for e in entries:
         if scope is Scope.ENCODER and e.shape.kind is not SiteKind.ENCODER:
             continue
-        device = e.probs.device
-        w, s, b = _per_candidate(e.bits, e.shape, scale_bits, device)
-        p = e.probs.float()  # [G, K]
+        p = e.probs if e.probs.dtype == torch.float64 else e.probs.float()  # [G, K]; exact sizes use float64
+        w, s, b = candidate_bits(e.bits, e.shape, scale_bits, p.device, p.dtype)
         weight_bits = weight_bits + (p @ w).sum()
         step_bits = step_bits + (p @ s).sum()
         n_weights += e.shape.n_groups * e.shape.group_numel

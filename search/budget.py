@@ -1,0 +1,149 @@
+"""Size budgets: what the user asks for, checked against what the space can reach, as a limit and a penalty.
+
+A budget is an average number of bits per weight (`avg_bits`) or a size in MiB (`mb`) in a scope
+(`encoder` weights, or the `total` model), measured exactly as `supernet.cost` defines size. The same
+object checks at start-up that the space can reach it (an impossible budget fails in a second, not after
+an hour of search), tells whether a discrete Architecture fits, gives derivation and HAWQ-V2 the per-group
+price of every candidate, and turns the supernet's expected size into the search's size penalty
+(AQ-BERT, arXiv:2112.14938: task loss + a model-size term that lands on the budget).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from supernet import MIB, Architecture, Scope, SiteArch, SiteKind, candidate_bits
+from supernet.cost import FP32_BITS, Size
+
+TOLERANCE = 1e-9
+
+
+class Penalty(Enum):
+    """How the expected size enters the architecture loss; r = expected / budget."""
+
+    HINGE = "hinge"  # lambda * max(0, r - 1): free below the budget
+    LOG_RATIO = "log_ratio"  # lambda * log(r)^2: pulled onto the budget from both sides
+    LINEAR = "linear"  # lambda * r: a plain size weight, no target
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Exactly one of avg_bits or mb, in `scope`."""
+
+    scope: Scope = Scope.ENCODER
+    avg_bits: float | None = None
+    mb: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.avg_bits is None) == (self.mb is None):
+            raise ValueError("give exactly one of budget.avg_bits and budget.mb")
+        value = self.target
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"budget.{self.unit}={value} must be a positive number")
+        object.__setattr__(self, "scope", Scope(self.scope))
+
+    @classmethod
+    def from_args(cls, avg_bits: float | None, mb: float | None, scope: Scope | str) -> "Budget | None":
+        """None when neither is given (no budget)."""
+        if avg_bits is None and mb is None:
+            return None
+        return cls(Scope(scope), avg_bits, mb)
+
+    @classmethod
+    def matching(cls, arch: Architecture, scope: Scope | str = Scope.ENCODER) -> "Budget":
+        """The exact size of `arch` as a budget (to compare methods at equal size)."""
+        return cls(Scope(scope), mb=arch.size_mb(scope))
+
+    @property
+    def unit(self) -> str:
+        return "avg_bits" if self.avg_bits is not None else "mb"
+
+    @property
+    def target(self) -> float:
+        return float(self.avg_bits if self.avg_bits is not None else self.mb)
+
+    def __str__(self) -> str:
+        return f"{self.target:g} {'bits per weight' if self.unit == 'avg_bits' else 'MiB'} ({self.scope.value})"
+
+    # --- measuring -----------------------------------------------------------------------------
+    def measure(self, size: Size) -> torch.Tensor:
+        """The budgeted quantity of a (possibly expected, differentiable) size."""
+        return size.avg_bits if self.unit == "avg_bits" else size.bytes / MIB
+
+    def of(self, arch: Architecture) -> float:
+        return float(self.measure(arch.size(self.scope)))
+
+    def fits(self, arch: Architecture) -> bool:
+        return self.of(arch) <= self.target * (1 + TOLERANCE)
+
+    def group_prices(self, arch: Architecture, candidates: dict[str, tuple[int, ...]] | None = None
+                     ) -> tuple[dict[str, tuple[list[int], torch.Tensor]], float]:
+        """Per site (candidates, [K] price of one group at each) and a constant, so that for any choice of
+        bits, sum of the chosen prices + constant == `self.of(...)` (the budget is linear in the groups).
+        `candidates` per site default to the bits `arch` uses."""
+        size = arch.size(self.scope)
+        per_bit = 1.0 / size.weights if self.unit == "avg_bits" else 1.0 / (8 * MIB)
+        prices: dict[str, tuple[list[int], torch.Tensor]] = {}
+        for name, site in arch:
+            cands = sorted(set(candidates[name] if candidates else site.bits))
+            if self.scope is Scope.ENCODER and site.kind is not SiteKind.ENCODER:
+                prices[name] = (cands, torch.zeros(len(cands), dtype=torch.float64))
+                continue
+            w, s, b = (t.double() for t in candidate_bits(cands, site.shape, arch.scale_bits))
+            bits = w.clone()
+            if self.unit == "mb":
+                bits += s
+            if self.scope is Scope.TOTAL:
+                bits += b
+            prices[name] = (cands, bits * per_bit)
+        constant = FP32_BITS * arch.other_params * per_bit if self.scope is Scope.TOTAL else 0.0
+        return prices, constant
+
+    # --- feasibility ---------------------------------------------------------------------------
+    def check_reachable(self, template: Architecture, candidates: dict[str, tuple[int, ...]]) -> None:
+        """Raise a one-line ValueError when no choice of `candidates` per site can meet this budget, or
+        when every choice does (then there is nothing to search)."""
+        lo = _uniform_extreme(template, candidates, min)
+        hi = _uniform_extreme(template, candidates, max)
+        lo_v, hi_v = self.of(lo), self.of(hi)
+        unit = "bits per weight" if self.unit == "avg_bits" else "MiB"
+        if self.target < lo_v * (1 - TOLERANCE):
+            raise ValueError(
+                f"budget {self} is below the smallest size this space reaches ({lo_v:.4g} {unit}, every group at its "
+                f"fewest bits); raise the budget or add smaller candidates (0 prunes a group)"
+            )
+        if self.target >= hi_v:
+            raise ValueError(
+                f"budget {self} is at or above the largest size this space reaches ({hi_v:.4g} {unit}, every group at "
+                f"its most bits): there is nothing to search; lower the budget or drop it"
+            )
+
+    # --- the search's penalty ------------------------------------------------------------------
+    def penalty(self, expected: Size, kind: Penalty) -> torch.Tensor:
+        ratio = self.measure(expected) / self.target
+        if kind is Penalty.HINGE:
+            return torch.relu(ratio - 1)
+        if kind is Penalty.LOG_RATIO:
+            return torch.log(ratio).pow(2)
+        return ratio
+
+
+def _uniform_extreme(template: Architecture, candidates: dict[str, tuple[int, ...]], pick) -> Architecture:
+    sites = []
+    for name, site in template:
+        bits = pick(candidates[name])
+        sites.append((name, dataclasses.replace(site, bits=(bits,) * len(site.bits))))
+    return Architecture(tuple(sites), template.other_params, template.scale_bits)
+
+
+def uniform(template: Architecture, bits: int, kinds: tuple[SiteKind, ...] = (SiteKind.ENCODER,)) -> Architecture:
+    """`template` with every group of the given kinds of site at `bits` (the uniform-precision baseline)."""
+    sites: list[tuple[str, SiteArch]] = []
+    for name, site in template:
+        new = dataclasses.replace(site, bits=(bits,) * len(site.bits)) if site.kind in kinds else site
+        sites.append((name, new))
+    return Architecture(tuple(sites), template.other_params, template.scale_bits)

@@ -1,0 +1,99 @@
+"""Budgets and derivation: reachability errors, linear prices == cost model, repair meets the budget."""
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from search.budget import Budget, Penalty, uniform
+from search.derive import derive
+from supernet import Architecture, Scope, SearchSpace, expected_size, sites, to_supernet
+
+SPACE = SearchSpace(w_bits=[0, 2, 4, 8], groups=4, a_bits=[8], embedding_bits=[8], embedding_groups=4)
+
+
+def _supernet(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = to_supernet(BertForSequenceClassification(cfg), SPACE)
+    with torch.no_grad():
+        for _, site in sites(model):
+            if site.wq.alpha is not None:
+                site.wq.alpha.normal_(0, 2)
+    return model
+
+
+def _cands(model):
+    return {n: s.wq.cands.bits for n, s in sites(model)}
+
+
+@pytest.mark.parametrize("kw", [dict(avg_bits=3.0), dict(mb=0.01), dict(avg_bits=12.0, scope="total")])
+def test_prices_are_linear_and_equal_the_cost_model(tiny_cfg, kw):
+    model = _supernet(tiny_cfg)
+    arch = Architecture.from_supernet(model)
+    budget = Budget(**kw)
+    prices, const = budget.group_prices(arch)
+    total = const + sum(float(prices[n][1][[prices[n][0].index(b) for b in s.bits]].sum()) for n, s in arch)
+    assert total == pytest.approx(budget.of(arch), rel=1e-9)
+
+
+@pytest.mark.parametrize("avg_bits", [2.5, 3.0, 4.0, 1.5])
+def test_derivation_repairs_to_the_budget(tiny_cfg, avg_bits):
+    model = _supernet(tiny_cfg)
+    budget = Budget(avg_bits=avg_bits)
+    argmax = Architecture.from_supernet(model)
+    arch, report = derive(model, budget)
+    assert budget.fits(arch) and arch.avg_bits("encoder") <= avg_bits + 1e-9
+    if budget.fits(argmax):
+        assert arch == argmax and report.downgraded_groups == 0
+    else:
+        assert report.downgraded_groups > 0 and report.final <= avg_bits < report.argmax
+        # only downgrades: no group ends with more bits than its argmax
+        for (name, a), (_, b) in zip(argmax, arch):
+            assert all(x >= y for x, y in zip(a.bits, b.bits))
+    assert Architecture.from_json(arch.to_json()) == arch
+
+
+def test_repair_is_no_worse_than_downgrading_blindly(tiny_cfg):
+    """The repaired architecture keeps at least as much probability as downgrading groups in model order."""
+    model = _supernet(tiny_cfg, seed=3)
+    budget = Budget(avg_bits=2.0)
+    arch, report = derive(model, budget)
+    assert budget.fits(arch) and report.probability_lost >= 0
+
+
+def test_budget_reachability_is_checked_up_front(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    template = Architecture.from_supernet(model)
+    Budget(avg_bits=3.0).check_reachable(template, _cands(model))
+    with pytest.raises(ValueError, match="at or above the largest size"):
+        Budget(avg_bits=8.0).check_reachable(template, _cands(model))
+    no_prune = {n: tuple(b for b in c if b) for n, c in _cands(model).items()}
+    with pytest.raises(ValueError, match="below the smallest size"):
+        Budget(avg_bits=1.5).check_reachable(template, no_prune)
+    with pytest.raises(ValueError, match="exactly one"):
+        Budget(avg_bits=3.0, mb=1.0)
+    with pytest.raises(ValueError, match="positive"):
+        Budget(mb=-1.0)
+
+
+def test_uniform_architecture_and_matching_budget(tiny_cfg):
+    template = Architecture.from_supernet(_supernet(tiny_cfg))
+    two = uniform(template, 2)
+    assert two.avg_bits("encoder") == 2.0
+    assert Budget.matching(two).fits(two)
+    assert not Budget.matching(two).fits(uniform(template, 4))
+
+
+@pytest.mark.parametrize("kind", list(Penalty))
+def test_penalty_pushes_expected_size_toward_the_budget(tiny_cfg, kind):
+    model = _supernet(tiny_cfg)
+    budget = Budget(avg_bits=2.0)
+    arch_params = [s.wq.alpha for _, s in sites(model) if s.wq.alpha is not None]
+    opt = torch.optim.SGD(arch_params, lr=5.0)
+    start = float(expected_size(model, Scope.ENCODER).avg_bits)
+    for _ in range(20):
+        opt.zero_grad()
+        budget.penalty(expected_size(model, Scope.ENCODER), kind).backward()
+        opt.step()
+    end = float(expected_size(model, Scope.ENCODER).avg_bits)
+    assert end < start
+    if kind is not Penalty.LINEAR:
+        assert abs(end - 2.0) < abs(start - 2.0)
