@@ -1,0 +1,218 @@
+"""The DARTS architect for precision search (DARTS, arXiv:1806.09055; AQ-BERT, arXiv:2112.14938).
+
+Two levels, two disjoint halves of the training set:
+  * the weight step fits the model weights on the weights half (the inner problem);
+  * the architecture step fits the logits and the quantizer scales on the architecture half, under
+    the task loss plus a size term (the outer problem).
+First order alternates plain updates. Second order follows DARTS's unrolled step: the architecture
+gradient is taken at the weights after one virtual SGD step w' = w - xi * dL_train/dw, and corrected by
+- xi * d2L_train/(dalpha dw) . dL_val/dw', the Hessian-vector product estimated by finite differences.
+
+`BilevelStep` is a step function for `search.loop.train`: it draws its own batches of the architecture
+half and runs both optimisers, so the loop itself is the same one fine-tuning and QAT use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from supernet import MixedEmbedding, Relaxation, Scope, expected_size, set_relaxation, sites
+
+from .budget import Budget, Penalty
+
+Batch = Mapping[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def task_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The Hugging Face model's own loss for a batch with labels."""
+    return model(**batch).loss
+
+
+@dataclass
+class SizeTerm:
+    """The size part of the architecture loss: lambda * penalty(expected size) (+ bit-operations)."""
+
+    weight: float  # lambda
+    budget: Budget | None = None  # None: lambda * expected MiB of `scope`, no target
+    penalty: Penalty = Penalty.LOG_RATIO
+    scope: Scope = Scope.ENCODER
+
+    def __call__(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
+        scope = self.budget.scope if self.budget is not None else self.scope
+        size = expected_size(model, scope)
+        if self.budget is not None:
+            term = self.budget.penalty(size, self.penalty)
+        else:
+            term = size.mb
+        logs = {"size/expected_mb": size.mb.item(), "size/expected_avg_bits": size.avg_bits.item(), "loss/size": term.item()}
+        return self.weight * term, logs
+
+
+def group_lasso(model: nn.Module) -> torch.Tensor:
+    """Sum over groups of the L2 norm of their weights: drives whole groups toward zero (and 0 bits)."""
+    total = 0.0
+    for _, site in sites(model):
+        if 0 not in site.wq.cands.bits:
+            continue
+        g = site.grouping.n_groups
+        if isinstance(site, MixedEmbedding):
+            grouped = site.weight.t().reshape(g, -1)  # [V, D] -> [G, D/G * V]
+        else:
+            grouped = site.weight.view(g, -1)  # [out, in] -> [G, rows/G * in]
+        total = total + grouped.norm(dim=1).sum()
+    return torch.as_tensor(total)
+
+
+def temperature(step: int, total: int, start: float, end: float) -> float:
+    """Exponential anneal from `start` to `end` over `total` steps."""
+    if total <= 1 or start == end:
+        return end if total <= 1 else start
+    frac = min(max(step / (total - 1), 0.0), 1.0)
+    return start * (end / start) ** frac
+
+
+def probability_mass(model: nn.Module) -> dict[str, float]:
+    """Share of the weights each candidate holds, overall and per site (noise-free probabilities)."""
+    out: dict[str, float] = {}
+    overall: dict[int, float] = {}
+    total = 0
+    with torch.no_grad():
+        for name, site in sites(model):
+            p = site.wq.mean_probs().float().mean(0)  # [G, K] -> [K]
+            n = site.weight.numel()
+            total += n
+            for b, m in zip(site.wq.cands.bits, p.tolist()):
+                out[f"mass/{name}/{b}"] = m
+                overall[b] = overall.get(b, 0.0) + m * n
+    out.update({f"mass/all/{b}": v / total for b, v in sorted(overall.items())})
+    return out
+
+
+def finite_difference_hvp(
+    loss_fn: Callable[[], torch.Tensor], weights: Sequence[nn.Parameter], upper: Sequence[nn.Parameter],
+    v: Sequence[torch.Tensor], r: float = 1e-2,
+) -> list[torch.Tensor]:
+    """(d2 L / d upper d w) . v by central differences: [dL/du(w + e v) - dL/du(w - e v)] / 2e, e = r / |v|."""
+    norm = torch.sqrt(sum((t.float() ** 2).sum() for t in v))
+    eps = r / max(float(norm), 1e-12)
+    with torch.no_grad():
+        for w, t in zip(weights, v):
+            w.add_(t, alpha=eps)
+    plus = torch.autograd.grad(loss_fn(), upper, allow_unused=True)
+    with torch.no_grad():
+        for w, t in zip(weights, v):
+            w.sub_(t, alpha=2 * eps)
+    minus = torch.autograd.grad(loss_fn(), upper, allow_unused=True)
+    with torch.no_grad():
+        for w, t in zip(weights, v):
+            w.add_(t, alpha=eps)
+    return [torch.zeros_like(u) if a is None else (a - b) / (2 * eps) for u, a, b in zip(upper, plus, minus)]
+
+
+class BilevelStep:
+    """One search step: (after warm-up) an architecture step on the architecture half, then a weight step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weights: Sequence[nn.Parameter],
+        upper: Sequence[nn.Parameter],
+        weight_opt: torch.optim.Optimizer,
+        upper_opt: torch.optim.Optimizer,
+        arch_batches: Iterator[Batch],
+        size_term: SizeTerm,
+        *,
+        loss_fn: LossFn = task_loss,
+        backward: Callable[..., None] | None = None,
+        weight_scheduler=None,
+        warmup_steps: int = 0,
+        second_order: bool = False,
+        xi: float | None = None,
+        max_grad_norm: float = 1.0,
+        group_lasso_weight: float = 0.0,
+        relaxation: Relaxation = Relaxation.SOFTMAX,
+        tau: tuple[float, float] = (1.0, 1.0),
+        total_steps: int = 1,
+        log_mass_every: int = 50,
+    ) -> None:
+        self.model, self.weights, self.upper = model, list(weights), list(upper)
+        self.weight_opt, self.upper_opt, self.weight_scheduler = weight_opt, upper_opt, weight_scheduler
+        self.arch_batches, self.size_term, self.loss_fn = arch_batches, size_term, loss_fn
+        self.backward = backward or (lambda loss, **kw: loss.backward(**kw))
+        self.warmup_steps, self.second_order = warmup_steps, second_order
+        self.xi = xi if xi is not None else weight_opt.param_groups[0]["lr"]
+        self.max_grad_norm, self.group_lasso_weight = max_grad_norm, group_lasso_weight
+        self.relaxation, self.tau, self.total_steps = Relaxation(relaxation), tau, total_steps
+        self.log_mass_every = log_mass_every
+
+    def __call__(self, batch: Batch, step: int) -> dict[str, float]:
+        tau = temperature(step, self.total_steps, *self.tau)
+        set_relaxation(self.model, self.relaxation, tau)
+        logs: dict[str, float] = {"temperature": tau}
+        if step >= self.warmup_steps:
+            logs.update(self.arch_step(next(self.arch_batches), batch))
+        logs.update(self.weight_step(batch))
+        if self.log_mass_every and step % self.log_mass_every == 0:
+            logs.update(probability_mass(self.model))
+        return logs
+
+    def weight_step(self, batch: Batch) -> dict[str, float]:
+        self.weight_opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model, batch)
+        total = loss + self.group_lasso_weight * group_lasso(self.model) if self.group_lasso_weight else loss
+        self.backward(total, inputs=self.weights)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.weights, self.max_grad_norm)
+        self.weight_opt.step()
+        if self.weight_scheduler is not None:
+            self.weight_scheduler.step()
+        return {"loss/weights": float(loss)}
+
+    def arch_step(self, arch_batch: Batch, train_batch: Batch) -> dict[str, float]:
+        self.upper_opt.zero_grad(set_to_none=True)
+        if self.second_order:
+            loss, size_logs = self._unrolled_grads(arch_batch, train_batch)
+        else:
+            task = self.loss_fn(self.model, arch_batch)
+            size, size_logs = self.size_term(self.model)
+            self.backward(task + size, inputs=self.upper)
+            loss = float(task)
+        self.upper_opt.step()
+        return {"loss/arch_task": loss, **size_logs}
+
+    def _unrolled_grads(self, arch_batch: Batch, train_batch: Batch) -> tuple[float, dict[str, float]]:
+        """DARTS eq. 7-8: grads of L_val(w', a) with w' one virtual SGD step ahead, minus xi * HVP."""
+        g_train = torch.autograd.grad(self.loss_fn(self.model, train_batch), self.weights, allow_unused=True)
+        backup = [w.detach().clone() for w in self.weights]
+        with torch.no_grad():
+            for w, g in zip(self.weights, g_train):
+                if g is not None:
+                    w.sub_(g, alpha=self.xi)
+        task = self.loss_fn(self.model, arch_batch)
+        size, size_logs = self.size_term(self.model)
+        grads = torch.autograd.grad(task + size, self.upper + self.weights, allow_unused=True)
+        d_upper = [torch.zeros_like(u) if g is None else g for u, g in zip(self.upper, grads[: len(self.upper)])]
+        d_w = [torch.zeros_like(w) if g is None else g for w, g in zip(self.weights, grads[len(self.upper):])]
+        with torch.no_grad():
+            for w, b in zip(self.weights, backup):
+                w.copy_(b)
+        hvp = finite_difference_hvp(lambda: self.loss_fn(self.model, train_batch), self.weights, self.upper, d_w)
+        for u, g, h in zip(self.upper, d_upper, hvp):
+            u.grad = g - self.xi * h
+        return float(task), size_logs
+
+
+def cycle(loader) -> Iterator[Batch]:
+    """Endless iteration over a loader (a new epoch each time it runs out)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the architecture half of the training set is empty")
+

@@ -1,0 +1,117 @@
+"""The bilevel architect: each step moves only its own parameters, the finite-difference HVP is right,
+and a size penalty drives the expected size down to a derivable architecture within the budget."""
+import torch
+from torch import nn
+from transformers import BertForSequenceClassification
+
+from search.bilevel import BilevelStep, SizeTerm, cycle, finite_difference_hvp, group_lasso, probability_mass, temperature
+from search.budget import Budget, Penalty
+from search.derive import derive
+from supernet import Scope, SearchSpace, expected_size, param_sets, to_supernet
+
+SPACE = SearchSpace(w_bits=[0, 2, 4, 8], groups=4, a_bits=[8], embedding_bits=[8], embedding_groups=4)
+
+
+def _batches(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 99, (4, 8), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, 0] > 50).long()})
+    return out
+
+
+def _setup(cfg, size_weight=1.0, budget=None, second_order=False, warmup=0, steps=10):
+    torch.manual_seed(0)
+    model = to_supernet(BertForSequenceClassification(cfg), SPACE).train()
+    sets = param_sets(model)
+    upper = sets.arch + sets.scales
+    step = BilevelStep(
+        model, sets.weights, upper, torch.optim.AdamW(sets.weights, lr=1e-3),
+        torch.optim.SGD([{"params": sets.arch, "lr": 0.5}, {"params": sets.scales, "lr": 1e-3}]),
+        cycle(_batches(seed=1)), SizeTerm(size_weight, budget), second_order=second_order,
+        warmup_steps=warmup, total_steps=steps, tau=(2.0, 0.5),
+    )
+    return model, sets, step
+
+
+def _snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def _changed(params, before):
+    return [not torch.equal(p, b) for p, b in zip(params, before)]
+
+
+def test_arch_step_moves_only_logits_and_scales_and_weight_step_only_weights(tiny_cfg):
+    model, sets, step = _setup(tiny_cfg)
+    batch = _batches()[0]
+    w0, a0, s0 = _snapshot(sets.weights), _snapshot(sets.arch), _snapshot(sets.scales)
+    step.arch_step(next(step.arch_batches), batch)
+    assert not any(_changed(sets.weights, w0))
+    assert all(_changed(sets.arch, a0))
+    assert any(_changed(sets.scales, s0))
+    a1, s1 = _snapshot(sets.arch), _snapshot(sets.scales)
+    step.weight_step(batch)
+    assert not any(_changed(sets.arch, a1)) and not any(_changed(sets.scales, s1))
+    assert sum(_changed(sets.weights, w0)) > len(sets.weights) // 2
+
+
+def test_warmup_steps_leave_the_architecture_alone(tiny_cfg):
+    model, sets, step = _setup(tiny_cfg, warmup=2)
+    a0 = _snapshot(sets.arch)
+    for i, batch in enumerate(_batches(2)):
+        step(batch, i)
+    assert not any(_changed(sets.arch, a0))
+    step(_batches(1)[0], 2)
+    assert all(_changed(sets.arch, a0))
+
+
+def test_finite_difference_hvp_matches_autograd():
+    torch.manual_seed(0)
+    w1 = nn.Parameter(torch.randn(5, 4))
+    w2 = nn.Parameter(torch.randn(3, 5))
+    alpha = nn.Parameter(torch.randn(5))
+    x = torch.randn(7, 4)
+
+    def loss():
+        h = torch.tanh(x @ w1.t()) * torch.softmax(alpha, 0)
+        return (h @ w2.t()).pow(2).mean() + (alpha * w1.sum(1)).pow(2).sum()
+
+    v = [torch.randn_like(w1), torch.randn_like(w2)]
+    gw = torch.autograd.grad(loss(), [w1, w2], create_graph=True)
+    exact = torch.autograd.grad(sum((g * t).sum() for g, t in zip(gw, v)), [alpha])[0]
+    approx = finite_difference_hvp(loss, [w1, w2], [alpha], v, r=1e-3)[0]
+    assert torch.allclose(approx, exact, rtol=1e-2, atol=1e-3)
+    gw2 = torch.autograd.grad(loss(), [w1, w2], create_graph=True)
+    assert torch.allclose(gw2[0], gw[0], atol=1e-5)  # the weights were restored after the probes
+
+
+def test_size_penalty_drives_expected_size_down_and_derivation_meets_the_budget(tiny_cfg):
+    budget = Budget(avg_bits=2.5)
+    model, sets, step = _setup(tiny_cfg, size_weight=5.0, budget=budget, steps=12)
+    start = float(expected_size(model, Scope.ENCODER).avg_bits)
+    logs = {}
+    for i, batch in enumerate(_batches(12)):
+        logs = step(batch, i)
+    end = float(expected_size(model, Scope.ENCODER).avg_bits)
+    assert end < start and abs(end - 2.5) < abs(start - 2.5)
+    assert {"loss/weights", "loss/arch_task", "loss/size", "size/expected_mb", "temperature"} <= set(logs)
+    arch, report = derive(model, budget)
+    assert budget.fits(arch)
+
+
+def test_second_order_step_runs_and_restores_weights(tiny_cfg):
+    model, sets, step = _setup(tiny_cfg, second_order=True)
+    w0, a0 = _snapshot(sets.weights), _snapshot(sets.arch)
+    step.arch_step(next(step.arch_batches), _batches()[0])
+    assert all(torch.allclose(p, b, atol=1e-6) for p, b in zip(sets.weights, w0))
+    assert all(_changed(sets.arch, a0))
+
+
+def test_temperature_mass_and_group_lasso(tiny_cfg):
+    assert temperature(0, 10, 2.0, 0.5) == 2.0 and abs(temperature(9, 10, 2.0, 0.5) - 0.5) < 1e-9
+    model, _, _ = _setup(tiny_cfg)
+    mass = probability_mass(model)
+    assert abs(sum(v for k, v in mass.items() if k.startswith("mass/all/")) - 1) < 1e-6
+    assert float(group_lasso(model)) > 0
