@@ -1,0 +1,97 @@
+"""QAT of a fixed architecture: space from the architecture, pruned groups stay zero, KD, save/load."""
+import dataclasses
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import BertForSequenceClassification, get_constant_schedule
+
+from search.qat import dampening, distillation_loss, load_quantized, qat_optimizer, qat_step, quantize, save_quantized, space_for
+from search.tasks import TaskKind
+from data_fixtures import tiny_tokenizer
+from supernet import Architecture, MixedEmbedding, SearchSpace, SiteKind, sites, to_supernet
+
+SPACE = SearchSpace(w_bits=[0, 2, 4, 8], groups=4, a_bits=[8], embedding_bits=[4, 8], embedding_groups=4)
+
+
+def _arch(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = to_supernet(BertForSequenceClassification(cfg), SPACE)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, site in sites(model):
+            if site.wq.alpha is not None:
+                site.wq.alpha.copy_(torch.randn(site.wq.alpha.shape, generator=g))
+    return Architecture.from_supernet(model)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 99, (4, 8), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def test_space_for_uses_exactly_the_architecture_bits(tiny_cfg):
+    arch = _arch(tiny_cfg)
+    space = space_for(arch, SPACE)
+    assert space.w_bits == sorted({b for _, s in arch if s.kind is SiteKind.ENCODER for b in s.bits})
+    assert space.head_bits == [32] and space.groups == 4
+    torch.manual_seed(1)
+    model = quantize(BertForSequenceClassification(tiny_cfg), arch, SPACE)
+    assert Architecture.from_supernet(model) == arch
+
+
+def test_qat_keeps_pruned_groups_exactly_zero(tiny_cfg):
+    arch = _arch(tiny_cfg)
+    assert arch.pruned_groups() > 0
+    torch.manual_seed(1)
+    teacher = BertForSequenceClassification(tiny_cfg).eval()
+    model = quantize(BertForSequenceClassification(tiny_cfg), arch, SPACE)
+    model.load_state_dict(teacher.state_dict(), strict=False)
+    opt = qat_optimizer(model, 1e-2, 1e-3, 0.01)
+    steps0 = [s.wq.step.detach().clone() for _, s in sites(model)]
+    step = qat_step(model, teacher, opt, get_constant_schedule(opt), Accelerator(cpu=True), TaskKind.CLASSIFICATION,
+                    kd_weight=0.5, kd_temperature=2.0, hidden_weight=0.1, dampen_weight=0.1, max_grad_norm=1.0)
+    for i in range(3):
+        logs = step(_batch(), i)
+    assert {"loss/task", "loss/kd", "loss/hidden", "loss/dampen"} <= set(logs)
+    assert any(not torch.equal(a, s.wq.step) for a, (_, s) in zip(steps0, sites(model)))  # LSQ steps train
+    for name, site in sites(model):
+        w, bias = site.quantized_weight()
+        for g, b in enumerate(arch.site(name).bits):
+            if b == 0:
+                rows = slice(g * site.grouping.size, (g + 1) * site.grouping.size)
+                block = w[:, rows] if isinstance(site, MixedEmbedding) else w[rows]
+                assert torch.equal(block, torch.zeros_like(block))
+                if bias is not None:
+                    assert torch.equal(bias[rows], torch.zeros_like(bias[rows]))
+
+
+def test_distillation_is_zero_for_identical_logits_and_positive_otherwise():
+    out = type("O", (), {"logits": torch.randn(3, 4)})()
+    other = type("O", (), {"logits": torch.randn(3, 4)})()
+    assert float(distillation_loss(out, out, TaskKind.CLASSIFICATION, 2.0)) == pytest.approx(0, abs=1e-6)
+    assert float(distillation_loss(out, other, TaskKind.CLASSIFICATION, 2.0)) > 0
+    mask = torch.tensor([[1.0, 0.0, 1.0]])
+    tok = type("O", (), {"logits": torch.randn(1, 3, 5)})()
+    assert float(distillation_loss(tok, tok, TaskKind.TOKEN_CLASSIFICATION, 1.0, mask)) == pytest.approx(0, abs=1e-6)
+
+
+def test_save_and_load_quantized_predicts_identically(tmp_path, tiny_cfg):
+    arch = _arch(tiny_cfg, seed=2)
+    torch.manual_seed(3)
+    model = quantize(BertForSequenceClassification(tiny_cfg), arch, SPACE).eval()
+    batch = {k: v for k, v in _batch().items() if k != "labels"}
+    with torch.no_grad():
+        ref = model(**batch).logits
+    save_quantized(model, arch, space_for(arch, SPACE), tiny_tokenizer(tmp_path / "tok"), "sst2", tmp_path / "quantized")
+    loaded, arch2, task = load_quantized(tmp_path / "quantized")
+    assert arch2 == arch and task == "sst2"
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, ref)
+    assert dampening(loaded).item() > 0
+
+
+def test_load_quantized_rejects_a_wrong_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a quantized model folder"):
+        load_quantized(tmp_path)
