@@ -1,0 +1,121 @@
+"""`python -m search`: compose the config -> typed `Config` -> seed -> logger -> run one stage.
+
+    python -m search                                  # fine-tune BERT-base on SST-2 (hub)
+    python -m search experiment=quickstart            # MiniLM-L6 on SST-2, minutes on a CPU
+    python -m search stage=eval eval.checkpoint=runs/finetune/sst2/<date>/checkpoint
+
+The run directory is hydra's `hydra.run.dir`. Bad input (an unknown task or model, a missing or
+malformed data file, a bad config value, a missing checkpoint) ends the run with one line on stderr,
+`error: <problem>; <fix>`, exit code 2, and no run directory left behind; an earlier run's results are
+never removed. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import hydra
+from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from search.config import Config, Stage, register, to_config
+from search.errors import USER_ERRORS, UserError, one_line
+from search.evaluate import run_eval
+from search.finetune import finetune
+from search.logger import make_logger
+from search.rundir import RunDir, check_reusable, remove_if_empty
+
+__all__ = ["CONF_DIR", "STAGES", "check_group_choices", "run_stage", "main"]
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def _finetune(c: Config, run: RunDir) -> dict[str, Any]:
+    return finetune(
+        c.model, c.task, c.finetune, c.eval, run,
+        seed=c.seed, max_steps=c.max_steps, max_eval_examples=c.max_eval_examples,
+        mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, resume=c.resume,
+        progress_bar=c.progress_bar,
+    )
+
+
+def _eval(c: Config, run: RunDir) -> dict[str, Any]:
+    return run_eval(
+        c.model, c.task, c.eval, run,
+        seed=c.seed, max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision,
+        cache_dir=c.cache_dir,
+    )
+
+
+# Later issues add search, qat, hawq, compare, export and pipeline here.
+STAGES: dict[Stage, Callable[[Config, RunDir], dict[str, Any]]] = {
+    Stage.finetune: _finetune,
+    Stage.eval: _eval,
+}
+
+
+def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """`group=option` overrides must name a file of the group (hydra's own message is a screenful)."""
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"}
+    for arg in overrides:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if not sep or key not in groups or value == "null" or not re.fullmatch(r"[\w.-]+", value):
+            continue  # not a plain group choice (a sweep, a key.path=value, ...): hydra checks it
+        if not (conf_dir / key / f"{value}.yaml").is_file():
+            options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+            raise UserError(f"unknown {key} {value!r}; choose one of: {', '.join(options)}")
+
+
+def run_stage(cfg: DictConfig, run_dir: Path) -> int:
+    """Run the composed `cfg` into `run_dir`; the exit code (non-zero after a one-line error)."""
+    try:
+        config = to_config(cfg)
+        stage = STAGES.get(config.stage)
+        if stage is None:
+            raise UserError(
+                f"stage {config.stage.value} is not implemented yet; available: "
+                f"{', '.join(s.value for s in STAGES)}"
+            )
+        check_reusable(run_dir, config.resume)
+        set_seed(config.seed)
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        run = RunDir(
+            run_dir,
+            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            logger_factory=lambda: make_logger(config.logger, run_dir, resolved),
+        )
+        with run:
+            stage(config, run)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        remove_if_empty(run_dir)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"error: interrupted; continue with resume=true hydra.run.dir={run_dir}", file=sys.stderr)
+        remove_if_empty(run_dir)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+register()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    code = run_stage(cfg, Path(HydraConfig.get().runtime.output_dir))
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    try:
+        check_group_choices(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    main()

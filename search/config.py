@@ -1,0 +1,288 @@
+"""The hydra config schema: one dataclass per config group, registered in hydra's ConfigStore.
+
+`conf/config.yaml` starts its defaults list with `base_config` (the `Config` below), so every group
+file and every command-line override is merged into these dataclasses: a misspelt key or a value of
+the wrong type fails at compose time with hydra's own message. `to_config` turns the composed
+DictConfig into a `Config` object once, in `search/__main__.py`; nothing below that sees a DictConfig.
+
+The `space` group's schema is `supernet.SearchSpace` itself, so the library validates it
+(`SearchSpace.__post_init__` runs in `to_config`).
+
+Enum members of the app are lower-case because OmegaConf parses an enum from its member *name*, and the
+name is what users type (`stage=eval`, `mixed_precision=bf16`). The library's enums (`space.a_mode`,
+`space.init`, `budget.scope`, `search.relaxation`) keep their upper-case names: `space.a_mode=UNSIGNED`.
+
+The `mpq_assets` resolver points presets at an offline asset folder (laid out like `shared/assets`):
+`${mpq_assets:models/all-MiniLM-L6-v2,sentence-transformers/all-MiniLM-L6-v2}` is
+`$MPQ_ASSETS/models/all-MiniLM-L6-v2` when the variable is set, else the hub id;
+`${mpq_assets:.,null}` is `$MPQ_ASSETS` or null (the hub).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import supernet
+from search.errors import UserError, first_line
+from search.tasks import TASKS
+
+__all__ = [
+    "Stage",
+    "MixedPrecision",
+    "LoggerKind",
+    "WandbMode",
+    "ModelConfig",
+    "TaskConfig",
+    "FinetuneConfig",
+    "EvalConfig",
+    "SearchConfig",
+    "QatConfig",
+    "HawqConfig",
+    "BudgetConfig",
+    "LoggerConfig",
+    "Config",
+    "ASSETS_ENV",
+    "assets_or",
+    "register",
+    "to_config",
+]
+
+ASSETS_ENV = "MPQ_ASSETS"
+# Token sequence lengths the data layer accepts (search/data.py checks the tokenizer's limit too).
+_MIN_SEQ_LEN, _MAX_SEQ_LEN = 8, 512
+
+
+class _ValueStr(Enum):
+    """An enum that prints as its value, so `${stage}` in a path reads `finetune`, not `Stage.finetune`."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Stage(_ValueStr):
+    """What `python -m search` runs; each later issue implements one more."""
+
+    finetune = "finetune"
+    eval = "eval"
+    search = "search"
+    qat = "qat"
+    hawq = "hawq"
+    compare = "compare"
+    export = "export"
+    pipeline = "pipeline"
+
+
+class MixedPrecision(_ValueStr):
+    """Autocast precision on GPU (accelerate's `mixed_precision`); a CPU run always uses fp32."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class LoggerKind(_ValueStr):
+    none = "none"
+    wandb = "wandb"
+
+
+class WandbMode(_ValueStr):
+    """`auto`: $WANDB_MODE if set, else online with an API key and offline without one."""
+
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    """A pretrained checkpoint: a hub id or a local directory (a BertModel gets a new task head)."""
+
+    name_or_path: str = MISSING
+
+
+@dataclass
+class TaskConfig:
+    """One task of `search.tasks`; `data_dir` None reads the hub dataset, a folder the original files."""
+
+    name: str = MISSING
+    data_dir: Optional[str] = None
+    max_seq_len: int = 128
+    doc_stride: Optional[int] = None  # SQuAD windows' overlap (None: max_seq_len // 3)
+
+    def __post_init__(self) -> None:
+        if self.name != MISSING and self.name not in TASKS:
+            raise ValueError(f"unknown task.name={self.name!r}; use one of: {', '.join(TASKS)}")
+        if not _MIN_SEQ_LEN <= self.max_seq_len <= _MAX_SEQ_LEN:
+            raise ValueError(
+                f"task.max_seq_len={self.max_seq_len} is invalid; use an int in "
+                f"[{_MIN_SEQ_LEN}, {_MAX_SEQ_LEN}], e.g. task.max_seq_len=128"
+            )
+
+
+@dataclass
+class FinetuneConfig:
+    """FP fine-tuning (BERT's recipe): AdamW, linear warmup then linear decay, gradient clipping."""
+
+    epochs: float = 3.0
+    batch_size: int = 32
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    eval_every: int = 0  # steps between dev evaluations during training; 0: only at the end
+    checkpoint_every: int = 500  # steps between resumable checkpoints (train_state/); 0: only at the end
+    log_every: int = 10  # steps between loss lines in the log (wandb gets every step)
+
+    def __post_init__(self) -> None:
+        _positive("finetune.epochs", self.epochs)
+        _positive("finetune.batch_size", self.batch_size)
+        _positive("finetune.lr", self.lr)
+        _positive("finetune.log_every", self.log_every)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"finetune.warmup_ratio={self.warmup_ratio} is invalid; use a value in [0, 1)")
+        for name in ("weight_decay", "max_grad_norm", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"finetune.{name}={getattr(self, name)} is invalid; use a value >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation, shared by every stage; `checkpoint` is what `stage=eval` loads (None: `model`)."""
+
+    checkpoint: Optional[str] = None
+    splits: List[str] = field(default_factory=list)  # extra splits beside the dev split(s)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class SearchConfig:
+    """Bilevel DARTS search (arXiv:1806.09055): weights on one half of train, logits on the other."""
+
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 2e-5  # weights and LSQ steps
+    arch_lr: float = 3e-4  # architecture logits
+    weight_fraction: float = 0.5  # share of the training set for the weight step
+    second_order: bool = False
+    relaxation: supernet.Relaxation = supernet.Relaxation.SOFTMAX
+    temperature: float = 1.0
+
+
+@dataclass
+class QatConfig:
+    """Quantization-aware fine-tuning of one fixed Architecture."""
+
+    architecture: Optional[str] = None  # architecture.json (None: the one the search stage wrote)
+    epochs: float = 3.0
+    batch_size: int = 32
+    lr: float = 2e-5
+
+
+@dataclass
+class HawqConfig:
+    """HAWQ-V2 (arXiv:1911.03852): Hutchinson estimates of each group's Hessian trace."""
+
+    hutchinson_samples: int = 200
+    batch_size: int = 32
+    num_batches: int = 1
+
+
+@dataclass
+class BudgetConfig:
+    """The size a searched model must fit: average bits per weight or MiB, in `scope`; none: no limit."""
+
+    avg_bits: Optional[float] = None
+    mb: Optional[float] = None
+    scope: supernet.Scope = supernet.Scope.ENCODER
+
+    def __post_init__(self) -> None:
+        if self.avg_bits is not None and self.mb is not None:
+            raise ValueError("budget.avg_bits and budget.mb are both set; give one of them")
+        for name in ("avg_bits", "mb"):
+            if getattr(self, name) is not None:
+                _positive(f"budget.{name}", getattr(self, name))
+
+
+@dataclass
+class LoggerConfig:
+    kind: LoggerKind = LoggerKind.none
+    project: str = "bert-mpq"
+    entity: Optional[str] = None
+    mode: WandbMode = WandbMode.auto
+
+
+@dataclass
+class Config:
+    """The whole run. Top-level fields cut across stages."""
+
+    stage: Stage = Stage.finetune
+    seed: int = 42
+    max_steps: Optional[int] = None  # caps every training stage (smoke runs, CI)
+    max_eval_examples: Optional[int] = None  # caps every evaluated split
+    resume: bool = False  # continue the interrupted run in hydra.run.dir from its train_state/
+    mixed_precision: MixedPrecision = MixedPrecision.fp32
+    progress_bar: bool = True  # also off whenever stderr is not a terminal
+    cache_dir: Optional[str] = "${oc.env:MPQ_CACHE,'~/.cache/bert-mpq'}"  # tokenised data; null: none
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    space: supernet.SearchSpace = field(default_factory=supernet.SearchSpace)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
+    hawq: HawqConfig = field(default_factory=HawqConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} is invalid; use a positive int or null (no cap)")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name}={value} is invalid; use a positive value")
+
+
+def assets_or(subpath: str, hub: Any = None) -> Any:
+    """`$MPQ_ASSETS/subpath` (absolute) when MPQ_ASSETS is set, else `hub` (a hub id, or None)."""
+    root = os.environ.get(ASSETS_ENV)
+    if not root:
+        return hub
+    return str((Path(root).expanduser() / subpath).resolve())
+
+
+def register() -> None:
+    """Register the schema and the `mpq_assets` resolver; idempotent, needed before composing."""
+    if not OmegaConf.has_resolver("mpq_assets"):
+        OmegaConf.register_new_resolver("mpq_assets", assets_or)
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed config as a `Config`; a UserError (one line) when a value fails validation."""
+    try:
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        # to_object runs the dataclasses' __post_init__; OmegaConf wraps their ValueErrors.
+        cause = e.__cause__ if isinstance(e.__cause__, ValueError) else e
+        raise UserError(first_line(cause)) from e
+    except ValueError as e:
+        raise UserError(first_line(e)) from e
+    assert isinstance(config, Config), f"the root schema is not Config but {type(config).__name__}"
+    return config
+

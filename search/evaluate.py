@@ -1,0 +1,208 @@
+"""Evaluation of a model on a task, and the `eval` stage.
+
+`evaluate(model, loader, task)` runs any model with a Hugging Face task head (FP, or later a quantized
+one built by another stage) over an unshuffled loader and scores it with `search.metrics`:
+classification (argmax), regression (the single output), NER (per-token argmax, decoded with
+`ids_to_tags` and scored by seqeval) and extractive QA (window logits -> answer text by
+`postprocess_qa`, scored with SQuAD v1.1 EM/F1). With an accelerator, predictions are gathered from
+every process (`gather_for_metrics` drops the duplicates that even batches add).
+
+The `eval` stage loads `eval.checkpoint` (or the model config), evaluates the dev split(s) plus
+`eval.splits` and writes `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from search.config import EvalConfig, MixedPrecision, ModelConfig, TaskConfig
+from search.errors import UserError
+from search.loop import make_accelerator
+from search.metrics import compute_metrics, ids_to_tags, postprocess_qa, squad_references
+from search.models import load_task_model, load_tokenizer
+from search.prepare import EvalSet, eval_sets, eval_split_names, load_splits
+from search.rundir import RunDir
+from search.tasks import TaskKind, TaskSpec, get_task
+
+__all__ = ["evaluate", "evaluate_sets", "main_metric_name", "scalars", "run_eval"]
+
+log = logging.getLogger(__name__)
+
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _gather(t: torch.Tensor, accelerator: Accelerator | None, pad_index: float | None = None) -> np.ndarray:
+    if accelerator is not None:
+        if pad_index is not None:  # rows of another process may be padded to another length
+            t = accelerator.pad_across_processes(t, dim=1, pad_index=pad_index)
+        t = accelerator.gather_for_metrics(t)
+    return t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+
+
+def _rows(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Batches of [B, L_batch] -> one row per example (lengths differ between batches)."""
+    return [row for array in arrays for row in array]
+
+
+def _sentence(outputs: list[dict[str, np.ndarray]], spec: TaskSpec, **_: Any) -> tuple[Any, Any]:
+    preds = np.concatenate([o["preds"] for o in outputs])
+    refs = np.concatenate([o["labels"] for o in outputs])
+    return preds, refs
+
+
+def _ner(outputs: list[dict[str, np.ndarray]], spec: TaskSpec, **_: Any) -> tuple[Any, Any]:
+    preds = _rows([o["preds"] for o in outputs])
+    labels = _rows([o["labels"] for o in outputs])
+    return ids_to_tags(preds, labels, spec.label_names)
+
+
+def _qa(outputs: list[dict[str, np.ndarray]], spec: TaskSpec, examples: Any, features: Any) -> tuple[Any, Any]:
+    if examples is None or features is None:
+        raise ValueError("QA evaluation needs the raw examples and the tokenised features of the split")
+    starts = _rows([o["start"] for o in outputs])
+    ends = _rows([o["end"] for o in outputs])
+    return postprocess_qa(examples, features, starts, ends), squad_references(examples)
+
+
+def _batch_outputs(spec: TaskSpec, out: Any, batch: Mapping[str, torch.Tensor],
+                   accelerator: Accelerator | None) -> dict[str, np.ndarray]:
+    kind = spec.kind
+    if kind is TaskKind.QUESTION_ANSWERING:
+        # Padding beyond a window is cut off by postprocess_qa (it reads len(offsets) positions).
+        return {"start": _gather(out.start_logits, accelerator, pad_index=-1e4),
+                "end": _gather(out.end_logits, accelerator, pad_index=-1e4)}
+    if kind is TaskKind.REGRESSION:
+        preds = out.logits[..., 0]
+    else:
+        preds = out.logits.argmax(-1)
+    pad = -100 if kind is TaskKind.TOKEN_CLASSIFICATION else None
+    return {"preds": _gather(preds, accelerator, pad), "labels": _gather(batch["labels"], accelerator, pad)}
+
+
+_SCORERS: dict[TaskKind, Callable[..., tuple[Any, Any]]] = {
+    TaskKind.CLASSIFICATION: _sentence,
+    TaskKind.REGRESSION: _sentence,
+    TaskKind.TOKEN_CLASSIFICATION: _ner,
+    TaskKind.QUESTION_ANSWERING: _qa,
+}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    task: str,
+    *,
+    split: str | None = None,
+    examples: Any = None,
+    features: Any = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """The metrics of `task` (percent) for `model` over `loader`; leaves the model in eval mode.
+
+    Without an accelerator, batches are moved to the model's device. For QA pass the split's raw
+    `examples` and tokenised `features` (rows aligned with the loader). `split` names the metrics
+    (MNLI: `_m` / `_mm`).
+    """
+    spec = get_task(task)
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    for batch in loader:
+        if accelerator is None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**{k: v for k, v in batch.items() if k in _INPUTS})
+        outputs.append(_batch_outputs(spec, out, batch, accelerator))
+    if not outputs:
+        raise ValueError(f"nothing to evaluate: the {split or 'evaluation'} loader is empty")
+    predictions, references = _SCORERS[spec.kind](outputs, spec, examples=examples, features=features)
+    return compute_metrics(task, predictions, references, split=split)
+
+
+def main_metric_name(task: str, metrics: Mapping[str, float]) -> str:
+    """The task's main metric as named in `metrics` (MNLI mismatched reports `accuracy_mm`)."""
+    spec = get_task(task)
+    if spec.main_metric in metrics:
+        return spec.main_metric
+    return next(name for name in spec.metrics if name in metrics)
+
+
+def evaluate_sets(
+    model: nn.Module, sets: Iterable[EvalSet], task: str, accelerator: Accelerator | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per split: metrics, the main metric, example count, wall time and examples/s."""
+    results = {}
+    for s in sets:
+        start = time.perf_counter()
+        metrics = evaluate(model, s.loader, task, split=s.split, examples=s.examples,
+                           features=s.features, accelerator=accelerator)
+        wall = time.perf_counter() - start
+        name = main_metric_name(task, metrics)
+        results[s.split] = {
+            "metrics": metrics,
+            "main_metric": {"name": name, "value": metrics[name]},
+            "examples": s.size,
+            "wall_s": wall,
+            "examples_per_s": s.size / wall if wall > 0 else 0.0,
+        }
+        log.info("%s %s: %s (%d examples, %.1f/s)", task, s.split,
+                 " ".join(f"{k} {v:.2f}" for k, v in metrics.items()), s.size, results[s.split]["examples_per_s"])
+    return results
+
+
+def scalars(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """`evaluate_sets` results as flat `split/metric` scalars, for `log(metrics, step)`."""
+    return {f"{split}/{name}": value for split, r in results.items() for name, value in r["metrics"].items()}
+
+
+def run_eval(
+    model: ModelConfig,
+    task: TaskConfig,
+    evaluation: EvalConfig,
+    run: RunDir,
+    *,
+    seed: int,
+    max_eval_examples: int | None,
+    mixed_precision: MixedPrecision,
+    cache_dir: str | None,
+) -> dict[str, Any]:
+    """The `eval` stage: evaluate `evaluation.checkpoint` (or `model`) and write metrics.json."""
+    source = evaluation.checkpoint or model.name_or_path
+    # A checkpoint is always a local directory (a hub id goes into model.name_or_path).
+    if evaluation.checkpoint is not None and not Path(evaluation.checkpoint).expanduser().is_dir():
+        raise UserError(f"eval.checkpoint={evaluation.checkpoint}: no such directory; pass the "
+                        f"checkpoint/ folder of a finetune run")
+    spec = get_task(task.name)
+    tokenizer = load_tokenizer(source)
+    net = load_task_model(source, spec.name)
+    splits = eval_split_names(spec.name, evaluation.splits)
+    raw, tokenized = load_splits(task, tokenizer, splits, cache_dir, max_eval_examples)
+    sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)
+    accelerator = make_accelerator(mixed_precision, seed)
+
+    run.main_process = accelerator.is_main_process
+    run.open()
+    net = accelerator.prepare(net)
+    for s in sets:
+        s.loader = accelerator.prepare(s.loader)
+    results = evaluate_sets(net, sets, spec.name, accelerator)
+    first = results[splits[0]]
+    metrics = {
+        "stage": "eval",
+        "task": spec.name,
+        "model": source,
+        "split": splits[0],
+        "main_metric": first["main_metric"],
+        "splits": results,
+    }
+    run.write_json("metrics.json", metrics)
+    run.logger.summary({"eval": results})
+    return metrics

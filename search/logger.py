@@ -1,0 +1,112 @@
+"""Experiment tracking for the app: Weights & Biases, or nothing.
+
+Stages never see wandb: they get a `RunLogger` (config once, `log(metrics, step)` per step, a summary
+at the end) through `search.rundir.RunDir`. Without an API key (no WANDB_API_KEY and no ~/.netrc entry
+for the wandb host) `mode=auto` runs offline into the run directory, so no network is needed; the run can
+be uploaded later with `wandb sync <run_dir>/wandb/offline-run-*`.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+from urllib.parse import urlparse
+
+from search.config import LoggerConfig, LoggerKind, WandbMode
+
+__all__ = ["RunLogger", "NullLogger", "WandbLogger", "make_logger", "wandb_mode"]
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger(Protocol):
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def summary(self, metrics: Mapping[str, Any]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class NullLogger:
+    """`logger=none`: the run still writes run.log and metrics.json."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger:
+    """One wandb run, living in `<run_dir>/wandb/`."""
+
+    def __init__(
+        self, cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any], name: str | None = None
+    ) -> None:
+        import wandb  # imported here: `logger=none` runs never load it
+
+        mode = wandb_mode(cfg.mode)
+        self._run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            dir=str(run_dir),
+            name=name or run_dir.name,
+            config=dict(config),
+            mode=mode,
+            reinit="finish_previous",
+        )
+        log.info("wandb run %s (mode %s) in %s/wandb", self._run.name, mode or "from WANDB_MODE", run_dir)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self._run.log(dict(metrics), step=step)
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        for key, value in _flatten(metrics).items():
+            self._run.summary[key] = value
+
+    def finish(self) -> None:
+        self._run.finish()
+
+
+def wandb_mode(mode: WandbMode) -> str | None:
+    """The `mode` argument of wandb.init; None lets wandb read $WANDB_MODE."""
+    if mode is not WandbMode.auto:
+        return mode.value
+    if os.environ.get("WANDB_MODE"):
+        return None
+    return "online" if _has_api_key() else "offline"
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host or "api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}/"))
+        else:
+            out[name] = value
+    return out
+
+
+def make_logger(
+    cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any], name: str | None = None
+) -> RunLogger:
+    """The tracker `cfg.kind` asks for, logging the resolved `config`."""
+    builders = {LoggerKind.none: lambda: NullLogger(), LoggerKind.wandb: lambda: WandbLogger(cfg, run_dir, config, name)}
+    return builders[cfg.kind]()

@@ -1,0 +1,236 @@
+"""The one training loop: fine-tuning now; bilevel search, QAT and the baselines plug into it later.
+
+The loop owns the iteration (epochs, `max_steps`, resuming mid-epoch), the progress bar, periodic
+evaluation, logging and resumable checkpoints. What happens in one step is a callable the stage supplies,
+`step_fn(batch, step) -> {name: float}`: a supervised step (`supervised_step`) for fine-tuning and QAT,
+and later a DARTS step (arXiv:1806.09055) that draws a batch of the architecture half itself and runs
+two optimisers. The loop iterates the loader it is given (the weights half, for the search).
+
+Devices and precision come from an accelerate `Accelerator` (`make_accelerator`), so the same code runs
+on a CPU, one GPU or several; the loop never moves tensors itself.
+
+Resuming: `train_state/` holds what the accelerator checkpoints (prepared models, optimisers and
+loaders, objects registered with `accelerator.register_for_checkpointing` such as schedulers, and the
+RNG states) plus the step counter, written to a temporary directory and renamed. The training loader
+uses accelerate's seedable sampler (epoch e is shuffled with seed + e), so a resumed run replays the
+same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from search.config import MixedPrecision
+from search.rundir import previous_dir, replace_dir
+
+__all__ = [
+    "StepFn",
+    "LogFn",
+    "LoopResult",
+    "make_accelerator",
+    "total_steps",
+    "adamw",
+    "linear_warmup",
+    "supervised_step",
+    "train",
+    "save_train_state",
+    "load_train_state",
+]
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[Any, int], Mapping[str, float]]  # (batch, index of this step from 0) -> scalars
+LogFn = Callable[[Mapping[str, float], int], None]  # (metrics, completed steps)
+_STATE_FILE = "loop.json"
+
+
+@dataclass
+class LoopResult:
+    steps: int  # completed steps in total, including those before a resume
+    start_step: int  # where this session started (0 unless resumed)
+    epochs: float
+    wall_s: float  # this session
+    examples: int  # training examples this session, over all processes
+    last_eval: dict[str, float] | None = None
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def make_accelerator(mixed_precision: MixedPrecision, seed: int) -> Accelerator:
+    """An Accelerator with `mixed_precision` autocast on GPU (fp32 on CPU) and seeded data order."""
+    precision = mixed_precision.value if torch.cuda.is_available() else MixedPrecision.fp32.value
+    if precision != mixed_precision.value:
+        log.info("mixed_precision=%s needs a GPU; running in fp32", mixed_precision.value)
+    return Accelerator(
+        mixed_precision="no" if precision == MixedPrecision.fp32.value else precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+    )
+
+
+def total_steps(steps_per_epoch: int, epochs: float, max_steps: int | None) -> int:
+    """Steps of a stage: `epochs` passes over the loader, capped by `max_steps`."""
+    steps = max(1, math.ceil(steps_per_epoch * epochs))
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def linear_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float):
+    """Linear warmup over `warmup_ratio * steps`, then linear decay to 0 at `steps`."""
+    return get_linear_schedule_with_warmup(optimizer, round(warmup_ratio * steps), steps)
+
+
+def supervised_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    accelerator: Accelerator,
+    max_grad_norm: float = 1.0,
+) -> StepFn:
+    """One optimiser step on the loss the Hugging Face model computes from the batch's labels."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch: Mapping[str, torch.Tensor], step: int) -> dict[str, float]:
+        model.train()
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        out = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+        if max_grad_norm > 0:
+            out["grad_norm"] = float(accelerator.clip_grad_norm_(params, max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out
+
+    return step
+
+
+def save_train_state(accelerator: Accelerator, state_dir: Path, step: int) -> None:
+    """Everything `accelerator` checkpoints, plus the step, written atomically to `state_dir`."""
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / _STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+        replace_dir(tmp, state_dir)
+    accelerator.wait_for_everyone()
+    log.info("saved train state at step %d to %s", step, state_dir)
+
+
+def load_train_state(accelerator: Accelerator, state_dir: Path) -> int | None:
+    """Restore the latest train state under `state_dir`; its step, or None when there is none."""
+    found = previous_dir(state_dir)
+    if found is None or not (found / _STATE_FILE).is_file():
+        return None
+    accelerator.load_state(str(found))
+    step = int(json.loads((found / _STATE_FILE).read_text())["step"])
+    log.info("resumed from %s at step %d", found, step)
+    return step
+
+
+def train(
+    step_fn: StepFn,
+    loader: Iterable[Any],
+    accelerator: Accelerator,
+    steps: int,
+    *,
+    log_fn: LogFn | None = None,
+    eval_fn: Callable[[], Mapping[str, float]] | None = None,
+    eval_every: int = 0,
+    state_dir: Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    log_every: int = 10,
+    progress: bool = True,
+    desc: str = "train",
+) -> LoopResult:
+    """Run `step_fn` over `loader` (prepared by `accelerator`) until `steps` steps are done.
+
+    `log_fn(metrics, step)` gets every step's scalars (plus `epoch`) and the periodic evaluations
+    (`eval_fn()`, every `eval_every` steps before the last: the stage evaluates the final model itself).
+    With `state_dir`, the train state is saved every `checkpoint_every` steps and at the end; with
+    `resume`, training continues from the state found there (from 0, with a warning, if none is).
+    """
+    steps_per_epoch = len(loader)  # type: ignore[arg-type]
+    if steps_per_epoch == 0:
+        raise ValueError("the training loader yields no batches")
+    step = 0
+    if resume:
+        restored = load_train_state(accelerator, state_dir) if state_dir is not None else None
+        if restored is None:
+            log.warning("resume=true but no train state in %s; starting from step 0", state_dir)
+        step = restored or 0
+    start_step, examples, last_eval = step, 0, None
+    bar = tqdm(
+        total=steps, initial=step, desc=desc, dynamic_ncols=True,
+        disable=not (progress and sys.stderr.isatty() and accelerator.is_local_main_process),
+    )
+    start = time.perf_counter()
+    while step < steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)  # the seedable sampler shuffles epoch e with seed + e
+        batches = accelerator.skip_first_batches(loader, offset) if offset else loader
+        for batch in batches:
+            metrics = dict(step_fn(batch, step))
+            step += 1
+            examples += _batch_size(batch) * accelerator.num_processes
+            metrics["epoch"] = step / steps_per_epoch
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr")})
+            if log_fn is not None:
+                log_fn(metrics, step)
+            if step % log_every == 0 or step == steps:
+                log.info("step %d/%d %s", step, steps,
+                         " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if eval_fn is not None and eval_every and step % eval_every == 0 and step < steps:
+                last_eval = dict(eval_fn())
+                log.info("step %d eval %s", step, last_eval)
+                if log_fn is not None:
+                    log_fn(last_eval, step)
+            if state_dir is not None and checkpoint_every and step % checkpoint_every == 0 \
+                    and step < steps:
+                save_train_state(accelerator, state_dir, step)
+            if step >= steps:
+                break
+    bar.close()
+    wall = time.perf_counter() - start
+    if state_dir is not None and step > start_step:
+        save_train_state(accelerator, state_dir, step)
+    return LoopResult(step, start_step, step / steps_per_epoch, wall, examples, last_eval)
+
+
+def _batch_size(batch: Any) -> int:
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    return 0

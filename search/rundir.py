@@ -1,0 +1,156 @@
+"""The run directory: what a stage writes there, in which order, and how a failed run leaves it.
+
+Layout of `<run_dir>` (hydra's `hydra.run.dir`):
+  config.yaml    the resolved config
+  run.log        the log of this run (appended on resume)
+  metrics.json   the stage's result
+  checkpoint/    the Hugging Face model + tokenizer a later stage starts from
+  train_state/   model, optimizers, schedulers, step and RNG states for `resume=true`
+  wandb/         the wandb run (logger=wandb)
+
+Nothing is written before `RunDir.open()`, which a stage calls once its inputs are validated (config,
+data, model); so a run that fails validation leaves the directory as it found it, and `remove_if_empty`
+takes away the empty directory hydra created. Files are written atomically (temporary name, then
+rename): an interrupted run never leaves a half-written metrics.json or checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from search.errors import UserError
+from search.logger import NullLogger, RunLogger
+
+__all__ = [
+    "RunDir", "RESULTS", "check_reusable", "previous_dir", "remove_if_empty", "replace_dir", "write_text_atomic",
+]
+
+log = logging.getLogger(__name__)
+
+# Entries whose presence marks a directory as holding an earlier run's results.
+RESULTS = ("metrics.json", "checkpoint", "train_state")
+_LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished directory `tmp` to `target`, replacing an older `target`.
+
+    A directory cannot be renamed over a non-empty one, so the old one steps aside first; a crash in
+    between leaves `<target>.old`, which `previous_dir` finds.
+    """
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def previous_dir(target: Path) -> Path | None:
+    """`target`, or the `<target>.old` an interrupted `replace_dir` left; None when neither exists."""
+    for path in (target, target.with_name(target.name + ".old")):
+        if path.is_dir():
+            return path
+    return None
+
+
+def check_reusable(path: Path, resume: bool) -> None:
+    """Refuse to run into a directory holding an earlier run's results, unless resuming it."""
+    if resume or not path.is_dir():
+        return
+    found = [name for name in RESULTS if (path / name).exists()]
+    if found:
+        raise UserError(
+            f"run directory {path} already holds a run ({', '.join(found)}); pass resume=true to "
+            f"continue it, or choose another hydra.run.dir"
+        )
+
+
+def remove_if_empty(path: Path) -> None:
+    """Remove the run directory only when nothing was written into it (never an earlier result)."""
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+class RunDir:
+    """The run directory of one stage; a context manager that closes the logger and the log file."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        config_yaml: str | None = None,
+        logger_factory: Callable[[], RunLogger] = NullLogger,
+        main_process: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self._config_yaml = config_yaml
+        self._logger_factory = logger_factory
+        self.main_process = main_process
+        self.logger: RunLogger = NullLogger()
+        self._handler: logging.Handler | None = None
+        self.opened = False
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def train_state(self) -> Path:
+        return self.path / "train_state"
+
+    def open(self) -> None:
+        """Start writing: config.yaml, run.log, the tracker. Call once the inputs are validated."""
+        if self.opened:
+            return
+        self.opened = True
+        if not self.main_process:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self._config_yaml is not None:
+            write_text_atomic(self.path / "config.yaml", self._config_yaml)
+        self._handler = logging.FileHandler(self.path / "run.log", encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        self._handler.setLevel(logging.INFO)
+        logging.getLogger().addHandler(self._handler)
+        self.logger = self._logger_factory()
+        log.info("run directory %s", self.path)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """The `log(metrics, step)` callable stages hand to the training loop."""
+        if self.main_process:
+            self.logger.log(metrics, step)
+
+    def write_json(self, name: str, data: Mapping[str, Any]) -> Path:
+        assert self.opened, "RunDir.open() must come before the first write"
+        path = self.path / name
+        if self.main_process:
+            write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+            log.info("wrote %s", path)
+        return path
+
+    def close(self) -> None:
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+        self.logger.finish()
+        self.logger = NullLogger()
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,262 @@
+"""The `python -m search` app end to end on a tiny random BERT and fixture files in tmp_path: finetune
+(classification, NER, regression, QA) and eval in-process through `run_stage`, one subprocess run,
+one-line errors that leave no run directory behind, the wandb logger offline, and a short real run on
+the offline assets (MiniLM-L6 on SST-2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from transformers import BertModel
+
+from conftest import ROOT, tiny_config
+from data_fixtures import GLUE_FILES, tiny_tokenizer, write_conll, write_glue, write_squad
+from search.__main__ import CONF_DIR, check_group_choices, run_stage
+from search.config import LoggerConfig, LoggerKind, WandbMode
+from search.errors import UserError
+from search.logger import NullLogger, make_logger, wandb_mode
+
+WORDS = ["the", "cat", "sat", "on", "mat", "washington", "unaffable", "a", "is", "it", "where", "who"]
+
+
+def _sentences(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    # the last word gives the label away, so the data is learnable
+    return [(" ".join(rng.choice(WORDS) for _ in range(5)) + (" cat" if i % 2 else " mat"), i % 2)
+            for i in range(n)]
+
+
+def _tsv(rows: list[tuple[str, int]]) -> str:
+    return "sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    """A tiny BertModel + tokenizer (like MiniLM: no head) and fixture data for every task kind."""
+    root = tmp_path_factory.mktemp("app")
+    model_dir = root / "model"
+    tok = tiny_tokenizer(root / "tokenizer")
+    BertModel(tiny_config()).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = root / "data"
+    write_glue(data, "SST-2", {"train.tsv": _tsv(_sentences(40, 0)), "dev.tsv": _tsv(_sentences(10, 1)),
+                               "test-labeled.tsv": _tsv(_sentences(6, 2))})
+    write_glue(data, "STS-B")
+    write_conll(data)
+    write_squad(data)
+    return {"root": root, "model": model_dir, "data": data}
+
+
+def _cfg(env: dict[str, Path], tmp_path: Path, *overrides: str):
+    base = [f"model.name_or_path={env['model']}", f"task.data_dir={env['data']}", "task.max_seq_len=32",
+            "logger=none", "max_steps=5", "finetune.batch_size=8", "eval.batch_size=4",
+            f"cache_dir={tmp_path / 'cache'}", "progress_bar=false"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=base + list(overrides))
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_finetune_then_eval(env, tmp_path):
+    run_dir = tmp_path / "ft"
+    assert run_stage(_cfg(env, tmp_path), run_dir) == 0
+    checkpoint = run_dir / "checkpoint"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "bert_mpq.json"):
+        assert (checkpoint / name).is_file(), name
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "run.log").is_file()
+    assert json.loads((run_dir / "train_state" / "loop.json").read_text()) == {"step": 5}
+    m = _metrics(run_dir)
+    assert m["stage"] == "finetune" and m["task"] == "sst2" and m["split"] == "validation"
+    assert m["train"]["steps"] == 5 and m["train"]["wall_s"] > 0 and m["train"]["examples_per_s"] > 0
+    dev = m["splits"]["validation"]
+    assert dev["examples"] == 10 and 0.0 <= dev["metrics"]["accuracy"] <= 100.0
+    assert m["main_metric"] == {"name": "accuracy", "value": dev["metrics"]["accuracy"]}
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.model.name_or_path == str(env["model"]) and saved.max_steps == 5
+
+    eval_dir = tmp_path / "ev"
+    rc = run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={checkpoint}",
+                        "eval.splits=[test_labeled]"), eval_dir)
+    assert rc == 0
+    e = _metrics(eval_dir)
+    assert e["stage"] == "eval" and set(e["splits"]) == {"validation", "test_labeled"}
+    # the checkpoint is the model that was evaluated at the end of fine-tuning
+    assert e["splits"]["validation"]["metrics"] == dev["metrics"]
+    assert e["splits"]["test_labeled"]["examples"] == 6
+
+
+@pytest.mark.parametrize("task, metric", [("conll03", "f1"), ("stsb", "pearson"), ("squad", "f1")])
+def test_finetune_other_task_kinds(env, tmp_path, task, metric):
+    extra = ["task.max_seq_len=24", "task.doc_stride=6"] if task == "squad" else []
+    assert run_stage(_cfg(env, tmp_path, f"task={task}", "max_steps=2", *extra), tmp_path / "run") == 0
+    m = _metrics(tmp_path / "run")
+    assert m["main_metric"]["name"] == metric
+    assert set(m["splits"]["validation"]["metrics"]) >= {metric}
+    config = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
+    if task == "stsb":
+        assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+    if task == "conll03":
+        assert config["id2label"]["1"] == "B-PER"
+
+
+def test_resume_finishes_an_interrupted_run(env, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_stage(_cfg(env, tmp_path, "max_steps=3"), run_dir) == 0
+    # a finished or interrupted run is never overwritten by a fresh one
+    assert run_stage(_cfg(env, tmp_path, "max_steps=6"), run_dir) == 2
+    assert run_stage(_cfg(env, tmp_path, "max_steps=6", "resume=true"), run_dir) == 0
+    m = _metrics(run_dir)
+    assert m["train"]["start_step"] == 3 and m["train"]["steps"] == 6
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _bad_data(root: Path) -> None:
+    """RTE with a label outside its set, SST-2 with the wrong header, MRPC with an empty dev split."""
+    write_glue(root, "RTE", {"train.tsv": "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n",
+                             "dev.tsv": GLUE_FILES["RTE"]["dev.tsv"]})
+    write_glue(root, "SST-2", {"train.tsv": "text\tlabel\nhello\t1\n", "dev.tsv": "text\tlabel\nhi\t0\n"})
+    mrpc = GLUE_FILES["MRPC"]
+    write_glue(root, "MRPC", {"train.tsv": mrpc["train.tsv"], "dev.tsv": mrpc["dev.tsv"].splitlines()[0] + "\n"})
+
+
+BAD = {
+    "unknown task": (["task.name=sst3"], "sst3"),
+    "missing data file": (["task=rte"], "RTE"),
+    "bad max_seq_len": (["task.max_seq_len=4"], "max_seq_len"),
+    "bad space bits": (["space.w_bits=[3,33]"], "33"),
+    "bad budget": (["budget.avg_bits=-1"], "budget.avg_bits"),
+    "missing checkpoint": (["stage=eval", "eval.checkpoint=/nonexistent/checkpoint"], "eval.checkpoint"),
+    "missing model dir": (["model.name_or_path=/nonexistent/model"], "model.name_or_path"),
+    "stage not implemented": (["stage=qat"], "stage qat is not implemented yet"),
+    "label outside label set": (["task=rte", "task.data_dir={bad}"], "maybe"),
+    "columns do not match": (["task.data_dir={bad}"], "header does not match"),
+    "empty split": (["task=mrpc", "task.data_dir={bad}"], "holds no examples"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_and_leaves_no_run_dir(env, tmp_path, capsys, case):
+    overrides, needle = BAD[case]
+    bad = tmp_path / "bad"
+    _bad_data(bad)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()  # hydra creates the run directory before the app runs
+    rc = run_stage(_cfg(env, tmp_path, *[o.format(bad=bad) for o in overrides]), run_dir)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert err[-1].startswith("error: ") and needle in err[-1], err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not run_dir.exists()
+
+
+def test_bad_input_keeps_an_earlier_run(env, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"earlier": true}\n')
+    assert run_stage(_cfg(env, tmp_path, "space.w_bits=[33]"), run_dir) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+    assert json.loads((run_dir / "metrics.json").read_text()) == {"earlier": True}
+
+
+def test_unknown_group_option():
+    with pytest.raises(UserError, match="unknown task 'sst3'; choose one of: .*sst2"):
+        check_group_choices(["task=sst3"])
+    with pytest.raises(UserError, match="unknown model"):
+        check_group_choices(["model=bert-huge"])
+    check_group_choices(["task=rte", "model=minilm-l6", "task.max_seq_len=5", "experiment=null", "+x=1"])
+
+
+# ----------------------------------------------------------------------------- subprocess
+
+
+def _python_m_search(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "search", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_python_m_search_subprocess(env, tmp_path):
+    run_dir = tmp_path / "run"
+    base = [f"model.name_or_path={env['model']}", f"task.data_dir={env['data']}", "task.max_seq_len=32",
+            "logger=none", "max_steps=2", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"]
+    done = _python_m_search(*base, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _metrics(run_dir)["train"]["steps"] == 2
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoint", "config.yaml", "metrics.json", "run.log", "train_state"]
+
+    # an unknown task option: one line, non-zero, no run directory
+    bad_dir = tmp_path / "bad"
+    done = _python_m_search(*base[:-1], "task=sst3", f"hydra.run.dir={bad_dir}", cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("error: unknown task 'sst3'")
+    assert not bad_dir.exists()
+
+
+# ----------------------------------------------------------------------------- wandb
+
+
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert wandb_mode(WandbMode.auto) == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(WandbMode.auto) is None  # wandb reads $WANDB_MODE itself
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(WandbMode.auto) == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+
+    assert isinstance(make_logger(LoggerConfig(kind=LoggerKind.none), tmp_path, {}), NullLogger)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    logger = make_logger(LoggerConfig(kind=LoggerKind.wandb, mode=WandbMode.offline), run_dir,
+                         {"task": {"name": "sst2"}})
+    logger.log({"loss": 0.5}, step=1)
+    logger.summary({"eval": {"validation": {"accuracy": 50.0}}})
+    logger.finish()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+# ----------------------------------------------------------------------------- real assets
+
+
+@pytest.mark.assets
+def test_real_minilm_sst2_short_run(assets, tmp_path):
+    model = assets / "models" / "all-MiniLM-L6-v2"
+    sst2 = assets / "glue" / "SST-2"
+    if not model.is_dir() or not sst2.is_dir():
+        pytest.skip("MiniLM-L6 or SST-2 missing from the assets")
+    # a few hundred real training rows keep tokenisation (into tmp_path) short
+    lines = (sst2 / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    data = tmp_path / "data" / "glue" / "SST-2"
+    data.mkdir(parents=True)
+    (data / "train.tsv").write_text("".join(lines[:401]), encoding="utf-8")
+    (data / "dev.tsv").write_text((sst2 / "dev.tsv").read_text(encoding="utf-8"), encoding="utf-8")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "experiment=quickstart", f"model.name_or_path={model}", f"task.data_dir={tmp_path / 'data'}",
+            "logger=none", "max_steps=20", "max_eval_examples=200", "finetune.batch_size=16",
+            f"cache_dir={tmp_path / 'cache'}", "progress_bar=false"])
+    assert run_stage(cfg, tmp_path / "run") == 0
+    m = _metrics(tmp_path / "run")
+    accuracy = m["splits"]["validation"]["metrics"]["accuracy"]
+    assert m["splits"]["validation"]["examples"] == 200 and 0.0 <= accuracy <= 100.0
+    assert m["train"]["steps"] == 20

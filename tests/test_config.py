@@ -1,0 +1,124 @@
+"""conf/ and search/config.py: every config file composes and converts to the typed Config, typos and
+wrong types fail at compose time, the MPQ_ASSETS presets, validation in the schemas, hydra's settings
+that keep a failed run's directory empty."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import supernet
+from search.__main__ import CONF_DIR
+from search.config import Config, LoggerKind, MixedPrecision, Stage, TaskConfig, to_config
+from search.errors import UserError
+from search.tasks import TASKS
+
+GROUP_FILES = sorted(
+    (p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml") if p.parent.name != "hydra"
+)
+
+
+def _compose(*overrides: str, hydra_config: bool = False):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+@pytest.fixture
+def no_assets(monkeypatch):
+    monkeypatch.delenv("MPQ_ASSETS", raising=False)
+
+
+def test_every_group_has_files():
+    groups = {g for g, _ in GROUP_FILES}
+    assert groups == {"model", "task", "space", "search", "qat", "hawq", "budget", "logger", "experiment"}
+    assert {name for g, name in GROUP_FILES if g == "task"} == set(TASKS)
+
+
+@pytest.mark.parametrize("group, name", GROUP_FILES)
+def test_every_config_file_composes_and_converts(group, name):
+    cfg = _compose(f"{group}={name}")
+    config = OmegaConf.to_object(cfg)
+    assert isinstance(config, Config)
+    assert isinstance(config.space, supernet.SearchSpace)
+    assert to_config(cfg) == config
+    if group == "task":
+        assert config.task.name == name
+        assert config.task.max_seq_len == (384 if name == "squad" else 128)
+
+
+def test_defaults_are_the_papers_setting(no_assets):
+    config = to_config(_compose())
+    assert config.stage is Stage.finetune
+    assert config.model.name_or_path == "google-bert/bert-base-uncased"
+    assert config.task == TaskConfig(name="sst2", data_dir=None, max_seq_len=128)
+    assert config.space == supernet.SearchSpace()
+    assert config.logger.kind is LoggerKind.wandb and config.mixed_precision is MixedPrecision.fp32
+    assert config.max_steps is None and config.resume is False
+
+
+def test_quickstart(no_assets):
+    config = to_config(_compose("experiment=quickstart"))
+    assert config.model.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+    assert config.task.name == "sst2" and config.task.max_seq_len == 64
+    assert (config.max_steps, config.max_eval_examples, config.finetune.batch_size) == (200, 500, 32)
+
+
+def test_mpq_assets_presets(monkeypatch, tmp_path, no_assets):
+    assert to_config(_compose("task=rte", "model=minilm-l6")).task.data_dir is None
+    monkeypatch.setenv("MPQ_ASSETS", str(tmp_path))
+    config = to_config(_compose("task=rte", "model=minilm-l6"))
+    assert config.task.data_dir == str(tmp_path.resolve())
+    assert config.model.name_or_path == str(tmp_path.resolve() / "models" / "all-MiniLM-L6-v2")
+    # the hub model keeps its hub id: the assets have no BERT-base weights
+    assert to_config(_compose()).model.name_or_path == "google-bert/bert-base-uncased"
+    # explicit values win over the preset
+    assert to_config(_compose("task.data_dir=null")).task.data_dir is None
+
+
+@pytest.mark.parametrize("override", [
+    "task.max_seq_lenn=5", "max_steps=abc", "stage=finetuned", "finetune.lr=fast",
+    "space.w_bits=four", "logger.kind=tensorboard", "mixed_precision=fp64", "budget.scope=layer",
+])
+def test_typo_or_wrong_type_fails_at_compose(override):
+    with pytest.raises(ConfigCompositionException):
+        _compose(override)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("space.w_bits=[3,33]", "33"),
+    ("space.groups=0", "space.groups"),
+    ("task.max_seq_len=4", "task.max_seq_len=4"),
+    ("task.name=sst3", "sst3"),
+    ("max_steps=0", "max_steps"),
+    ("finetune.warmup_ratio=1.5", "warmup_ratio"),
+    ("eval.batch_size=0", "eval.batch_size"),
+])
+def test_bad_values_fail_in_to_config_with_one_line(override, needle):
+    with pytest.raises(UserError) as info:
+        to_config(_compose(override))
+    message = str(info.value)
+    assert needle in message and "\n" not in message
+
+
+def test_budget_takes_one_of_avg_bits_and_mb():
+    assert to_config(_compose("budget.avg_bits=3.5")).budget.avg_bits == 3.5
+    assert to_config(_compose("budget.mb=20", "budget.scope=TOTAL")).budget.scope is supernet.Scope.TOTAL
+    with pytest.raises(UserError, match="both set"):
+        to_config(_compose("budget.avg_bits=3", "budget.mb=20"))
+
+
+def test_hydra_leaves_a_failed_run_dir_empty():
+    hydra = _compose(hydra_config=True).hydra
+    assert hydra.output_subdir is None and hydra.job.chdir is False
+    handlers = OmegaConf.to_container(hydra.job_logging.handlers)
+    assert all("FileHandler" not in h["class"] for h in handlers.values())
+    assert all("FileHandler" not in h["class"] for h in OmegaConf.to_container(hydra.hydra_logging.handlers).values())
+
+
+def test_run_dir_names_stage_and_task():
+    run_dir = _compose("stage=eval", "task=rte", hydra_config=True).hydra.run.dir
+    assert Path(run_dir).parts[:3] == ("runs", "eval", "rte")
