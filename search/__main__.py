@@ -23,10 +23,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from search.config import Config, Stage, register, to_config
+from search.dnas import run_search
 from search.errors import USER_ERRORS, UserError, one_line
 from search.evaluate import run_eval
 from search.finetune import finetune
 from search.logger import make_logger
+from search.pipeline import run_pipeline
+from search.qat import run_qat
 from search.rundir import RunDir, check_reusable, remove_if_empty
 
 __all__ = ["CONF_DIR", "STAGES", "check_group_choices", "run_stage", "main"]
@@ -52,10 +55,29 @@ def _eval(c: Config, run: RunDir) -> dict[str, Any]:
     )
 
 
-# Later issues add search, qat, hawq, compare, export and pipeline here.
+def _search(c: Config, run: RunDir) -> dict[str, Any]:
+    return run_search(
+        c.model, c.task, c.space, c.search, c.budget, c.eval, run,
+        seed=c.seed, max_steps=c.max_steps, max_eval_examples=c.max_eval_examples,
+        mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, resume=c.resume, progress_bar=c.progress_bar,
+    )
+
+
+def _qat(c: Config, run: RunDir) -> dict[str, Any]:
+    return run_qat(
+        c.model, c.task, c.space, c.qat, c.eval, run,
+        seed=c.seed, max_steps=c.max_steps, max_eval_examples=c.max_eval_examples,
+        mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, resume=c.resume, progress_bar=c.progress_bar,
+    )
+
+
+# Later issues add hawq, compare and export here.
 STAGES: dict[Stage, Callable[[Config, RunDir], dict[str, Any]]] = {
     Stage.finetune: _finetune,
     Stage.eval: _eval,
+    Stage.search: _search,
+    Stage.qat: _qat,
+    Stage.pipeline: run_pipeline,
 }
 
 

@@ -38,7 +38,7 @@ class SizeTerm:
 
     weight: float  # lambda
     budget: Budget | None = None  # None: lambda * expected MiB of `scope`, no target
-    penalty: Penalty = Penalty.LOG_RATIO
+    penalty: Penalty = Penalty.log_ratio
     scope: Scope = Scope.ENCODER
 
     def __call__(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
@@ -122,7 +122,7 @@ class BilevelStep:
         weights: Sequence[nn.Parameter],
         upper: Sequence[nn.Parameter],
         weight_opt: torch.optim.Optimizer,
-        upper_opt: torch.optim.Optimizer,
+        upper_opts: Sequence[torch.optim.Optimizer],
         arch_batches: Iterator[Batch],
         size_term: SizeTerm,
         *,
@@ -140,7 +140,7 @@ class BilevelStep:
         log_mass_every: int = 50,
     ) -> None:
         self.model, self.weights, self.upper = model, list(weights), list(upper)
-        self.weight_opt, self.upper_opt, self.weight_scheduler = weight_opt, upper_opt, weight_scheduler
+        self.weight_opt, self.upper_opts, self.weight_scheduler = weight_opt, list(upper_opts), weight_scheduler
         self.arch_batches, self.size_term, self.loss_fn = arch_batches, size_term, loss_fn
         self.backward = backward or (lambda loss, **kw: loss.backward(**kw))
         self.warmup_steps, self.second_order = warmup_steps, second_order
@@ -173,15 +173,17 @@ class BilevelStep:
         return {"loss/weights": float(loss)}
 
     def arch_step(self, arch_batch: Batch, train_batch: Batch) -> dict[str, float]:
-        self.upper_opt.zero_grad(set_to_none=True)
+        for opt in self.upper_opts:
+            opt.zero_grad(set_to_none=True)
         if self.second_order:
             loss, size_logs = self._unrolled_grads(arch_batch, train_batch)
         else:
             task = self.loss_fn(self.model, arch_batch)
             size, size_logs = self.size_term(self.model)
             self.backward(task + size, inputs=self.upper)
-            loss = float(task)
-        self.upper_opt.step()
+            loss = task.item()
+        for opt in self.upper_opts:  # logits and steps may have optimisers of their own
+            opt.step()
         return {"loss/arch_task": loss, **size_logs}
 
     def _unrolled_grads(self, arch_batch: Batch, train_batch: Batch) -> tuple[float, dict[str, float]]:
@@ -203,7 +205,7 @@ class BilevelStep:
         hvp = finite_difference_hvp(lambda: self.loss_fn(self.model, train_batch), self.weights, self.upper, d_w)
         for u, g, h in zip(self.upper, d_upper, hvp):
             u.grad = g - self.xi * h
-        return float(task), size_logs
+        return task.item(), size_logs
 
 
 def cycle(loader) -> Iterator[Batch]:

@@ -19,15 +19,22 @@ import torch
 from supernet import MIB, Architecture, Scope, SiteArch, SiteKind, candidate_bits
 from supernet.cost import FP32_BITS, Size
 
+from .errors import UserError
+
 TOLERANCE = 1e-9
 
 
-class Penalty(Enum):
-    """How the expected size enters the architecture loss; r = expected / budget."""
+class BudgetError(UserError, ValueError):
+    """A budget that cannot be met (or is not well-formed): the user's to fix, reported in one line."""
 
-    HINGE = "hinge"  # lambda * max(0, r - 1): free below the budget
-    LOG_RATIO = "log_ratio"  # lambda * log(r)^2: pulled onto the budget from both sides
-    LINEAR = "linear"  # lambda * r: a plain size weight, no target
+
+class Penalty(Enum):
+    """How the expected size enters the architecture loss; r = expected / budget. Lower-case member
+    names: they are what users type (`search.penalty=hinge`)."""
+
+    hinge = "hinge"  # lambda * max(0, r - 1): free below the budget
+    log_ratio = "log_ratio"  # lambda * log(r)^2: pulled onto the budget from both sides
+    linear = "linear"  # lambda * r: a plain size weight, no target
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,10 @@ class Budget:
 
     def __post_init__(self) -> None:
         if (self.avg_bits is None) == (self.mb is None):
-            raise ValueError("give exactly one of budget.avg_bits and budget.mb")
+            raise BudgetError("give exactly one of budget.avg_bits and budget.mb")
         value = self.target
         if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"budget.{self.unit}={value} must be a positive number")
+            raise BudgetError(f"budget.{self.unit}={value} must be a positive number")
         object.__setattr__(self, "scope", Scope(self.scope))
 
     @classmethod
@@ -112,12 +119,12 @@ class Budget:
         lo_v, hi_v = self.of(lo), self.of(hi)
         unit = "bits per weight" if self.unit == "avg_bits" else "MiB"
         if self.target < lo_v * (1 - TOLERANCE):
-            raise ValueError(
+            raise BudgetError(
                 f"budget {self} is below the smallest size this space reaches ({lo_v:.4g} {unit}, every group at its "
                 f"fewest bits); raise the budget or add smaller candidates (0 prunes a group)"
             )
         if self.target >= hi_v:
-            raise ValueError(
+            raise BudgetError(
                 f"budget {self} is at or above the largest size this space reaches ({hi_v:.4g} {unit}, every group at "
                 f"its most bits): there is nothing to search; lower the budget or drop it"
             )
@@ -125,9 +132,9 @@ class Budget:
     # --- the search's penalty ------------------------------------------------------------------
     def penalty(self, expected: Size, kind: Penalty) -> torch.Tensor:
         ratio = self.measure(expected) / self.target
-        if kind is Penalty.HINGE:
+        if kind is Penalty.hinge:
             return torch.relu(ratio - 1)
-        if kind is Penalty.LOG_RATIO:
+        if kind is Penalty.log_ratio:
             return torch.log(ratio).pow(2)
         return ratio
 

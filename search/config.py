@@ -31,6 +31,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import supernet
+from search.budget import Penalty
 from search.errors import UserError, first_line
 from search.tasks import TASKS
 
@@ -43,6 +44,7 @@ __all__ = [
     "TaskConfig",
     "FinetuneConfig",
     "EvalConfig",
+    "ArchOptimizer",
     "SearchConfig",
     "QatConfig",
     "HawqConfig",
@@ -166,28 +168,78 @@ class EvalConfig:
         _positive("eval.batch_size", self.batch_size)
 
 
+class ArchOptimizer(_ValueStr):
+    sgd = "sgd"  # AQ-BERT's choice, lr 0.1
+    adam = "adam"  # DARTS's choice, lr 3e-4
+
+
 @dataclass
 class SearchConfig:
-    """Bilevel DARTS search (arXiv:1806.09055): weights on one half of train, logits on the other."""
+    """Bilevel DARTS search (arXiv:1806.09055; AQ-BERT arXiv:2112.14938): weights on one part of the
+    training set, architecture logits and quantizer steps on the other, under a size penalty."""
 
-    epochs: float = 1.0
+    epochs: float = 1.0  # over the weights part
     batch_size: int = 32
-    lr: float = 2e-5  # weights and LSQ steps
-    arch_lr: float = 3e-4  # architecture logits
+    lr: float = 2e-5  # weights (AdamW), linear warmup then decay
+    weight_decay: float = 0.01
+    lr_warmup_ratio: float = 0.1
+    arch_optimizer: ArchOptimizer = ArchOptimizer.sgd
+    arch_lr: float = 0.1  # architecture logits
+    arch_momentum: float = 0.9  # sgd only
+    scale_lr: float = 1e-4  # LSQ steps, updated with the logits on the architecture part
     weight_fraction: float = 0.5  # share of the training set for the weight step
-    second_order: bool = False
+    arch_warmup_ratio: float = 0.1  # share of steps before the architecture starts moving
+    second_order: bool = False  # DARTS unrolled step (finite-difference Hessian-vector product)
     relaxation: supernet.Relaxation = supernet.Relaxation.SOFTMAX
-    temperature: float = 1.0
+    tau_start: float = 1.0  # temperature, annealed exponentially to tau_end
+    tau_end: float = 1.0
+    size_weight: float = 1.0  # lambda of the size penalty
+    penalty: Penalty = Penalty.log_ratio  # how the expected size meets budget.* (linear: no budget needed)
+    group_lasso: float = 0.0  # weight of the group-lasso term pushing groups toward 0 bits
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    log_mass_every: int = 50  # steps between logs of the probability mass per candidate and site
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "lr", "arch_lr", "scale_lr", "tau_start", "tau_end", "epochs"):
+            _positive(f"search.{name}", getattr(self, name))
+        if not 0 < self.weight_fraction < 1:
+            raise ValueError(f"search.weight_fraction={self.weight_fraction} must be between 0 and 1 (exclusive)")
+        for name in ("arch_warmup_ratio", "lr_warmup_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"search.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.size_weight < 0 or self.group_lasso < 0:
+            raise ValueError("search.size_weight and search.group_lasso must be >= 0")
 
 
 @dataclass
 class QatConfig:
-    """Quantization-aware fine-tuning of one fixed Architecture."""
+    """Quantization-aware training of one fixed Architecture (LSQ steps train with the weights), with
+    optional distillation from the FP model and oscillation dampening (Nagel et al., ICML 2022)."""
 
-    architecture: Optional[str] = None  # architecture.json (None: the one the search stage wrote)
+    architecture: Optional[str] = None  # architecture.json (a search or hawq run's, or hand-written)
     epochs: float = 3.0
     batch_size: int = 32
     lr: float = 2e-5
+    scale_lr: float = 2e-5  # LSQ steps
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    kd_weight: float = 0.5  # loss = (1 - kd) * task + kd * KL(teacher || student); 0 turns the teacher off
+    kd_temperature: float = 2.0
+    hidden_weight: float = 0.0  # + weight * MSE of hidden states against the teacher's
+    dampen_weight: float = 0.0  # + weight * mean (w - q(w))^2
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lr", "scale_lr", "kd_temperature"):
+            _positive(f"qat.{name}", getattr(self, name))
+        if not 0 <= self.kd_weight <= 1:
+            raise ValueError(f"qat.kd_weight={self.kd_weight} must be in [0, 1]")
+        if self.hidden_weight < 0 or self.dampen_weight < 0:
+            raise ValueError("qat.hidden_weight and qat.dampen_weight must be >= 0")
 
 
 @dataclass

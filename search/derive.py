@@ -3,7 +3,11 @@
 DARTS (arXiv:1806.09055) keeps the strongest candidate of every edge; here every group keeps its argmax
 bits. If that exceeds the budget, it is repaired greedily: each step downgrades, to its next smaller
 candidate, the group whose loss in probability per unit of size saved is smallest, until the exact size
-(supernet.cost, through `Budget`) fits. The report says how far the repair had to go.
+(supernet.cost, through `Budget`) fits. If it is under the budget (`fill`), the leftover is spent the same
+way upward: the group whose loss in probability per unit of size added is smallest moves to its next
+larger candidate while the result still fits, so the model lands on the budget instead of far below it
+(argmax of nearly tied logits would otherwise pick the same candidate everywhere). The report says how
+far each phase had to go.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ class DeriveReport:
     target: float | None
     unit: str | None
     downgraded_groups: int = 0
-    probability_lost: float = 0.0  # sum over downgraded groups of p(argmax) - p(final choice)
+    upgraded_groups: int = 0
+    probability_lost: float = 0.0  # sum over moved groups of p(argmax) - p(final choice)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -44,68 +49,83 @@ def candidate_probs(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.
     return out
 
 
-def derive(model: nn.Module, budget: Budget | None) -> tuple[Architecture, DeriveReport]:
-    """Argmax architecture of `model`, repaired to fit `budget` (when given)."""
+def derive(model: nn.Module, budget: Budget | None, fill: bool = True) -> tuple[Architecture, DeriveReport]:
+    """Argmax architecture of `model`, repaired down to `budget` and (with `fill`) filled up to it."""
     arch = Architecture.from_supernet(model)
     if budget is None:
         return arch, DeriveReport(None, None, None, None)
     start = budget.of(arch)
     report = DeriveReport(start, start, budget.target, budget.unit)
-    if budget.fits(arch):
+    if budget.fits(arch) and not fill:
         return arch, report
 
     probs = candidate_probs(model)
     prices, constant = budget.group_prices(arch, {n: c for n, (c, _) in probs.items()})
-    choice = {}  # site -> list of candidate indices (into sorted candidates)
+    target = budget.target * (1 + 1e-9)
+    choice: dict[str, list[int]] = {}  # site -> per group, index into the sorted candidates
+    columns: dict[str, list[int]] = {}  # site -> sorted candidate position -> column of its probabilities
     total = constant
-    heap: list[tuple[float, float, str, int]] = []
-    order = {}
     for name, site in arch:
-        cands, p = probs[name]
+        cands, _ = probs[name]
         sorted_cands, price = prices[name]
-        order[name] = [cands.index(b) for b in sorted_cands]  # sorted position -> column of p
-        idx = [sorted_cands.index(b) for b in site.bits]
-        choice[name] = idx
-        total += float(price[idx].sum())
-        for g, i in enumerate(idx):
-            _push(heap, name, g, i, p, price, order[name])
+        columns[name] = [cands.index(b) for b in sorted_cands]
+        choice[name] = [sorted_cands.index(b) for b in site.bits]
+        total += float(price[choice[name]].sum())
 
-    target = budget.target
-    while total > target * (1 + 1e-9):
-        if not heap:
+    def move(direction: int) -> None:
+        """Greedy moves by one candidate in `direction`, cheapest probability per unit of price first."""
+        nonlocal total
+        heap: list[tuple[float, float, str, int]] = []
+        for name in choice:
+            for g in range(len(choice[name])):
+                _offer(heap, name, g, choice[name][g], direction, probs[name][1], prices[name][1], columns[name])
+        while heap and (total > target if direction < 0 else True):
+            _, _, name, g = heapq.heappop(heap)
+            i = choice[name][g]
+            j = i + direction
+            price, p, col = prices[name][1], probs[name][1], columns[name]
+            delta = float(price[j] - price[i])
+            if direction > 0 and total + delta > target:
+                continue  # does not fit; a cheaper move elsewhere still may
+            total += delta
+            report.probability_lost += float(p[g, col[i]] - p[g, col[j]])
+            if direction < 0:
+                report.downgraded_groups += 1
+            else:
+                report.upgraded_groups += 1
+            choice[name][g] = j
+            _offer(heap, name, g, j, direction, p, price, col)
+
+    if total > target:
+        move(-1)
+        if total > target:
             raise ValueError(f"cannot fit budget {budget}: every group is already at its fewest bits")
-        _, _, name, g = heapq.heappop(heap)
-        _, p = probs[name]
-        _, price = prices[name]
-        i = choice[name][g]
-        j = i - 1
-        total -= float(price[i] - price[j])
-        report.probability_lost += float(p[g, order[name][i]] - p[g, order[name][j]])
-        report.downgraded_groups += 1
-        choice[name][g] = j
-        _push(heap, name, g, j, p, price, order[name])
+    elif fill:
+        move(+1)
 
-    repaired = Architecture(
+    result = Architecture(
         tuple((name, _with_bits(site, [prices[name][0][i] for i in choice[name]])) for name, site in arch),
         arch.other_params, arch.scale_bits,
     )
-    report.final = budget.of(repaired)
-    if not budget.fits(repaired):  # the linear prices and the cost model disagree: a bug, not bad input
-        raise AssertionError(f"repair reached {report.final} against {target}")
-    log.info("derive: argmax %.4g -> %.4g %s (budget %.4g): %d groups downgraded, probability lost %.3f",
-             start, report.final, budget.unit, target, report.downgraded_groups, report.probability_lost)
-    return repaired, report
+    report.final = budget.of(result)
+    if not budget.fits(result):  # the linear prices and the cost model disagree: a bug, not bad input
+        raise AssertionError(f"derivation reached {report.final} against {budget.target}")
+    log.info("derive: argmax %.4g -> %.4g %s (budget %.4g): %d groups downgraded, %d upgraded, probability lost %.3f",
+             start, report.final, budget.unit, budget.target, report.downgraded_groups, report.upgraded_groups,
+             report.probability_lost)
+    return result, report
 
 
-def _push(heap, name: str, g: int, i: int, p: torch.Tensor, price: torch.Tensor, order: list[int]) -> None:
-    """Offer group g's next downgrade (sorted candidate i -> i - 1), keyed by probability lost per price saved."""
-    if i == 0:
+def _offer(heap, name: str, g: int, i: int, direction: int, p: torch.Tensor, price: torch.Tensor, col: list[int]) -> None:
+    """Offer group g's next move (sorted candidate i -> i + direction), keyed by probability lost per price moved."""
+    j = i + direction
+    if not 0 <= j < len(col):
         return
-    saved = float(price[i] - price[i - 1])
-    lost = float(p[g, order[i]] - p[g, order[i - 1]])
-    if saved <= 0:
+    moved = abs(float(price[j] - price[i]))
+    if moved <= 0:
         return
-    heapq.heappush(heap, (lost / saved, -saved, name, g))
+    lost = float(p[g, col[i]] - p[g, col[j]])
+    heapq.heappush(heap, (lost / moved, -moved if direction < 0 else moved, name, g))
 
 
 def _with_bits(site: SiteArch, bits: list[int]) -> SiteArch:

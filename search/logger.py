@@ -27,6 +27,8 @@ class RunLogger(Protocol):
 
     def summary(self, metrics: Mapping[str, Any]) -> None: ...
 
+    def image(self, name: str, path: Path) -> None: ...
+
     def finish(self) -> None: ...
 
 
@@ -37,6 +39,9 @@ class NullLogger:
         pass
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def image(self, name: str, path: Path) -> None:
         pass
 
     def finish(self) -> None:
@@ -69,6 +74,11 @@ class WandbLogger:
     def summary(self, metrics: Mapping[str, Any]) -> None:
         for key, value in _flatten(metrics).items():
             self._run.summary[key] = value
+
+    def image(self, name: str, path: Path) -> None:
+        import wandb
+
+        self._run.log({name: wandb.Image(str(path))})
 
     def finish(self) -> None:
         self._run.finish()

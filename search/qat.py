@@ -4,113 +4,33 @@ The FP checkpoint becomes a supernet whose candidates are exactly the bits the a
 group is fixed to its bits, and the weights and LSQ steps (arXiv:1902.08153) train on the task loss plus,
 optionally, knowledge distillation from the FP model (logits KL at a temperature; hidden-state MSE) and
 oscillation dampening (Nagel et al., ICML 2022: pull each latent weight toward its quantized value).
-Pruned groups output exact zeros throughout. The result, `<run_dir>/quantized/`, holds the supernet's
-state (weights, steps, fixed choices), `architecture.json`, the search space, the HF config and tokenizer:
+Pruned groups output exact zeros throughout. The result is `<run_dir>/quantized/` (search/quantized.py),
 what evaluation and export rebuild the quantized model from.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import AutoConfig
 
-from supernet import Architecture, SearchSpace, SiteKind, param_sets, sites, to_supernet
+from supernet import Architecture, SearchSpace, param_sets, sites
 
-from .models import MODEL_CLASSES, TASK_FILE
-from .rundir import replace_dir
+from .config import EvalConfig, MixedPrecision, ModelConfig, QatConfig, TaskConfig
+from .data import make_loader
+from .errors import UserError
+from .evaluate import evaluate_sets, scalars
+from .loop import linear_warmup, make_accelerator, total_steps, train
+from .models import load_task_model, load_tokenizer
+from .prepare import TRAIN, eval_sets, eval_split_names, load_splits
+from .quantized import QUANTIZED_DIR, quantize, save_quantized, space_for
+from .rundir import RunDir
 from .tasks import TaskKind, get_task
 
 log = logging.getLogger(__name__)
-
-QUANTIZED_DIR = "quantized"
-SPACE_FILE = "space.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-def space_for(arch: Architecture, base: SearchSpace) -> SearchSpace:
-    """`base` with, per kind of site, exactly the bits `arch` uses as candidates (and its group counts)."""
-
-    def used(kind: SiteKind) -> list[int]:
-        return sorted({b for _, s in arch if s.kind is kind for b in s.bits}) or [32]
-
-    def groups(kind: SiteKind) -> int | None:
-        counts = {(len(s.bits), s.rows_per_group) for _, s in arch if s.kind is kind}
-        if not counts:
-            return None
-        if all(rows == 1 for _, rows in counts):
-            return -1  # one group per row, whatever the site's size
-        return next(iter(counts))[0]
-
-    a_bits = sorted({s.a_bits for _, s in arch if s.a_bits is not None}) or [32]
-    return dataclasses.replace(
-        base, w_bits=used(SiteKind.ENCODER), a_bits=a_bits, embedding_bits=used(SiteKind.EMBEDDING),
-        head_bits=used(SiteKind.HEAD), groups=groups(SiteKind.ENCODER) or base.groups,
-        embedding_groups=groups(SiteKind.EMBEDDING),
-    )
-
-
-def quantize(model: nn.Module, arch: Architecture, base: SearchSpace) -> nn.Module:
-    """Convert `model` in place to the discrete quantized model of `arch`."""
-    to_supernet(model, space_for(arch, base))
-    return arch.apply(model)
-
-
-def space_to_dict(space: SearchSpace) -> dict[str, Any]:
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(space).items()}
-
-
-def save_quantized(model: nn.Module, arch: Architecture, space: SearchSpace, tokenizer: Any, task: str,
-                   target: Path) -> Path:
-    """Write the QAT'd model atomically: supernet state, architecture, space, HF config, tokenizer."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=False)
-    save_model(model, str(tmp / WEIGHTS_FILE))  # handles the Q/K/V-shared input quantizer
-    arch.save(tmp / "architecture.json")
-    (tmp / SPACE_FILE).write_text(json.dumps(space_to_dict(space), indent=2) + "\n")
-    model.config.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / TASK_FILE).write_text(json.dumps({"task": task}) + "\n")
-    replace_dir(tmp, target)
-    return target
-
-
-def is_quantized_dir(path: str | Path) -> bool:
-    p = Path(path).expanduser()
-    return (p / "architecture.json").is_file() and (p / SPACE_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
-
-
-def load_quantized(path: str | Path) -> tuple[nn.Module, Architecture, str]:
-    """Rebuild (model, architecture, task) from a `quantized/` folder written by `save_quantized`."""
-    path = Path(path).expanduser()
-    if not is_quantized_dir(path):
-        raise FileNotFoundError(f"{path} is not a quantized model folder (needs architecture.json, {SPACE_FILE}, "
-                                f"{WEIGHTS_FILE}); pass the quantized/ folder a qat run wrote")
-    arch = Architecture.load(path / "architecture.json")
-    space = SearchSpace(**json.loads((path / SPACE_FILE).read_text()))
-    task = json.loads((path / TASK_FILE).read_text())["task"]
-    config = AutoConfig.from_pretrained(str(path))
-    model = MODEL_CLASSES[get_task(task).kind].from_config(config)
-    to_supernet(model, space)
-    arch.apply(model)
-    missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match its architecture ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[:2]}); re-run qat")
-    for module in model.modules():  # the fixed choices and initialised flags came in as buffers
-        if hasattr(module, "_refresh"):
-            module._refresh()
-    return model.eval(), arch, task
-
 
 def distillation_loss(student: Any, teacher: Any, kind: TaskKind, temperature: float,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,3 +116,77 @@ def qat_step(model: nn.Module, teacher: nn.Module | None, optimizer, scheduler, 
 
     return step
 
+
+
+def run_qat(
+    model: ModelConfig, task: TaskConfig, space: SearchSpace, cfg: QatConfig, evaluation: EvalConfig, run: RunDir,
+    *, seed: int, max_steps: int | None = None, max_eval_examples: int | None = None,
+    mixed_precision: MixedPrecision = MixedPrecision.fp32, cache_dir: str | None = None, resume: bool = False,
+    progress_bar: bool = True, architecture: Architecture | None = None,
+) -> dict[str, Any]:
+    """QAT of `cfg.architecture` (or `architecture`) from the FP checkpoint `model`; writes quantized/ and
+    metrics.json (task metrics and the exact sizes)."""
+    spec = get_task(task.name)
+    if architecture is None:
+        if cfg.architecture is None:
+            raise UserError("qat.architecture is not set; pass the architecture.json a search or hawq run wrote")
+        try:
+            architecture = Architecture.load(cfg.architecture)
+        except ValueError as e:  # malformed JSON or values: the file is the user's
+            raise UserError(str(e)) from e
+    tokenizer = load_tokenizer(model.name_or_path)
+    splits = eval_split_names(spec.name, evaluation.splits)
+    raw, tokenized = load_splits(task, tokenizer, [TRAIN, *splits], cache_dir, max_eval_examples)
+    net = load_task_model(model.name_or_path, spec.name)
+    qspace = space_for(architecture, space)
+    try:
+        quantize(net, architecture, space)
+    except ValueError as e:  # names the site where the architecture does not fit this model
+        raise UserError(f"{cfg.architecture or 'the architecture'} does not fit {model.name_or_path}: {e}") from e
+    teacher = load_task_model(model.name_or_path, spec.name).eval() if cfg.kd_weight > 0 or cfg.hidden_weight > 0 else None
+    train_loader = make_loader(tokenized[TRAIN], tokenizer, cfg.batch_size, shuffle=True, seed=seed)
+    sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)
+    accelerator = make_accelerator(mixed_precision, seed)
+
+    run.main_process = accelerator.is_main_process
+    run.open()
+    optimizer = qat_optimizer(net, cfg.lr, cfg.scale_lr, cfg.weight_decay)
+    net, optimizer, train_loader = accelerator.prepare(net, optimizer, train_loader)
+    if teacher is not None:
+        teacher = accelerator.prepare(teacher)
+    for s in sets:
+        s.loader = accelerator.prepare(s.loader)
+    steps = total_steps(len(train_loader), cfg.epochs, max_steps)
+    scheduler = linear_warmup(optimizer.optimizer, steps, cfg.warmup_ratio)
+    accelerator.register_for_checkpointing(scheduler)
+    summary = architecture.summary()
+    log.info("QAT of %s (%.3g bits/weight, %.3g MiB encoder, %d pruned groups) on %s: %d steps",
+             cfg.architecture or "the given architecture", summary["encoder_avg_bits"], summary["encoder_mb"],
+             summary["pruned_groups"], spec.name, steps)
+    step_fn = qat_step(net, teacher, optimizer, scheduler, accelerator, spec.kind, kd_weight=cfg.kd_weight,
+                       kd_temperature=cfg.kd_temperature, hidden_weight=cfg.hidden_weight,
+                       dampen_weight=cfg.dampen_weight, max_grad_norm=cfg.max_grad_norm)
+    result = train(step_fn, train_loader, accelerator, steps, log_fn=run.log, state_dir=run.train_state,
+                   checkpoint_every=cfg.checkpoint_every, resume=resume, log_every=cfg.log_every,
+                   progress=progress_bar, desc="qat")
+    results = evaluate_sets(net, sets, spec.name, accelerator)
+    run.log(scalars(results), result.steps)
+    if run.main_process:
+        save_quantized(accelerator.unwrap_model(net), architecture, qspace, tokenizer, spec.name, run.path / QUANTIZED_DIR)
+        architecture.save(run.path / "architecture.json")
+    metrics = {
+        "stage": "qat",
+        "task": spec.name,
+        "model": model.name_or_path,
+        "architecture": summary,
+        "architecture_file": cfg.architecture,
+        "split": splits[0],
+        "main_metric": results[splits[0]]["main_metric"],
+        "splits": results,
+        "train": {"steps": result.steps, "start_step": result.start_step, "epochs": result.epochs,
+                  "examples": result.examples, "wall_s": result.wall_s, "examples_per_s": result.examples_per_s},
+        "quantized": str(run.path / QUANTIZED_DIR),
+    }
+    run.write_json("metrics.json", metrics)
+    run.logger.summary({"architecture": summary, "eval": results, "train": metrics["train"]})
+    return metrics

@@ -33,7 +33,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Entries whose presence marks a directory as holding an earlier run's results.
-RESULTS = ("metrics.json", "checkpoint", "train_state")
+RESULTS = ("metrics.json", "checkpoint", "train_state", "architecture.json", "quantized")
 _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
@@ -127,6 +127,10 @@ class RunDir:
         logging.getLogger().addHandler(self._handler)
         self.logger = self._logger_factory()
         log.info("run directory %s", self.path)
+
+    def child(self, name: str) -> "RunDir":
+        """The run directory of one step of a multi-stage run (the pipeline), in a sub-directory."""
+        return RunDir(self.path / name, self._config_yaml, self._logger_factory, self.main_process)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """The `log(metrics, step)` callable stages hand to the training loop."""

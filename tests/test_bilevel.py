@@ -28,7 +28,7 @@ def _setup(cfg, size_weight=1.0, budget=None, second_order=False, warmup=0, step
     upper = sets.arch + sets.scales
     step = BilevelStep(
         model, sets.weights, upper, torch.optim.AdamW(sets.weights, lr=1e-3),
-        torch.optim.SGD([{"params": sets.arch, "lr": 0.5}, {"params": sets.scales, "lr": 1e-3}]),
+        [torch.optim.SGD(sets.arch, lr=0.5), torch.optim.Adam(sets.scales, lr=1e-3)],
         cycle(_batches(seed=1)), SizeTerm(size_weight, budget), second_order=second_order,
         warmup_steps=warmup, total_steps=steps, tau=(2.0, 0.5),
     )

@@ -6,7 +6,8 @@ import torch
 from accelerate import Accelerator
 from transformers import BertForSequenceClassification, get_constant_schedule
 
-from search.qat import dampening, distillation_loss, load_quantized, qat_optimizer, qat_step, quantize, save_quantized, space_for
+from search.qat import dampening, distillation_loss, qat_optimizer, qat_step
+from search.quantized import load_quantized, quantize, save_quantized, space_for
 from search.tasks import TaskKind
 from data_fixtures import tiny_tokenizer
 from supernet import Architecture, MixedEmbedding, SearchSpace, SiteKind, sites, to_supernet

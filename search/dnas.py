@@ -1,0 +1,144 @@
+"""The `search` stage: differentiable precision search (AQ-BERT, arXiv:2112.14938) on a fine-tuned BERT.
+
+The checkpoint becomes a supernet (`space`), the training set is cut in two disjoint parts, and the
+bilevel step (`search.bilevel`) runs in the one training loop: weights on one part; logits and LSQ steps
+on the other under the size penalty. Then the architecture is derived (argmax, repaired to the budget)
+and written with its picture; the derived model is also evaluated as is, before any QAT.
+
+Everything that can fail on bad input, an unreachable budget included, fails before the run directory
+gets its first file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import torch
+
+from supernet import Architecture, SearchSpace, param_sets, sites, to_supernet
+
+from .bilevel import BilevelStep, SizeTerm, cycle
+from .budget import Budget, Penalty
+from .config import ArchOptimizer, BudgetConfig, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
+from .data import make_loader, split_for_search
+from .derive import candidate_probs, derive
+from .errors import UserError
+from .evaluate import evaluate_sets, scalars
+from .loop import linear_warmup, make_accelerator, total_steps, train
+from .models import load_task_model, load_tokenizer
+from .plots import plot_architecture
+from .prepare import TRAIN, eval_sets, eval_split_names, load_splits
+from .rundir import RunDir, write_text_atomic
+from .tasks import get_task
+
+__all__ = ["run_search", "weight_optimizer", "upper_optimizers"]
+
+log = logging.getLogger(__name__)
+
+
+def weight_optimizer(weights: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the model weights; no decay on biases and LayerNorm (1-d parameters)."""
+    groups = [{"params": [p for p in weights if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in weights if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def upper_optimizers(arch: list[torch.nn.Parameter], scales: list[torch.nn.Parameter], cfg: SearchConfig) -> list:
+    """The logits' optimiser (SGD as in AQ-BERT, or Adam as in DARTS) and Adam for the LSQ steps."""
+    out = []
+    if arch:
+        if cfg.arch_optimizer is ArchOptimizer.sgd:
+            out.append(torch.optim.SGD(arch, lr=cfg.arch_lr, momentum=cfg.arch_momentum))
+        else:
+            out.append(torch.optim.Adam(arch, lr=cfg.arch_lr, betas=(0.5, 0.999)))
+    if scales:
+        out.append(torch.optim.Adam(scales, lr=cfg.scale_lr))
+    return out
+
+
+def run_search(
+    model: ModelConfig, task: TaskConfig, space: SearchSpace, cfg: SearchConfig, budget_cfg: BudgetConfig,
+    evaluation: EvalConfig, run: RunDir, *, seed: int, max_steps: int | None = None,
+    max_eval_examples: int | None = None, mixed_precision: MixedPrecision = MixedPrecision.fp32,
+    cache_dir: str | None = None, resume: bool = False, progress_bar: bool = True,
+) -> dict[str, Any]:
+    """Search `space` on `task` from the fine-tuned `model`; writes architecture.json and metrics.json."""
+    spec = get_task(task.name)
+    budget = Budget.from_args(budget_cfg.avg_bits, budget_cfg.mb, budget_cfg.scope)
+    if budget is None and cfg.penalty is not Penalty.linear:
+        raise UserError(f"search.penalty={cfg.penalty.value} needs a target: set budget.avg_bits or budget.mb, "
+                        f"or use search.penalty=linear with search.size_weight")
+    tokenizer = load_tokenizer(model.name_or_path)
+    splits = eval_split_names(spec.name, evaluation.splits)
+    raw, tokenized = load_splits(task, tokenizer, [TRAIN, *splits], cache_dir, max_eval_examples)
+    weight_part, arch_part = split_for_search(tokenized[TRAIN], cfg.weight_fraction, seed)
+    net = load_task_model(model.name_or_path, spec.name)
+    to_supernet(net, space)
+    if not any(s.wq.searchable for _, s in sites(net)):
+        raise UserError(f"space.w_bits={list(space.w_bits)} offers one candidate: there is nothing to search; "
+                        f"give two or more (e.g. [0,2,4,8]) or run stage=qat with that precision")
+    template = Architecture.from_supernet(net, space.scale_bits)
+    if budget is not None:
+        budget.check_reachable(template, {n: s.wq.cands.bits for n, s in sites(net)})
+    weight_loader = make_loader(weight_part, tokenizer, cfg.batch_size, shuffle=True, seed=seed)
+    arch_loader = make_loader(arch_part, tokenizer, cfg.batch_size, shuffle=True, seed=seed + 1)
+    sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)
+    accelerator = make_accelerator(mixed_precision, seed)
+
+    run.main_process = accelerator.is_main_process
+    run.open()
+    groups = param_sets(net)
+    w_opt = weight_optimizer(groups.weights, cfg.lr, cfg.weight_decay)
+    u_opts = upper_optimizers(groups.arch, groups.scales, cfg)
+    net, w_opt, weight_loader, arch_loader, *u_opts = accelerator.prepare(net, w_opt, weight_loader, arch_loader, *u_opts)
+    for s in sets:
+        s.loader = accelerator.prepare(s.loader)
+    steps = total_steps(len(weight_loader), cfg.epochs, max_steps)
+    scheduler = linear_warmup(w_opt.optimizer, steps, cfg.lr_warmup_ratio)
+    accelerator.register_for_checkpointing(scheduler)
+    scope = budget.scope if budget is not None else budget_cfg.scope
+    log.info("searching %s on %s: %d steps, %d groups, candidates %s, budget %s", model.name_or_path, spec.name,
+             steps, template.n_groups(), list(space.w_bits), budget or f"none (lambda={cfg.size_weight})")
+
+    step_fn = BilevelStep(
+        net, groups.weights, groups.arch + groups.scales, w_opt, u_opts, cycle(arch_loader),
+        SizeTerm(cfg.size_weight, budget, cfg.penalty, scope),
+        backward=accelerator.backward, weight_scheduler=scheduler,
+        warmup_steps=int(cfg.arch_warmup_ratio * steps), second_order=cfg.second_order,
+        max_grad_norm=cfg.max_grad_norm, group_lasso_weight=cfg.group_lasso, relaxation=cfg.relaxation,
+        tau=(cfg.tau_start, cfg.tau_end), total_steps=steps, log_mass_every=cfg.log_mass_every,
+    )
+    result = train(step_fn, weight_loader, accelerator, steps, log_fn=run.log, state_dir=run.train_state,
+                   checkpoint_every=cfg.checkpoint_every, resume=resume, log_every=cfg.log_every,
+                   progress=progress_bar, desc="search")
+
+    supernet = accelerator.unwrap_model(net)
+    arch, report = derive(supernet, budget)
+    probs = {name: {"bits": list(bits), "probs": [[round(v, 4) for v in row] for row in p.tolist()]}
+             for name, (bits, p) in candidate_probs(supernet).items()}
+    summary = arch.summary()
+    if run.main_process:
+        arch.save(run.path / "architecture.json")
+        write_text_atomic(run.path / "alphas.json", json.dumps(probs) + "\n")
+        picture = plot_architecture(arch, run.path / "architecture.png")
+        run.logger.image("architecture", picture)
+    arch.apply(supernet)  # the derived model, evaluated before any QAT
+    results = evaluate_sets(net, sets, spec.name, accelerator)
+    run.log(scalars(results), result.steps)
+    metrics = {
+        "stage": "search",
+        "task": spec.name,
+        "model": model.name_or_path,
+        "budget": None if budget is None else {"unit": budget.unit, "target": budget.target, "scope": budget.scope.value},
+        "derive": report.as_dict(),
+        "architecture": summary,
+        "split": splits[0],
+        "main_metric": results[splits[0]]["main_metric"],  # the derived model before QAT
+        "splits": results,
+        "train": {"steps": result.steps, "start_step": result.start_step, "epochs": result.epochs,
+                  "examples": result.examples, "wall_s": result.wall_s, "examples_per_s": result.examples_per_s},
+    }
+    run.write_json("metrics.json", metrics)
+    run.logger.summary({"architecture": summary, "derive": report.as_dict(), "eval": results})
+    return metrics

@@ -1,0 +1,93 @@
+"""The `pipeline` stage: finetune -> search -> derive -> qat -> eval, in one command.
+
+Each step runs in its own sub-directory of the run directory (`finetune/`, `search/`, `qat/`): a step
+whose metrics.json exists is skipped, one with a train state resumes, so an interrupted pipeline
+continues with `resume=true` where it stopped. Fine-tuning is skipped when `model.name_or_path` is already
+fine-tuned on the task. The budget is checked against the space before anything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from supernet import Architecture, sites, to_supernet
+
+from .budget import Budget
+from .config import Config, ModelConfig
+from .dnas import run_search
+from .finetune import finetune
+from .models import TASK_FILE, load_task_model
+from .qat import run_qat
+from .rundir import RunDir
+from .tasks import get_task
+
+__all__ = ["run_pipeline", "finetuned_on"]
+
+log = logging.getLogger(__name__)
+
+
+def finetuned_on(name_or_path: str, task: str) -> bool:
+    """True when `name_or_path` is a local checkpoint our finetune stage wrote for `task`."""
+    path = Path(name_or_path).expanduser() / TASK_FILE
+    return path.is_file() and json.loads(path.read_text()).get("task") == task
+
+
+def _check_budget_up_front(c: Config) -> None:
+    """An impossible budget fails now, not after fine-tuning and an hour of search."""
+    budget = Budget.from_args(c.budget.avg_bits, c.budget.mb, c.budget.scope)
+    if budget is None:
+        return
+    net = to_supernet(load_task_model(c.model.name_or_path, c.task.name), c.space)
+    budget.check_reachable(Architecture.from_supernet(net), {n: s.wq.cands.bits for n, s in sites(net)})
+
+
+def _step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]]) -> dict[str, Any]:
+    child = run.child(name)
+    done = child.path / "metrics.json"
+    if done.is_file():
+        log.info("pipeline: %s already done (%s)", name, done)
+        return json.loads(done.read_text())
+    resume = (child.path / "train_state").exists()
+    log.info("pipeline: %s%s", name, " (resuming)" if resume else "")
+    with child:
+        return fn(child, resume)
+
+
+def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
+    """Run every step into `run`'s sub-directories; returns (and writes) the summary."""
+    spec = get_task(c.task.name)
+    _check_budget_up_front(c)
+    common = dict(seed=c.seed, max_steps=c.max_steps, max_eval_examples=c.max_eval_examples,
+                  mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, progress_bar=c.progress_bar)
+    results: dict[str, Any] = {}
+    checkpoint = c.model.name_or_path
+    if finetuned_on(checkpoint, spec.name):
+        log.info("pipeline: %s is fine-tuned on %s already; no finetune step", checkpoint, spec.name)
+    else:
+        results["finetune"] = _step(run, "finetune", lambda r, resume: finetune(
+            c.model, c.task, c.finetune, c.eval, r, resume=resume, **common))
+        checkpoint = str(run.path / "finetune" / "checkpoint")
+    model = ModelConfig(name_or_path=checkpoint)
+    results["search"] = _step(run, "search", lambda r, resume: run_search(
+        model, c.task, c.space, c.search, c.budget, c.eval, r, resume=resume, **common))
+    qat_cfg = dataclasses.replace(c.qat, architecture=str(run.path / "search" / "architecture.json"))
+    results["qat"] = _step(run, "qat", lambda r, resume: run_qat(
+        model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common))
+
+    summary = {
+        "stage": "pipeline",
+        "task": spec.name,
+        "checkpoint": checkpoint,
+        "steps": {name: {"main_metric": r.get("main_metric"), "dir": str(run.path / name)} for name, r in results.items()},
+        "architecture": results["qat"]["architecture"],
+        "main_metric": results["qat"]["main_metric"],
+        "split": results["qat"]["split"],
+        "splits": results["qat"]["splits"],
+        "quantized": results["qat"]["quantized"],
+    }
+    run.open()
+    run.write_json("metrics.json", summary)
+    return summary

@@ -1,0 +1,103 @@
+"""The quantized model of an Architecture, in memory and on disk.
+
+`quantize` turns an FP model into the discrete quantized model of any architecture (searched, HAWQ-V2 or
+hand-written): its candidates are exactly the bits the architecture uses. `save_quantized` writes what a
+QAT run produces, `<run_dir>/quantized/`: the supernet's state (weights, LSQ steps, fixed choices),
+architecture.json, the space, the HF config and tokenizer; `load_quantized` rebuilds the model from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoConfig
+
+from supernet import Architecture, SearchSpace, SiteKind, to_supernet
+
+from .models import MODEL_CLASSES, TASK_FILE
+from .rundir import replace_dir
+from .tasks import get_task
+
+QUANTIZED_DIR = "quantized"
+SPACE_FILE = "space.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def space_for(arch: Architecture, base: SearchSpace) -> SearchSpace:
+    """`base` with, per kind of site, exactly the bits `arch` uses as candidates (and its group counts)."""
+
+    def used(kind: SiteKind) -> list[int]:
+        return sorted({b for _, s in arch if s.kind is kind for b in s.bits}) or [32]
+
+    def groups(kind: SiteKind) -> int | None:
+        counts = {(len(s.bits), s.rows_per_group) for _, s in arch if s.kind is kind}
+        if not counts:
+            return None
+        if all(rows == 1 for _, rows in counts):
+            return -1  # one group per row, whatever the site's size
+        return next(iter(counts))[0]
+
+    a_bits = sorted({s.a_bits for _, s in arch if s.a_bits is not None}) or [32]
+    return dataclasses.replace(
+        base, w_bits=used(SiteKind.ENCODER), a_bits=a_bits, embedding_bits=used(SiteKind.EMBEDDING),
+        head_bits=used(SiteKind.HEAD), groups=groups(SiteKind.ENCODER) or base.groups,
+        embedding_groups=groups(SiteKind.EMBEDDING),
+    )
+
+
+def quantize(model: nn.Module, arch: Architecture, base: SearchSpace) -> nn.Module:
+    """Convert `model` in place to the discrete quantized model of `arch`."""
+    to_supernet(model, space_for(arch, base))
+    return arch.apply(model)
+
+
+def space_to_dict(space: SearchSpace) -> dict[str, Any]:
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(space).items()}
+
+
+def save_quantized(model: nn.Module, arch: Architecture, space: SearchSpace, tokenizer: Any, task: str,
+                   target: Path) -> Path:
+    """Write the QAT'd model atomically: supernet state, architecture, space, HF config, tokenizer."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=False)
+    save_model(model, str(tmp / WEIGHTS_FILE))  # handles the Q/K/V-shared input quantizer
+    arch.save(tmp / "architecture.json")
+    (tmp / SPACE_FILE).write_text(json.dumps(space_to_dict(space), indent=2) + "\n")
+    model.config.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / TASK_FILE).write_text(json.dumps({"task": task}) + "\n")
+    replace_dir(tmp, target)
+    return target
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    p = Path(path).expanduser()
+    return (p / "architecture.json").is_file() and (p / SPACE_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+
+def load_quantized(path: str | Path) -> tuple[nn.Module, Architecture, str]:
+    """Rebuild (model, architecture, task) from a `quantized/` folder written by `save_quantized`."""
+    path = Path(path).expanduser()
+    if not is_quantized_dir(path):
+        raise FileNotFoundError(f"{path} is not a quantized model folder (needs architecture.json, {SPACE_FILE}, "
+                                f"{WEIGHTS_FILE}); pass the quantized/ folder a qat run wrote")
+    arch = Architecture.load(path / "architecture.json")
+    space = SearchSpace(**json.loads((path / SPACE_FILE).read_text()))
+    task = json.loads((path / TASK_FILE).read_text())["task"]
+    config = AutoConfig.from_pretrained(str(path))
+    model = MODEL_CLASSES[get_task(task).kind].from_config(config)
+    to_supernet(model, space)
+    arch.apply(model)
+    missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS_FILE} does not match its architecture ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[:2]}); re-run qat")
+    for module in model.modules():  # the fixed choices and initialised flags came in as buffers
+        if hasattr(module, "_refresh"):
+            module._refresh()
+    return model.eval(), arch, task

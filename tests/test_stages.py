@@ -1,0 +1,99 @@
+"""The search, qat and pipeline stages end to end in-process on a tiny random BERT, the eval stage on a
+quantized folder, and the start-up errors of impossible budgets (no run directory left behind)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from search.__main__ import CONF_DIR, run_stage
+from supernet import Architecture
+
+from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
+
+SPACE = ["space.groups=4", "space.embedding_groups=4"]
+
+
+def _cfg(env, tmp_path: Path, *overrides: str):  # noqa: F811
+    base = [f"model.name_or_path={env['model']}", f"task.data_dir={env['data']}", "task.max_seq_len=32",
+            "logger=none", "max_steps=4", "finetune.batch_size=8", "search.batch_size=8", "qat.batch_size=8",
+            "eval.batch_size=4", f"cache_dir={tmp_path / 'cache'}", "progress_bar=false", *SPACE]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=base + list(overrides))
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "pipe"
+    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "search.size_weight=5"), run_dir) == 0
+    for step in ("finetune", "search", "qat"):
+        assert (run_dir / step / "metrics.json").is_file(), step
+    arch = Architecture.load(run_dir / "search" / "architecture.json")
+    assert arch.avg_bits("encoder") <= 3.0
+    assert (run_dir / "search" / "architecture.png").stat().st_size > 1000
+    assert (run_dir / "search" / "alphas.json").is_file()
+    search = _metrics(run_dir / "search")
+    assert 2.5 < search["derive"]["final"] <= 3.0  # filled up to the budget, not left far below it
+    assert search["train"]["steps"] == 3  # 20 examples in the weights half, batches of 8, one epoch
+    qat = _metrics(run_dir / "qat")
+    assert qat["architecture"]["encoder_avg_bits"] == pytest.approx(arch.avg_bits("encoder"), abs=1e-3)
+    assert (run_dir / "qat" / "quantized" / "model.safetensors").is_file()
+    summary = _metrics(run_dir)
+    assert summary["stage"] == "pipeline" and summary["main_metric"] == qat["main_metric"]
+
+    # a second run with resume=true skips every finished step
+    before = (run_dir / "qat" / "metrics.json").stat().st_mtime_ns
+    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "resume=true"), run_dir) == 0
+    assert (run_dir / "qat" / "metrics.json").stat().st_mtime_ns == before
+
+    # the eval stage evaluates what QAT wrote, and reports its exact size
+    eval_dir = tmp_path / "eval"
+    assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={run_dir / 'qat' / 'quantized'}"), eval_dir) == 0
+    ev = _metrics(eval_dir)
+    assert ev["main_metric"] == pytest.approx(qat["main_metric"])
+    assert ev["architecture"]["encoder_mb"] == qat["architecture"]["encoder_mb"]
+
+
+def test_qat_of_a_hand_written_uniform_architecture(env, tmp_path):  # noqa: F811
+    search_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "search.penalty=linear", "search.size_weight=0.1"), search_dir) == 0
+    arch = Architecture.load(search_dir / "architecture.json")
+    import dataclasses
+
+    two = Architecture(tuple((n, dataclasses.replace(s, bits=(2,) * len(s.bits)) if s.kind.value == "encoder" else s)
+                             for n, s in arch), arch.other_params)
+    two.save(tmp_path / "uniform2.json")
+    qat_dir = tmp_path / "q"
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={tmp_path / 'uniform2.json'}", "qat.kd_weight=0"), qat_dir) == 0
+    assert _metrics(qat_dir)["architecture"]["encoder_avg_bits"] == 2.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["budget.avg_bits=1.5", "space.w_bits=[2,4,8]"], "below the smallest size"),
+    (["budget.avg_bits=9"], "at or above the largest size"),
+    (["budget.avg_bits=3", "space.w_bits=[4]"], "nothing to search"),
+    ([], "needs a target"),
+])
+def test_impossible_search_settings_fail_at_start_up(env, tmp_path, capsys, overrides, message):  # noqa: F811
+    run_dir = tmp_path / "bad"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", *overrides), run_dir) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and message in err
+    assert not run_dir.exists()
+
+
+def test_pipeline_checks_the_budget_before_fine_tuning(env, tmp_path, capsys):  # noqa: F811
+    run_dir = tmp_path / "bad_pipe"
+    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=0.5", "space.w_bits=[2,4]"), run_dir) != 0
+    assert "below the smallest size" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_qat_needs_an_architecture(env, tmp_path, capsys):  # noqa: F811
+    assert run_stage(_cfg(env, tmp_path, "stage=qat"), tmp_path / "q") != 0
+    assert "qat.architecture is not set" in capsys.readouterr().err
