@@ -24,7 +24,7 @@ from .config import ArchOptimizer, BudgetConfig, EvalConfig, MixedPrecision, Mod
 from .data import make_loader, split_for_search
 from .derive import candidate_probs, derive
 from .errors import UserError
-from .evaluate import evaluate_sets, scalars
+from .evaluate import evaluate_sets, scalars, stage_metrics
 from .loop import linear_warmup, make_accelerator, total_steps, train
 from .models import load_task_model, load_tokenizer
 from .plots import plot_architecture
@@ -126,19 +126,10 @@ def run_search(
     arch.apply(supernet)  # the derived model, evaluated before any QAT
     results = evaluate_sets(net, sets, spec.name, accelerator)
     run.log(scalars(results), result.steps)
-    metrics = {
-        "stage": "search",
-        "task": spec.name,
-        "model": model.name_or_path,
-        "budget": None if budget is None else {"unit": budget.unit, "target": budget.target, "scope": budget.scope.value},
-        "derive": report.as_dict(),
-        "architecture": summary,
-        "split": splits[0],
-        "main_metric": results[splits[0]]["main_metric"],  # the derived model before QAT
-        "splits": results,
-        "train": {"steps": result.steps, "start_step": result.start_step, "epochs": result.epochs,
-                  "examples": result.examples, "wall_s": result.wall_s, "examples_per_s": result.examples_per_s},
-    }
+    budget_info = None if budget is None else {"unit": budget.unit, "target": budget.target, "scope": budget.scope.value}
+    # main_metric: the derived model before QAT
+    metrics = stage_metrics("search", spec.name, model.name_or_path, results, budget=budget_info,
+                            derive=report.as_dict(), architecture=summary, train=result.summary())
     run.write_json("metrics.json", metrics)
     run.logger.summary({"architecture": summary, "derive": report.as_dict(), "eval": results})
     return metrics

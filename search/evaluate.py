@@ -164,6 +164,14 @@ def scalars(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return {f"{split}/{name}": value for split, r in results.items() for name, value in r["metrics"].items()}
 
 
+def stage_metrics(stage: str, task: str, model: str, results: Mapping[str, Mapping[str, Any]],
+                  **extra: Any) -> dict[str, Any]:
+    """The common head of every stage's metrics.json: the first evaluated split is the main one."""
+    split = next(iter(results))
+    return {"stage": stage, "task": task, "model": model, "split": split,
+            "main_metric": results[split]["main_metric"], **extra, "splits": dict(results)}
+
+
 def run_eval(
     model: ModelConfig,
     task: TaskConfig,
@@ -202,17 +210,7 @@ def run_eval(
     for s in sets:
         s.loader = accelerator.prepare(s.loader)
     results = evaluate_sets(net, sets, spec.name, accelerator)
-    first = results[splits[0]]
-    metrics = {
-        "stage": "eval",
-        "task": spec.name,
-        "model": source,
-        "split": splits[0],
-        "main_metric": first["main_metric"],
-        "splits": results,
-    }
-    if sizes is not None:
-        metrics["architecture"] = sizes
+    metrics = stage_metrics("eval", spec.name, source, results, **({"architecture": sizes} if sizes else {}))
     run.write_json("metrics.json", metrics)
     run.logger.summary({"eval": results})
     return metrics

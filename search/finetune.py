@@ -13,7 +13,7 @@ from typing import Any
 
 from search.config import EvalConfig, FinetuneConfig, MixedPrecision, ModelConfig, TaskConfig
 from search.data import make_loader
-from search.evaluate import evaluate_sets, scalars
+from search.evaluate import evaluate_sets, scalars, stage_metrics
 from search.loop import adamw, linear_warmup, make_accelerator, supervised_step, total_steps, train
 from search.models import load_task_model, load_tokenizer, save_checkpoint
 from search.prepare import TRAIN, eval_sets, eval_split_names, load_splits
@@ -85,23 +85,8 @@ def finetune(
     save_checkpoint(net, tokenizer, run.checkpoint, spec.name, accelerator)
     results = evaluate_sets(net, sets, spec.name, accelerator)
     run.log(scalars(results), result.steps)
-    metrics = {
-        "stage": "finetune",
-        "task": spec.name,
-        "model": model.name_or_path,
-        "split": splits[0],
-        "main_metric": results[splits[0]]["main_metric"],
-        "splits": results,
-        "train": {
-            "steps": result.steps,
-            "start_step": result.start_step,
-            "epochs": result.epochs,
-            "examples": result.examples,
-            "wall_s": result.wall_s,
-            "examples_per_s": result.examples_per_s,
-        },
-        "checkpoint": str(run.checkpoint),
-    }
+    metrics = stage_metrics("finetune", spec.name, model.name_or_path, results, train=result.summary(),
+                            checkpoint=str(run.checkpoint))
     run.write_json("metrics.json", metrics)
     run.logger.summary({"eval": results, "train": metrics["train"]})
     return metrics

@@ -72,6 +72,11 @@ class LoopResult:
     def examples_per_s(self) -> float:
         return self.examples / self.wall_s if self.wall_s > 0 else 0.0
 
+    def summary(self) -> dict[str, float]:
+        """What metrics.json records of the training run."""
+        return {"steps": self.steps, "start_step": self.start_step, "epochs": self.epochs,
+                "examples": self.examples, "wall_s": self.wall_s, "examples_per_s": self.examples_per_s}
+
 
 def make_accelerator(mixed_precision: MixedPrecision, seed: int) -> Accelerator:
     """An Accelerator with `mixed_precision` autocast on GPU (fp32 on CPU) and seeded data order."""

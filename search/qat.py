@@ -22,7 +22,7 @@ from supernet import Architecture, SearchSpace, param_sets, sites
 from .config import EvalConfig, MixedPrecision, ModelConfig, QatConfig, TaskConfig
 from .data import make_loader
 from .errors import UserError
-from .evaluate import evaluate_sets, scalars
+from .evaluate import evaluate_sets, scalars, stage_metrics
 from .loop import linear_warmup, make_accelerator, total_steps, train
 from .models import load_task_model, load_tokenizer
 from .prepare import TRAIN, eval_sets, eval_split_names, load_splits
@@ -174,19 +174,9 @@ def run_qat(
     if run.main_process:
         save_quantized(accelerator.unwrap_model(net), architecture, qspace, tokenizer, spec.name, run.path / QUANTIZED_DIR)
         architecture.save(run.path / "architecture.json")
-    metrics = {
-        "stage": "qat",
-        "task": spec.name,
-        "model": model.name_or_path,
-        "architecture": summary,
-        "architecture_file": cfg.architecture,
-        "split": splits[0],
-        "main_metric": results[splits[0]]["main_metric"],
-        "splits": results,
-        "train": {"steps": result.steps, "start_step": result.start_step, "epochs": result.epochs,
-                  "examples": result.examples, "wall_s": result.wall_s, "examples_per_s": result.examples_per_s},
-        "quantized": str(run.path / QUANTIZED_DIR),
-    }
+    metrics = stage_metrics("qat", spec.name, model.name_or_path, results, architecture=summary,
+                            architecture_file=cfg.architecture, train=result.summary(),
+                            quantized=str(run.path / QUANTIZED_DIR))
     run.write_json("metrics.json", metrics)
     run.logger.summary({"architecture": summary, "eval": results, "train": metrics["train"]})
     return metrics

@@ -65,8 +65,8 @@ def test_expected_size_equals_exact_size_when_alpha_is_one_hot(tiny_cfg):
     arch = Architecture.from_supernet(model)
     for scope in ("encoder", "total"):
         exp = expected_size(model, scope)
-        assert float(exp.bytes) == pytest.approx(arch.size_bytes(scope), rel=1e-6)
-        assert float(exp.avg_bits) == pytest.approx(arch.avg_bits(scope), rel=1e-6)
+        assert exp.bytes.item() == pytest.approx(arch.size_bytes(scope), rel=1e-6)
+        assert exp.avg_bits.item() == pytest.approx(arch.avg_bits(scope), rel=1e-6)
     assert float(expected_bitops(model)) == pytest.approx(arch.bitops(), rel=1e-6)
 
 
