@@ -33,11 +33,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("roots", nargs="+", type=Path)
     args = p.parse_args()
-    print("| stage | task | model | dev metrics (%) | steps | epochs | wall (min) | train examples/s | run dir |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| stage | task | model | encoder bits/weight | encoder MiB | pruned groups | dev metrics (%) | steps | epochs "
+          "| wall (min) | train examples/s | run dir |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows(args.roots):
         train = r.get("train", {})
-        print(f"| {r.get('stage')} | {r.get('task')} | {Path(str(r.get('model', ''))).name} | {fmt_metrics(r.get('splits', {}))} "
+        arch = r.get("architecture") or {}
+        bits = f"{arch['encoder_avg_bits']:.3f}" if arch else "32 (FP)"
+        mb = f"{arch['encoder_mb']:.3f}" if arch else ""
+        print(f"| {r.get('stage')} | {r.get('task')} | {'/'.join(Path(str(r.get('model', ''))).parts[-2:])} | {bits} | {mb} "
+              f"| {arch.get('pruned_groups', '')} | {fmt_metrics(r.get('splits', {}))} "
               f"| {train.get('steps', '')} | {train.get('epochs', 0):.2f} | {train.get('wall_s', 0) / 60:.1f} "
               f"| {train.get('examples_per_s', 0):.1f} | `{r['dir']}` |")
 
