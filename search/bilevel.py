@@ -150,6 +150,7 @@ class BilevelStep:
         self.log_mass_every = log_mass_every
 
     def __call__(self, batch: Batch, step: int) -> dict[str, float]:
+        self.model.train()  # from_pretrained and evaluation leave it in eval mode: no dropout, no Gumbel noise
         tau = temperature(step, self.total_steps, *self.tau)
         set_relaxation(self.model, self.relaxation, tau)
         logs: dict[str, float] = {"temperature": tau}

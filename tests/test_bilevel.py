@@ -115,3 +115,15 @@ def test_temperature_mass_and_group_lasso(tiny_cfg):
     mass = probability_mass(model)
     assert abs(sum(v for k, v in mass.items() if k.startswith("mass/all/")) - 1) < 1e-6
     assert float(group_lasso(model)) > 0
+
+
+def test_the_step_trains_in_training_mode_with_gumbel_noise(tiny_cfg):
+    from supernet import Relaxation
+
+    model, sets, step = _setup(tiny_cfg)
+    step.relaxation = Relaxation.GUMBEL_HARD
+    model.eval()  # as from_pretrained leaves it
+    step(_batches(1)[0], 0)
+    assert model.training
+    site = next(s for _, s in __import__("supernet").sites(model) if s.wq.alpha is not None)
+    assert set(site.wq.probs().unique().tolist()) <= {0.0, 1.0}  # hard Gumbel samples, not softmax
