@@ -171,7 +171,7 @@ class BilevelStep:
         self.weight_opt.step()
         if self.weight_scheduler is not None:
             self.weight_scheduler.step()
-        return {"loss/weights": float(loss)}
+        return {"loss/weights": loss.item()}
 
     def arch_step(self, arch_batch: Batch, train_batch: Batch) -> dict[str, float]:
         for opt in self.upper_opts:
