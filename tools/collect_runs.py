@@ -22,9 +22,8 @@ def rows(roots: list[Path]) -> list[dict]:
 
 def fmt_metrics(splits: dict) -> str:
     parts = []
-    for split, metrics in splits.items():
-        vals = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, (int, float)) and k != "main_metric"
-                         and k != "examples")
+    for split, result in splits.items():
+        vals = ", ".join(f"{k} {v:.2f}" for k, v in result.get("metrics", {}).items())
         parts.append(f"{split}: {vals}")
     return "; ".join(parts)
 
