@@ -27,6 +27,7 @@ from search.dnas import run_search
 from search.errors import USER_ERRORS, UserError, one_line
 from search.evaluate import run_eval
 from search.finetune import finetune
+from search.hawq_stage import run_hawq
 from search.logger import make_logger
 from search.pipeline import run_pipeline
 from search.qat import run_qat
@@ -71,12 +72,21 @@ def _qat(c: Config, run: RunDir) -> dict[str, Any]:
     )
 
 
-# Later issues add hawq, compare and export here.
+def _hawq(c: Config, run: RunDir) -> dict[str, Any]:
+    return run_hawq(
+        c.model, c.task, c.space, c.hawq, c.budget, c.eval, run,
+        seed=c.seed, max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision,
+        cache_dir=c.cache_dir,
+    )
+
+
+# Later issues add compare and export here.
 STAGES: dict[Stage, Callable[[Config, RunDir], dict[str, Any]]] = {
     Stage.finetune: _finetune,
     Stage.eval: _eval,
     Stage.search: _search,
     Stage.qat: _qat,
+    Stage.hawq: _hawq,
     Stage.pipeline: run_pipeline,
 }
 

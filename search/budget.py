@@ -54,8 +54,16 @@ class Budget:
         object.__setattr__(self, "scope", Scope(self.scope))
 
     @classmethod
-    def from_args(cls, avg_bits: float | None, mb: float | None, scope: Scope | str) -> "Budget | None":
-        """None when neither is given (no budget)."""
+    def from_args(cls, avg_bits: float | None, mb: float | None, scope: Scope | str,
+                  match: str | None = None) -> "Budget | None":
+        """None when none is given (no budget); `match`: the exact size in `scope` of that architecture.json."""
+        if match is not None:
+            if avg_bits is not None or mb is not None:
+                raise BudgetError("give one of budget.avg_bits, budget.mb and budget.match")
+            try:
+                return cls.matching(Architecture.load(match), scope)
+            except ValueError as e:  # malformed file: the user's to fix (a missing one raises FileNotFoundError)
+                raise BudgetError(f"budget.match: {e}") from e
         if avg_bits is None and mb is None:
             return None
         return cls(Scope(scope), avg_bits, mb)

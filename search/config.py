@@ -47,6 +47,7 @@ __all__ = [
     "ArchOptimizer",
     "SearchConfig",
     "QatConfig",
+    "Sensitivity",
     "HawqConfig",
     "BudgetConfig",
     "LoggerConfig",
@@ -245,26 +246,46 @@ class QatConfig:
             raise ValueError("qat.hidden_weight and qat.dampen_weight must be >= 0")
 
 
+class Sensitivity(_ValueStr):
+    """The curvature in HAWQ-V2's sensitivity Omega = curvature * ||Q(W) - W||^2."""
+
+    trace = "trace"  # HAWQ-V2: Hutchinson trace of each group's Hessian block / its size
+    top_eigenvalue = "top_eigenvalue"  # Q-BERT: top eigenvalue of each site's block, by power iteration
+
+
 @dataclass
 class HawqConfig:
-    """HAWQ-V2 (arXiv:1911.03852): Hutchinson estimates of each group's Hessian trace."""
+    """HAWQ-V2 (arXiv:1911.03852): Hessian-aware sensitivities of every group (on the FP model, over
+    training batches) and the Pareto-frontier allocation at the budget."""
 
-    hutchinson_samples: int = 200
+    sensitivity: Sensitivity = Sensitivity.trace
+    max_probes: int = 100  # Hutchinson probes (power iterations per site for top_eigenvalue)
+    tol: float = 1e-2  # stop once the estimates move by less than this, relative to |estimate|
     batch_size: int = 32
-    num_batches: int = 1
+    num_batches: int = 1  # training batches the Hessian averages over
+    frontier_points: int = 50  # budgets swept to draw the frontier
+    solver_time_limit: float = 2.0  # seconds per integer program of an allocation (see search/knapsack.py)
+    activations: bool = False  # also allocate activation bits (space.a_bits) by their sensitivity
+
+    def __post_init__(self) -> None:
+        for name in ("max_probes", "tol", "batch_size", "num_batches", "frontier_points", "solver_time_limit"):
+            _positive(f"hawq.{name}", getattr(self, name))
 
 
 @dataclass
 class BudgetConfig:
-    """The size a searched model must fit: average bits per weight or MiB, in `scope`; none: no limit."""
+    """The size a searched model must fit: average bits per weight, MiB, or the size of an architecture,
+    in `scope`; none: no limit."""
 
     avg_bits: Optional[float] = None
     mb: Optional[float] = None
+    match: Optional[str] = None  # an architecture.json: exactly its size in `scope` (compare at equal size)
     scope: supernet.Scope = supernet.Scope.ENCODER
 
     def __post_init__(self) -> None:
-        if self.avg_bits is not None and self.mb is not None:
-            raise ValueError("budget.avg_bits and budget.mb are both set; give one of them")
+        given = [name for name in ("avg_bits", "mb", "match") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"budget.{given[0]} and budget.{given[1]} are both set; give one of them")
         for name in ("avg_bits", "mb"):
             if getattr(self, name) is not None:
                 _positive(f"budget.{name}", getattr(self, name))

@@ -65,9 +65,9 @@ def run_search(
 ) -> dict[str, Any]:
     """Search `space` on `task` from the fine-tuned `model`; writes architecture.json and metrics.json."""
     spec = get_task(task.name)
-    budget = Budget.from_args(budget_cfg.avg_bits, budget_cfg.mb, budget_cfg.scope)
+    budget = Budget.from_args(budget_cfg.avg_bits, budget_cfg.mb, budget_cfg.scope, budget_cfg.match)
     if budget is None and cfg.penalty is not Penalty.linear:
-        raise UserError(f"search.penalty={cfg.penalty.value} needs a target: set budget.avg_bits or budget.mb, "
+        raise UserError(f"search.penalty={cfg.penalty.value} needs a target: set budget.avg_bits, budget.mb or budget.match, "
                         f"or use search.penalty=linear with search.size_weight")
     tokenizer = load_tokenizer(model.name_or_path)
     splits = eval_split_names(spec.name, evaluation.splits)

@@ -37,7 +37,7 @@ def finetuned_on(name_or_path: str, task: str) -> bool:
 
 def _check_budget_up_front(c: Config) -> None:
     """An impossible budget fails now, not after fine-tuning and an hour of search."""
-    budget = Budget.from_args(c.budget.avg_bits, c.budget.mb, c.budget.scope)
+    budget = Budget.from_args(c.budget.avg_bits, c.budget.mb, c.budget.scope, c.budget.match)
     if budget is None:
         return
     net = to_supernet(load_task_model(c.model.name_or_path, c.task.name), c.space)

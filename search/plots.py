@@ -1,5 +1,6 @@
 """Pictures of an Architecture: bits per group for every site, layer by layer; a bits histogram; pruned
-groups per layer. Written as PNG (matplotlib, no display needed) and logged to the run's tracker.
+groups per layer. HAWQ-V2's (arXiv:1911.03852) Pareto frontier and Hutchinson's convergence. Written as PNG
+(matplotlib, no display needed) and logged to the run's tracker.
 """
 from __future__ import annotations
 
@@ -33,6 +34,14 @@ def _encoder_grid(arch: Architecture) -> tuple[np.ndarray, list[str]]:
     for i, r in enumerate(rows):
         grid[i, : len(r)] = r
     return grid, labels
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_architecture(arch: Architecture, path: str | Path, title: str = "") -> Path:
@@ -73,8 +82,49 @@ def plot_architecture(arch: Architecture, path: str | Path, title: str = "") -> 
     s = arch.summary()
     fig.suptitle(title or f"{s['encoder_avg_bits']:.3g} bits/weight, {s['encoder_mb']:.3g} MiB encoder, "
                  f"{s['pruned_groups']} of {s['groups']} groups pruned")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_frontier(front: list[tuple[float, float]], chosen: tuple[float, float], path: str | Path, *,
+                  budget: float | None = None, uniform: dict[int, tuple[float, float]] | None = None,
+                  xlabel: str = "MiB", title: str = "") -> Path:
+    """HAWQ-V2's Pareto frontier: total sensitivity against size (one (size, sensitivity) per point), the
+    chosen point marked, the budget as a vertical line and uniform precisions for reference."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs, ys = zip(*front)
+    ax.step(xs, ys, where="post", color="tab:blue", lw=1)
+    ax.plot(xs, ys, "o", ms=3, color="tab:blue", label="Pareto frontier")
+    for bits, (x, y) in sorted((uniform or {}).items()):
+        ax.plot([x], [y], "s", ms=5, color="tab:gray")
+        ax.annotate(f"{bits}-bit", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:gray")
+    ax.plot([chosen[0]], [chosen[1]], "*", ms=14, color="tab:red", label="chosen")
+    if budget is not None:
+        ax.axvline(budget, ls="--", lw=1, color="tab:red", label="budget")
+    if min(ys + (chosen[1],)) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("total sensitivity (sum of Omega)")
+    ax.set_title(title or "HAWQ-V2 Pareto frontier")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_convergence(changes: list[float], running: list[list[float]], tol: float, path: str | Path) -> Path:
+    """Hutchinson's convergence: each site's running trace estimate (scaled by its final value) and the
+    relative change after each probe against the tolerance."""
+    path = Path(path)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    est = np.asarray(running)  # [probes, sites]
+    if est.size:
+        final = np.where(np.abs(est[-1]) > 0, est[-1], 1.0)
+        left.plot(np.arange(1, len(est) + 1), est / final, lw=0.7, alpha=0.6)
+    left.set_xlabel("probes")
+    left.set_ylabel("running trace / final (per site)")
+    if changes:
+        right.semilogy(np.arange(2, len(changes) + 2), changes, color="tab:blue")
+    right.axhline(tol, ls="--", color="tab:red", lw=1, label=f"tol {tol:g}")
+    right.set_xlabel("probes")
+    right.set_ylabel("relative change (largest site)")
+    right.legend(fontsize=8)
+    return _save(fig, path)

@@ -139,7 +139,7 @@ BAD = {
     "bad budget": (["budget.avg_bits=-1"], "budget.avg_bits"),
     "missing checkpoint": (["stage=eval", "eval.checkpoint=/nonexistent/checkpoint"], "eval.checkpoint"),
     "missing model dir": (["model.name_or_path=/nonexistent/model"], "model.name_or_path"),
-    "stage not implemented": (["stage=hawq"], "stage hawq is not implemented yet"),
+    "stage not implemented": (["stage=compare"], "stage compare is not implemented yet"),
     "label outside label set": (["task=rte", "task.data_dir={bad}"], "maybe"),
     "columns do not match": (["task.data_dir={bad}"], "header does not match"),
     "empty split": (["task=mrpc", "task.data_dir={bad}"], "holds no examples"),

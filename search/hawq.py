@@ -1,0 +1,196 @@
+"""HAWQ-V2 (Dong et al., arXiv:1911.03852): Hessian-aware sensitivities of every group of a supernet.
+
+The sensitivity of group g at b bits is Omega_g(b) = (Tr(H_g) / n_g) * ||Q_b(W_g) - W_g||^2: the
+average curvature of the loss along the group's weights times the squared error of the very quantizer the
+supernet uses, at its initial LSQ step. A pruned group (0 bits) loses ||W_g||^2, a float one nothing.
+Q-BERT's variant (arXiv:1909.05840) puts its site's top Hessian eigenvalue in place of Tr(H_g) / n_g.
+
+The curvature is that of the floating-point model (a straight-through quantizer has no useful second
+derivative): Hessians are taken on the Hugging Face model before conversion, whose weights are the very
+Parameters the sites wrap, cut into groups the way the sites cut them. The allocation under a budget is
+`search.knapsack`; this module turns a supernet, its curvature and a budget into that knapsack.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from supernet import Architecture, MixedEmbedding, MixedLinear, QuantMode, lsq_fake_quant, qrange, sites
+from supernet.quantizers import CandidateKind, candidate_kind
+
+from .bilevel import task_loss
+from .budget import Budget
+from .config import Sensitivity
+from .hessian import GroupView, Hessian, hutchinson, top_eigenvalues
+from .knapsack import Knapsack
+
+__all__ = ["Curvature", "group_view", "measure_curvature", "quantization_errors", "sensitivities", "build_knapsack",
+           "to_architecture"]
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def _linear_groups(site: MixedLinear) -> GroupView:
+    g = site.grouping.n_groups
+    return lambda t: t.reshape(g, -1)  # [out, in] -> [G, rows/G * in], as MixedLinear groups its weight
+
+
+def _embedding_groups(site: MixedEmbedding) -> GroupView:
+    g = site.grouping.n_groups
+    return lambda t: t.t().reshape(g, -1)  # [V, D] -> [D, V] -> [G, D/G * V], as MixedEmbedding does
+
+
+_VIEWS: dict[type, Callable[[Any], GroupView]] = {MixedLinear: _linear_groups, MixedEmbedding: _embedding_groups}
+
+
+def group_view(site: MixedLinear | MixedEmbedding) -> GroupView:
+    """How `site` cuts a tensor shaped like its weight into its groups, [G, n]."""
+    return _VIEWS[type(site)](site)
+
+
+@dataclass
+class Curvature:
+    """Per site, one estimate per group: its Hessian trace (`trace`) or the site's top eigenvalue repeated
+    (`top_eigenvalue`), with standard errors (trace only); how they were obtained."""
+
+    kind: Sensitivity
+    estimate: dict[str, list[float]]
+    stderr: dict[str, list[float | None]] = field(default_factory=dict)  # None: a single probe
+    probes: int = 0  # Hutchinson probes, or the most power iterations a site took
+    seconds: float = 0.0
+    changes: list[float] = field(default_factory=list)  # relative change after each probe (trace)
+    running: list[list[float]] = field(default_factory=list)  # [probes][sites] running site traces (trace)
+
+    def per_weight(self, name: str, group_numel: int) -> torch.Tensor:
+        """[G] the factor of ||Q(W_g) - W_g||^2 in Omega: trace / n_g, or the top eigenvalue itself."""
+        est = torch.tensor(self.estimate[name], dtype=torch.float64)
+        return est / group_numel if self.kind is Sensitivity.trace else est
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "probes": self.probes, "seconds": self.seconds,
+                "sites": {n: {"estimate": e, **({"stderr": self.stderr[n]} if n in self.stderr else {})}
+                          for n, e in self.estimate.items()},
+                "changes": self.changes, "running": self.running}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Curvature":
+        site_d = d["sites"]
+        return cls(Sensitivity(d["kind"]), {n: s["estimate"] for n, s in site_d.items()},
+                   {n: s["stderr"] for n, s in site_d.items() if "stderr" in s}, int(d["probes"]),
+                   float(d["seconds"]), list(d.get("changes", [])), list(d.get("running", [])))
+
+
+def _fp_weights(fp_model: nn.Module, supernet: nn.Module) -> tuple[list[str], list[nn.Parameter], list[GroupView]]:
+    """The FP model's weight of every site of `supernet` (same module names), and the site's grouping."""
+    names, params, views = [], [], []
+    for name, site in sites(supernet):
+        weight = fp_model.get_submodule(name).weight
+        if weight.shape != site.weight.shape:
+            raise ValueError(f"{name}: the FP model's weight is {tuple(weight.shape)}, the site's {tuple(site.weight.shape)}")
+        names.append(name)
+        params.append(weight)
+        views.append(group_view(site))
+    return names, params, views
+
+
+def measure_curvature(fp_model: nn.Module, supernet: nn.Module, batches: Iterable[Batch], kind: Sensitivity, *,
+                      max_probes: int, tol: float, seed: int,
+                      loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = task_loss) -> Curvature:
+    """The curvature of `fp_model`'s loss (mean over `batches`) at every site of `supernet`.
+
+    `fp_model` is an unconverted copy of the supernet's model: it is put in eval mode, with eager attention
+    (fused attention kernels have no double backward) and gradients only for the sites' weights.
+    """
+    names, params, views = _fp_weights(fp_model, supernet)
+    fp_model.eval()
+    if hasattr(fp_model, "set_attn_implementation"):
+        fp_model.set_attn_implementation("eager")
+    wanted = {id(p) for p in params}
+    for p in fp_model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    device = params[0].device
+    losses = [lambda b={k: v.to(device) for k, v in batch.items()}: loss_fn(fp_model, b) for batch in batches]
+    start = time.perf_counter()
+    hessian = Hessian(losses, params)
+    if kind is Sensitivity.trace:
+        est = hutchinson(hessian, views, max_probes=max_probes, tol=tol, seed=seed)
+        stderr = {n: [None if math.isnan(x) else x for x in s.tolist()] for n, s in zip(names, est.stderr())}  # JSON has no NaN
+        curvature = Curvature(kind, {n: m.tolist() for n, m in zip(names, est.mean())}, stderr, est.probes,
+                              changes=est.changes, running=est.running().tolist())
+    else:
+        eig = top_eigenvalues(hessian, max_iter=max_probes, tol=tol, seed=seed)
+        curvature = Curvature(kind, {n: [value] * view(p).shape[0] for n, p, view, (value, _) in zip(names, params, views, eig)},
+                              probes=max(it for _, it in eig))
+    curvature.seconds = time.perf_counter() - start
+    log.info("%s of %d sites over %d batches: %d %s in %.1fs", kind.value, len(names), len(losses), curvature.probes,
+             "probes" if kind is Sensitivity.trace else "power iterations (most of a site)", curvature.seconds)
+    return curvature
+
+
+def _zero(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    return w.pow(2).sum(1)
+
+
+def _float(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+
+
+def _int(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = qrange(bits, QuantMode.SYMMETRIC)
+    return (lsq_fake_quant(w, step[:, None], qmin, qmax) - w).pow(2).sum(1)  # step [G] -> [G, 1]
+
+
+_ERRORS: dict[CandidateKind, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+    CandidateKind.ZERO: _zero, CandidateKind.FLOAT: _float, CandidateKind.INT: _int,
+}
+
+
+@torch.no_grad()
+def quantization_errors(grouped: torch.Tensor, steps: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
+    """[G, K] ||Q_b(W_g) - W_g||^2 of a weight's groups `grouped` [G, n] at each candidate, with the
+    quantizer's steps [G, K] (unused by the zero and float candidates)."""
+    w = grouped.detach().double()
+    cols = [_ERRORS[candidate_kind(b)](w, steps[:, k].detach().double(), b) for k, b in enumerate(bits)]
+    return torch.stack(cols, 1).cpu()
+
+
+def sensitivities(per_weight: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
+    """[G, K] Omega = curvature per weight [G] * errors [G, K]. A negative curvature estimate (noise, or a
+    saddle: a fine-tuned model is not exactly at a minimum) counts as zero: no loss to second order."""
+    return per_weight.double().clamp_min(0)[:, None] * errors.double()
+
+
+def build_knapsack(supernet: nn.Module, template: Architecture, curvature: Curvature, budget: Budget) -> Knapsack:
+    """The knapsack of `supernet`'s groups: Omega per candidate (with the sites' initial steps) and the
+    budget's exact prices (`Budget.group_prices`, the cost model), per site in sorted candidate order."""
+    candidates = {name: site.wq.cands.bits for name, site in sites(supernet)}
+    prices, constant = budget.group_prices(template, candidates)
+    names, bits, values, costs = [], [], [], []
+    for name, site in sites(supernet):
+        cands = site.wq.cands.bits
+        errors = quantization_errors(group_view(site)(site.weight), site.wq.step, cands)  # [G, K]
+        omega = sensitivities(curvature.per_weight(name, site.wq.group_numel), errors)
+        sorted_bits, price = prices[name]
+        order = [cands.index(b) for b in sorted_bits]  # the prices' candidate order
+        names.append(name)
+        bits.append(tuple(sorted_bits))
+        values.append(omega[:, order].numpy())
+        costs.append(price.numpy())
+    return Knapsack(tuple(names), tuple(bits), tuple(values), tuple(costs), float(constant))
+
+
+def to_architecture(template: Architecture, knapsack: Knapsack, choice: Sequence[np.ndarray]) -> Architecture:
+    """`template` with every group at its chosen bits (activation bits and all else as in the template)."""
+    chosen = {n: tuple(int(b[i]) for i in c) for n, b, c in zip(knapsack.names, knapsack.bits, choice)}
+    return Architecture(tuple((n, dataclasses.replace(s, bits=chosen[n])) for n, s in template),
+                        template.other_params, template.scale_bits)

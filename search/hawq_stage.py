@@ -1,0 +1,235 @@
+"""The `hawq` stage: the HAWQ-V2 baseline (arXiv:1911.03852) on a fine-tuned BERT.
+
+The checkpoint becomes the same supernet the search uses (`space`), the curvature of every group is
+measured on the FP model over `hawq.num_batches` training batches (Hutchinson traces, or Q-BERT's top
+eigenvalues), the sensitivities Omega of every candidate give the multiple-choice knapsack, and its exact
+solution at the budget is the architecture. The Pareto frontier over the whole size range is written with
+it. Curvature is the expensive part and does not depend on the budget, so it is cached on disk
+(`<cache_dir>/hawq/<key>.json`) under a hash of everything it depends on, and later budgets reuse it.
+
+Writes architecture.json (+ .png), frontier.csv (+ .png), traces.json (+ traces.png, Hutchinson's
+convergence) and metrics.json, with the chosen model evaluated before QAT. Everything that can fail on
+bad input, an unreachable budget included, fails before the run directory gets its first file.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from supernet import Architecture, SearchSpace, SiteKind, sites, to_supernet
+
+from .budget import Budget, uniform
+from .config import BudgetConfig, EvalConfig, HawqConfig, MixedPrecision, ModelConfig, Sensitivity, TaskConfig
+from .data import make_loader
+from .errors import UserError
+from .evaluate import evaluate_sets, scalars, stage_metrics
+from .hawq import Curvature, build_knapsack, measure_curvature, to_architecture
+from .knapsack import Knapsack
+from .loop import make_accelerator
+from .models import load_task_model, load_tokenizer
+from .plots import plot_architecture, plot_convergence, plot_frontier
+from .prepare import TRAIN, eval_sets, eval_split_names, load_splits
+from .rundir import RunDir, write_text_atomic
+from .tasks import get_task
+
+__all__ = ["run_hawq", "curvature_key", "load_curvature", "save_curvature"]
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def _mtime(path: str) -> int | None:
+    """Latest modification time (ns) of the files in a local checkpoint directory; None for a hub id."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    return max((f.stat().st_mtime_ns for f in p.iterdir() if f.is_file()), default=p.stat().st_mtime_ns)
+
+
+def curvature_key(checkpoint: str, task: TaskConfig, site_groups: list[tuple[str, int]], cfg: HawqConfig,
+                  seed: int) -> dict[str, Any]:
+    """Everything the curvature depends on: the checkpoint (path and files' mtime), the task's data and
+    tokenisation, which sites and how many groups each (not their bits: curvature is of the FP model),
+    and the estimator's settings."""
+    local = Path(checkpoint).expanduser()
+    return {
+        "version": CACHE_VERSION,
+        "checkpoint": str(local.resolve()) if local.is_dir() else checkpoint,
+        "mtime_ns": _mtime(checkpoint),
+        "task": task.name, "data_dir": task.data_dir, "max_seq_len": task.max_seq_len, "doc_stride": task.doc_stride,
+        "sites": [[name, g] for name, g in site_groups],
+        "sensitivity": cfg.sensitivity.value, "batch_size": cfg.batch_size, "num_batches": cfg.num_batches,
+        "seed": seed, "max_probes": cfg.max_probes, "tol": cfg.tol,
+    }
+
+
+def _cache_path(cache_dir: str, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir).expanduser() / "hawq" / f"{digest}.json"
+
+
+def load_curvature(cache_dir: str | None, key: dict[str, Any]) -> Curvature | None:
+    """The cached curvature for `key`, or None (no cache, none stored, or stored for another key)."""
+    if cache_dir is None:
+        return None
+    path = _cache_path(cache_dir, key)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.get("key") != key:
+        return None
+    log.info("curvature from the cache %s", path)
+    return Curvature.from_dict(stored["curvature"])
+
+
+def save_curvature(cache_dir: str | None, key: dict[str, Any], curvature: Curvature) -> None:
+    if cache_dir is None:
+        return
+    path = _cache_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"key": key, "curvature": curvature.to_dict()}) + "\n")
+
+
+def _choice_of(arch: Architecture, knapsack: Knapsack) -> tuple[np.ndarray, ...] | None:
+    """An architecture as knapsack indices; None when it uses bits some site does not offer."""
+    out = []
+    for (name, site), bits in zip(arch, knapsack.bits):
+        if not set(site.bits) <= set(bits):
+            return None
+        out.append(np.array([bits.index(b) for b in site.bits], dtype=np.int64))
+    return tuple(out)
+
+
+def _frontier_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _resolve_budget(budget_cfg: BudgetConfig, template: Architecture) -> Budget:
+    budget = Budget.from_args(budget_cfg.avg_bits, budget_cfg.mb, budget_cfg.scope, budget_cfg.match)
+    if budget is None:
+        raise UserError("stage=hawq needs a budget: set budget.avg_bits, budget.mb or budget.match=<architecture.json>")
+    if budget_cfg.match is not None:
+        theirs = Architecture.load(budget_cfg.match).size(budget.scope).weights
+        ours = template.size(budget.scope).weights
+        if theirs != ours:
+            raise UserError(f"budget.match={budget_cfg.match} has {theirs} weights in scope {budget.scope.value}, this "
+                            f"model {ours}; match an architecture of the same model")
+    return budget
+
+
+def run_hawq(
+    model: ModelConfig, task: TaskConfig, space: SearchSpace, cfg: HawqConfig, budget_cfg: BudgetConfig,
+    evaluation: EvalConfig, run: RunDir, *, seed: int, max_eval_examples: int | None = None,
+    mixed_precision: MixedPrecision = MixedPrecision.fp32, cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """HAWQ-V2 of the fine-tuned `model` under the budget; writes architecture.json and metrics.json."""
+    spec = get_task(task.name)
+    if cfg.activations:
+        raise UserError("hawq.activations=true is not implemented yet (a size budget does not price activation "
+                        "bits, so allocating them needs a bit-operations budget); leave it false")
+    tokenizer = load_tokenizer(model.name_or_path)
+    splits = eval_split_names(spec.name, evaluation.splits)
+    raw, tokenized = load_splits(task, tokenizer, [TRAIN, *splits], cache_dir, max_eval_examples)
+    net = load_task_model(model.name_or_path, spec.name)
+    fp = copy.deepcopy(net)  # the FP model whose Hessian is taken (the supernet's quantizers have none)
+    to_supernet(net, space)
+    candidates = {n: s.wq.cands.bits for n, s in sites(net)}
+    if not any(s.wq.searchable for _, s in sites(net)):
+        raise UserError(f"space.w_bits={list(space.w_bits)} offers one candidate: there is nothing to allocate; "
+                        f"give two or more (e.g. [0,2,4,8]) or run stage=qat with that precision")
+    template = Architecture.from_supernet(net, space.scale_bits)
+    budget = _resolve_budget(budget_cfg, template)
+    budget.check_reachable(template, candidates)
+    if len(space.a_bits) > 1:
+        log.warning("hawq allocates weight bits only; activations keep %s bits (the first of space.a_bits)",
+                    space.a_bits[0])
+    loader = make_loader(tokenized[TRAIN], tokenizer, cfg.batch_size, shuffle=True, seed=seed)
+    batches = list(itertools.islice(loader, cfg.num_batches))
+    sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)
+    accelerator = make_accelerator(mixed_precision, seed)
+
+    run.main_process = accelerator.is_main_process
+    run.open()
+    key = curvature_key(model.name_or_path, task, [(n, s.grouping.n_groups) for n, s in sites(net)], cfg, seed)
+    curvature = load_curvature(cache_dir, key)
+    cached = curvature is not None
+    if curvature is None:
+        fp.to(accelerator.device)
+        curvature = measure_curvature(fp, net, batches, cfg.sensitivity, max_probes=cfg.max_probes, tol=cfg.tol, seed=seed)
+        if run.main_process:
+            save_curvature(cache_dir, key, curvature)
+    del fp
+
+    knapsack = build_knapsack(net, template, curvature, budget)
+    chosen = knapsack.allocate(budget.target, cfg.solver_time_limit)
+    front = knapsack.frontier(cfg.frontier_points, extra=[budget.target], time_limit=cfg.solver_time_limit)
+    arch = to_architecture(template, knapsack, chosen.choice)
+    if not budget.fits(arch):  # the knapsack's prices and the cost model disagree: a bug, not bad input
+        raise AssertionError(f"hawq chose {budget.of(arch)} {budget.unit} against a budget of {budget.target}")
+    scope = budget.scope
+    rows = []
+    for point in front:
+        a = to_architecture(template, knapsack, point.choice)
+        rows.append({"mb": a.size_mb(scope), "avg_bits": a.avg_bits(scope), "sensitivity": point.value,
+                     "gap": point.gap, "chosen": int(point.key() == chosen.key())})
+    if not any(r["chosen"] for r in rows):  # dominated within the solver's proven gap: still list it
+        rows.append({"mb": arch.size_mb(scope), "avg_bits": arch.avg_bits(scope), "sensitivity": chosen.value,
+                     "gap": chosen.gap, "chosen": 1})
+        rows.sort(key=lambda r: r["mb"])
+    uniform_points = {}
+    for bits in sorted({b for _, s in sites(net) if s.kind is SiteKind.ENCODER for b in s.wq.cands.bits} - {0}):
+        u = uniform(template, bits)
+        choice = _choice_of(u, knapsack)
+        if choice is not None:
+            uniform_points[bits] = (u.size_mb(scope), knapsack.value(choice))
+    negative = sum(v < 0 for est in curvature.estimate.values() for v in est)
+    summary = arch.summary()
+    log.info("hawq: %.4g %s (budget %s), total sensitivity %.4g (proven gap %.2g), %d frontier points, %d negative "
+             "curvature estimates", chosen.cost, budget.unit, budget, chosen.value, chosen.gap, len(front), negative)
+    if run.main_process:
+        arch.save(run.path / "architecture.json")
+        run.logger.image("architecture", plot_architecture(arch, run.path / "architecture.png"))
+        traces = {**curvature.to_dict(), "cached": cached, "cache_key": key,
+                  "group_numel": {n: s.wq.group_numel for n, s in sites(net)}}
+        write_text_atomic(run.path / "traces.json", json.dumps(traces) + "\n")
+        write_text_atomic(run.path / "frontier.csv", _frontier_csv(rows))
+        picture = plot_frontier([(r["mb"], r["sensitivity"]) for r in rows], (arch.size_mb(scope), chosen.value),
+                                run.path / "frontier.png", budget=budget.target if budget.unit == "mb" else None,
+                                uniform=uniform_points, xlabel=f"MiB ({scope.value})",
+                                title=f"HAWQ-V2 ({curvature.kind.value}) at {budget}")
+        run.logger.image("frontier", picture)
+        if curvature.kind is Sensitivity.trace:
+            plot_convergence(curvature.changes, curvature.running, cfg.tol, run.path / "traces.png")
+
+    arch.apply(net)  # the chosen model, evaluated before any QAT
+    net = accelerator.prepare(net)
+    for s in sets:
+        s.loader = accelerator.prepare(s.loader)
+    results = evaluate_sets(net, sets, spec.name, accelerator)
+    run.log(scalars(results), 0)
+    budget_info = {"unit": budget.unit, "target": budget.target, "scope": scope.value, "match": budget_cfg.match}
+    hawq_info = {"sensitivity": curvature.kind.value, "probes": curvature.probes, "curvature_seconds": curvature.seconds,
+                 "cached": cached, "batches": len(batches), "batch_size": cfg.batch_size,
+                 "negative_estimates": int(negative), "frontier_points": len(front)}
+    chosen_info = {"cost": chosen.cost, "sensitivity": chosen.value, "gap": chosen.gap, "core_groups": chosen.core,
+                   "mb": arch.size_mb(scope), "avg_bits": arch.avg_bits(scope)}
+    metrics = stage_metrics("hawq", spec.name, model.name_or_path, results, budget=budget_info, hawq=hawq_info,
+                            chosen=chosen_info, architecture=summary)
+    run.write_json("metrics.json", metrics)
+    run.logger.summary({"architecture": summary, "hawq": hawq_info, "chosen": chosen_info, "eval": results})
+    return metrics

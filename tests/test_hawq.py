@@ -1,0 +1,198 @@
+"""HAWQ-V2: quantization errors of the supernet's own quantizer, the knapsack allocator against brute force
+(optimal, cheapest among equals, non-dominated frontier), exact costs that meet the budget, and the hawq
+stage end to end on a tiny BERT (cache reuse, budget.match, QAT of its architecture, start-up errors)."""
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from search.__main__ import run_stage
+from search.budget import Budget, uniform
+from search.config import Sensitivity
+from search.hawq import (Curvature, build_knapsack, group_view, measure_curvature, quantization_errors, sensitivities,
+                         to_architecture)
+from search.knapsack import Knapsack
+from supernet import Architecture, SearchSpace, sites, to_supernet
+
+from conftest import tiny_config
+from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
+from test_stages import _cfg
+
+SPACE = SearchSpace(w_bits=[0, 2, 4, 8], groups=4, a_bits=[8], embedding_bits=[4, 8], embedding_groups=4)
+
+
+def _supernet(cfg, space=SPACE):
+    torch.manual_seed(0)
+    return to_supernet(BertForSequenceClassification(cfg), space)
+
+
+def test_errors_are_those_of_the_supernets_own_quantizer(tiny_cfg):
+    model = _supernet(tiny_cfg, SearchSpace(w_bits=[0, 2, 4, 32], groups=4, embedding_bits=[0, 4], embedding_groups=4))
+    for name, site in sites(model):
+        bits = site.wq.cands.bits
+        errors = quantization_errors(group_view(site)(site.weight), site.wq.step, bits)  # [G, K]
+        for k, b in enumerate(bits):
+            site.wq.fix([b] * site.grouping.n_groups)
+            with torch.no_grad():
+                q, _ = site.quantized_weight()
+                expected = group_view(site)((q - site.weight).double()).pow(2).sum(1)
+            assert torch.allclose(errors[:, k], expected, rtol=1e-5, atol=1e-9), (name, b)
+        site.wq.unfix()
+        if 0 in bits:
+            assert torch.allclose(errors[:, bits.index(0)], group_view(site)(site.weight.detach().double()).pow(2).sum(1))
+
+
+def test_sensitivity_is_curvature_times_error_and_ignores_negative_curvature():
+    errors = torch.tensor([[4.0, 1.0], [2.0, 0.5]])
+    omega = sensitivities(torch.tensor([0.5, -1.0]), errors)
+    assert torch.equal(omega, torch.tensor([[2.0, 0.5], [0.0, 0.0]], dtype=torch.float64))
+
+
+def _random_knapsack(seed: int) -> Knapsack:
+    rng = np.random.default_rng(seed)
+    groups, k = [2, 3], 3  # 5 groups x 3 candidates: 243 configurations
+    values = tuple(rng.exponential(1.0, (g, k)) for g in groups)
+    if seed % 2:  # ties between configurations: the allocator must pick the cheapest of them
+        values = tuple(np.round(v, 1) for v in values)
+    prices = tuple(np.sort(rng.integers(0, 9, k)).astype(float) * 0.37 for _ in groups)
+    return Knapsack(("a", "b"), ((0, 2, 4), (0, 4, 8)), values, prices, constant=0.25)
+
+
+def _enumerate(ks: Knapsack) -> list[tuple[float, float]]:
+    sizes = [v.shape[0] for v in ks.values]
+    out = []
+    for pick in itertools.product(range(3), repeat=sum(sizes)):
+        choice = (np.array(pick[: sizes[0]]), np.array(pick[sizes[0]:]))
+        out.append((ks.cost(choice), ks.value(choice)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocator_equals_brute_force(seed):
+    ks = _random_knapsack(seed)
+    configs = _enumerate(ks)
+    lo, hi = ks.bounds()
+    for target in np.linspace(lo, hi, 6):
+        a = ks.allocate(float(target))
+        feasible = [(c, v) for c, v in configs if c <= target * (1 + 1e-9)]
+        best = min(v for _, v in feasible)
+        assert a.cost <= target * (1 + 1e-9) and a.gap == 0.0
+        assert a.value == pytest.approx(best, abs=1e-12)
+        assert a.cost == pytest.approx(min(c for c, v in feasible if v <= best + 1e-12))  # cheapest of the best
+    front = ks.frontier(8)
+    assert [a.cost for a in front] == sorted(a.cost for a in front)
+    for a in front:  # no configuration dominates a frontier point
+        assert not any(c <= a.cost and v <= a.value and (c < a.cost - 1e-12 or v < a.value - 1e-12) for c, v in configs)
+    with pytest.raises(ValueError, match="no choice"):
+        ks.allocate(lo * 0.5)
+
+
+def _curvature(model, seed=0) -> Curvature:
+    g = torch.Generator().manual_seed(seed)
+    return Curvature(Sensitivity.trace, {n: (torch.rand(s.grouping.n_groups, generator=g) * 10).tolist() for n, s in sites(model)})
+
+
+@pytest.mark.parametrize("unit, scope", [("avg_bits", "encoder"), ("mb", "encoder"), ("avg_bits", "total"), ("mb", "total")])
+def test_allocation_meets_the_budget_at_the_cost_models_size(tiny_cfg, unit, scope):
+    model = _supernet(tiny_cfg)
+    template = Architecture.from_supernet(model)
+    lo, hi = build_knapsack(model, template, _curvature(model), Budget(scope, **{unit: 1.0})).bounds()
+    budget = Budget(scope, **{unit: lo + 0.4 * (hi - lo)})
+    ks = build_knapsack(model, template, _curvature(model), budget)
+    chosen = ks.allocate(budget.target)
+    arch = to_architecture(template, ks, chosen.choice)
+    assert budget.fits(arch) and budget.of(arch) > lo
+    assert chosen.cost == pytest.approx(budget.of(arch), rel=1e-12)  # the knapsack's cost IS the cost model's
+    # more budget never costs sensitivity: the frontier falls, and holds the chosen point
+    front = ks.frontier(10, extra=[budget.target])
+    assert all(x.value > y.value for x, y in zip(front, front[1:]))
+    assert any(a.key() == chosen.key() for a in front)
+
+
+def test_budget_match_takes_the_size_of_an_architecture(tiny_cfg, tmp_path):
+    model = _supernet(tiny_cfg)
+    template = Architecture.from_supernet(model)
+    two = uniform(template, 2)
+    two.save(tmp_path / "two.json")
+    budget = Budget.from_args(None, None, "encoder", str(tmp_path / "two.json"))
+    assert budget == Budget.matching(two)
+    ks = build_knapsack(model, template, _curvature(model), budget)
+    arch = to_architecture(template, ks, ks.allocate(budget.target).choice)
+    assert arch.size_bytes() <= two.size_bytes()
+    with pytest.raises(ValueError, match="one of"):
+        Budget.from_args(3.0, None, "encoder", str(tmp_path / "two.json"))
+
+
+# --- the stage ---------------------------------------------------------------------------------
+HAWQ = ["stage=hawq", "hawq.max_probes=3", "hawq.batch_size=8", "hawq.frontier_points=6"]
+
+
+def test_hawq_stage_then_qat(env, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "hawq"
+    assert run_stage(_cfg(env, tmp_path, *HAWQ, "budget.avg_bits=3"), run_dir) == 0
+    arch = Architecture.load(run_dir / "architecture.json")
+    assert arch.avg_bits("encoder") <= 3.0
+    for name in ("architecture.png", "frontier.png", "traces.png"):
+        assert (run_dir / name).stat().st_size > 1000, name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stage"] == "hawq" and metrics["hawq"]["probes"] == 3 and not metrics["hawq"]["cached"]
+    assert metrics["chosen"]["avg_bits"] <= 3.0 and metrics["chosen"]["gap"] == 0.0
+    traces = json.loads((run_dir / "traces.json").read_text())
+    assert set(traces["sites"]) == set(arch.names)
+    for name, site in arch:
+        assert len(traces["sites"][name]["estimate"]) == len(site.bits) == len(traces["sites"][name]["stderr"])
+    rows = list(csv.DictReader((run_dir / "frontier.csv").open()))
+    assert sum(int(r["chosen"]) for r in rows) == 1
+    assert [float(r["mb"]) for r in rows] == sorted(float(r["mb"]) for r in rows)
+
+    # another budget reuses the cached traces; budget.match never exceeds the matched architecture
+    match_dir = tmp_path / "match"
+    assert run_stage(_cfg(env, tmp_path, *HAWQ, f"budget.match={run_dir / 'architecture.json'}"), match_dir) == 0
+    again = json.loads((match_dir / "metrics.json").read_text())
+    assert again["hawq"]["cached"] and again["budget"]["unit"] == "mb"
+    assert Architecture.load(match_dir / "architecture.json").size_bytes() <= arch.size_bytes()
+
+    qat_dir = tmp_path / "qat"
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={run_dir / 'architecture.json'}"), qat_dir) == 0
+    qat = json.loads((qat_dir / "metrics.json").read_text())
+    assert qat["architecture"]["encoder_avg_bits"] == pytest.approx(arch.avg_bits("encoder"), abs=1e-4)
+
+
+def test_curvature_of_the_fp_model_per_site_and_group(batch):
+    torch.manual_seed(0)
+    fp = BertForSequenceClassification(tiny_config(num_hidden_layers=1)).eval()
+    net = to_supernet(copy.deepcopy(fp), SearchSpace(groups=4, embedding_bits=[32]))  # 6 sites
+    batches = [{**batch, "labels": torch.tensor([0, 1, 1])}]
+    trace = measure_curvature(fp, net, batches, Sensitivity.trace, max_probes=2, tol=0.0, seed=0)
+    eig = measure_curvature(fp, net, batches, Sensitivity.top_eigenvalue, max_probes=2, tol=1e-3, seed=0)
+    for name, site in sites(net):
+        g = site.grouping.n_groups
+        assert len(trace.estimate[name]) == len(trace.stderr[name]) == g
+        assert len(eig.estimate[name]) == g and len(set(eig.estimate[name])) == 1  # one eigenvalue per site
+        assert torch.equal(eig.per_weight(name, site.wq.group_numel), torch.tensor(eig.estimate[name], dtype=torch.float64))
+    assert trace.probes == 2 and len(trace.running) == 2 and eig.probes <= 2
+    assert Curvature.from_dict(json.loads(json.dumps(trace.to_dict()))) == trace
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["budget.avg_bits=1.5", "space.w_bits=[2,4,8]"], "below the smallest size"),
+    ([], "needs a budget"),
+    (["budget.avg_bits=3", "hawq.activations=true"], "not implemented yet"),
+    (["budget.avg_bits=3", "space.w_bits=[4]"], "nothing to allocate"),
+    (["budget.match=/nonexistent/architecture.json"], "does not exist"),
+])
+def test_bad_hawq_settings_fail_at_start_up(env, tmp_path, capsys, overrides, message):  # noqa: F811
+    run_dir = tmp_path / "bad"
+    assert run_stage(_cfg(env, tmp_path, *HAWQ, *overrides), run_dir) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and message in err, err
+    assert not run_dir.exists()
+    assert not (tmp_path / "cache" / "hawq").exists()  # failed before any trace was computed
