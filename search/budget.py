@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
+from torch import nn
 
-from supernet import MIB, Architecture, Scope, SiteArch, SiteKind, candidate_bits
+from supernet import MIB, Architecture, Scope, SiteArch, SiteKind, candidate_bits, sites
 from supernet.cost import FP32_BITS, Size
 
 from .errors import UserError
@@ -145,6 +146,11 @@ class Budget:
         if kind is Penalty.log_ratio:
             return torch.log(ratio).pow(2)
         return ratio
+
+
+def site_candidates(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Candidate bits of every site of a supernet, as `check_reachable` and `group_prices` take them."""
+    return {name: site.wq.cands.bits for name, site in sites(model)}
 
 
 def _uniform_extreme(template: Architecture, candidates: dict[str, tuple[int, ...]], pick) -> Architecture:

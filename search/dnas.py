@@ -19,13 +19,13 @@ import torch
 from supernet import Architecture, SearchSpace, param_sets, sites, to_supernet
 
 from .bilevel import BilevelStep, SizeTerm, cycle
-from .budget import Budget, Penalty
+from .budget import Budget, Penalty, site_candidates
 from .config import ArchOptimizer, BudgetConfig, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
 from .data import make_loader, split_for_search
 from .derive import candidate_probs, derive
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
-from .loop import linear_warmup, make_accelerator, total_steps, train
+from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
 from .models import load_task_model, load_tokenizer
 from .plots import plot_architecture
 from .prepare import TRAIN, eval_sets, eval_split_names, load_splits
@@ -38,10 +38,8 @@ log = logging.getLogger(__name__)
 
 
 def weight_optimizer(weights: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the model weights; no decay on biases and LayerNorm (1-d parameters)."""
-    groups = [{"params": [p for p in weights if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in weights if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    """AdamW over the model weights; no decay on biases and LayerNorm."""
+    return torch.optim.AdamW(decay_groups(weights, weight_decay), lr=lr)
 
 
 def upper_optimizers(arch: list[torch.nn.Parameter], scales: list[torch.nn.Parameter], cfg: SearchConfig) -> list:
@@ -80,7 +78,7 @@ def run_search(
                         f"give two or more (e.g. [0,2,4,8]) or run stage=qat with that precision")
     template = Architecture.from_supernet(net, space.scale_bits)
     if budget is not None:
-        budget.check_reachable(template, {n: s.wq.cands.bits for n, s in sites(net)})
+        budget.check_reachable(template, site_candidates(net))
     weight_loader = make_loader(weight_part, tokenizer, cfg.batch_size, shuffle=True, seed=seed)
     arch_loader = make_loader(arch_part, tokenizer, cfg.batch_size, shuffle=True, seed=seed + 1)
     sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)

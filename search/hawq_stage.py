@@ -27,7 +27,7 @@ import numpy as np
 
 from supernet import Architecture, SearchSpace, SiteKind, sites, to_supernet
 
-from .budget import Budget, uniform
+from .budget import Budget, site_candidates, uniform
 from .config import BudgetConfig, EvalConfig, HawqConfig, MixedPrecision, ModelConfig, Sensitivity, TaskConfig
 from .data import make_loader
 from .errors import UserError
@@ -148,7 +148,7 @@ def run_hawq(
     net = load_task_model(model.name_or_path, spec.name)
     fp = copy.deepcopy(net)  # the FP model whose Hessian is taken (the supernet's quantizers have none)
     to_supernet(net, space)
-    candidates = {n: s.wq.cands.bits for n, s in sites(net)}
+    candidates = site_candidates(net)
     if not any(s.wq.searchable for _, s in sites(net)):
         raise UserError(f"space.w_bits={list(space.w_bits)} offers one candidate: there is nothing to allocate; "
                         f"give two or more (e.g. [0,2,4,8]) or run stage=qat with that precision")

@@ -95,15 +95,18 @@ def total_steps(steps_per_epoch: int, epochs: float, max_steps: int | None) -> i
     return steps if max_steps is None else min(steps, max_steps)
 
 
+def decay_groups(params: Iterable[nn.Parameter], weight_decay: float, **extra: Any) -> list[dict[str, Any]]:
+    """Optimiser groups with weight decay on matrices only: biases and LayerNorm (1-d) get none (BERT's
+    recipe); `extra` (e.g. lr) goes into both groups. Empty groups are left out."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
+    return [g for g in groups if g["params"]]
+
+
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    """AdamW over the trainable parameters, without weight decay on biases and LayerNorm."""
+    return torch.optim.AdamW(decay_groups((p for p in model.parameters() if p.requires_grad), weight_decay), lr=lr)
 
 
 def linear_warmup(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float):

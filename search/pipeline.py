@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from supernet import Architecture, sites, to_supernet
+from supernet import Architecture, to_supernet
 
-from .budget import Budget
+from .budget import Budget, site_candidates
 from .config import Config, ModelConfig
 from .dnas import run_search
 from .finetune import finetune
@@ -41,7 +41,7 @@ def _check_budget_up_front(c: Config) -> None:
     if budget is None:
         return
     net = to_supernet(load_task_model(c.model.name_or_path, c.task.name), c.space)
-    budget.check_reachable(Architecture.from_supernet(net), {n: s.wq.cands.bits for n, s in sites(net)})
+    budget.check_reachable(Architecture.from_supernet(net), site_candidates(net))
 
 
 def _step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from .config import EvalConfig, MixedPrecision, ModelConfig, QatConfig, TaskConf
 from .data import make_loader
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
-from .loop import linear_warmup, make_accelerator, total_steps, train
+from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
 from .models import load_task_model, load_tokenizer
 from .prepare import TRAIN, eval_sets, eval_split_names, load_splits
 from .quantized import QUANTIZED_DIR, quantize, save_quantized, space_for
@@ -69,12 +69,10 @@ def dampening(model: nn.Module) -> torch.Tensor:
 def qat_optimizer(model: nn.Module, lr: float, scale_lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over weights (decay off for biases and LayerNorm) and the LSQ steps (own lr, no decay)."""
     sets = param_sets(model)
-    decay = [p for p in sets.weights if p.dim() >= 2]
-    no_decay = [p for p in sets.weights if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
-              {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-              {"params": sets.scales, "weight_decay": 0.0, "lr": scale_lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    groups = decay_groups(sets.weights, weight_decay, lr=lr)
+    if sets.scales:
+        groups.append({"params": sets.scales, "weight_decay": 0.0, "lr": scale_lr})
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def qat_step(model: nn.Module, teacher: nn.Module | None, optimizer, scheduler, accelerator: Accelerator,
