@@ -3,6 +3,7 @@
     python -m search                                  # fine-tune BERT-base on SST-2 (hub)
     python -m search experiment=quickstart            # MiniLM-L6 on SST-2, minutes on a CPU
     python -m search stage=eval eval.checkpoint=runs/finetune/sst2/<date>/checkpoint
+    python -m search stage=export export.run_dir=runs/qat/sst2/<date>   # bit-packed folder
 
 The run directory is hydra's `hydra.run.dir`. Bad input (an unknown task or model, a missing or
 malformed data file, a bad config value, a missing checkpoint) ends the run with one line on stderr,
@@ -26,6 +27,7 @@ from search.config import Config, Stage, register, to_config
 from search.dnas import run_search
 from search.errors import USER_ERRORS, UserError, one_line
 from search.evaluate import run_eval
+from search.export import run_export
 from search.finetune import finetune
 from search.hawq_stage import run_hawq
 from search.logger import make_logger
@@ -80,13 +82,21 @@ def _hawq(c: Config, run: RunDir) -> dict[str, Any]:
     )
 
 
-# Later issues add compare and export here.
+def _export(c: Config, run: RunDir) -> dict[str, Any]:
+    return run_export(
+        c.export, c.task, c.eval, run,
+        seed=c.seed, max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision, cache_dir=c.cache_dir,
+    )
+
+
+# A later issue adds compare here.
 STAGES: dict[Stage, Callable[[Config, RunDir], dict[str, Any]]] = {
     Stage.finetune: _finetune,
     Stage.eval: _eval,
     Stage.search: _search,
     Stage.qat: _qat,
     Stage.hawq: _hawq,
+    Stage.export: _export,
     Stage.pipeline: run_pipeline,
 }
 

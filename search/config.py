@@ -169,6 +169,15 @@ class EvalConfig:
         _positive("eval.batch_size", self.batch_size)
 
 
+@dataclass
+class ExportConfig:
+    """`stage=export`: pack a QAT run's model into a self-contained folder of bit-packed weights."""
+
+    run_dir: Optional[str] = None  # a qat or pipeline run directory (or its quantized/ folder)
+    verify: bool = True  # reload the folder and check its dev-set predictions equal the QAT model's
+    tolerance: float = 1e-5  # the largest logit difference verify accepts
+
+
 class ArchOptimizer(_ValueStr):
     sgd = "sgd"  # AQ-BERT's choice, lr 0.1
     adam = "adam"  # DARTS's choice (betas 0.5, 0.999)
@@ -320,6 +329,7 @@ class Config:
     qat: QatConfig = field(default_factory=QatConfig)
     hawq: HawqConfig = field(default_factory=HawqConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def __post_init__(self) -> None:

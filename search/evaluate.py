@@ -29,7 +29,7 @@ from search.loop import make_accelerator
 from search.metrics import compute_metrics, ids_to_tags, postprocess_qa, squad_references
 from search.models import load_task_model, load_tokenizer
 from search.prepare import EvalSet, eval_sets, eval_split_names, load_splits
-from search.quantized import is_quantized_dir, load_quantized
+from search.quantized import load_any_quantized
 from search.rundir import RunDir
 from search.tasks import TaskKind, TaskSpec, get_task
 
@@ -188,17 +188,18 @@ def run_eval(
     # A checkpoint is always a local directory (a hub id goes into model.name_or_path).
     if evaluation.checkpoint is not None and not Path(evaluation.checkpoint).expanduser().is_dir():
         raise UserError(f"eval.checkpoint={evaluation.checkpoint}: no such directory; pass the "
-                        f"checkpoint/ folder of a finetune run or the quantized/ folder of a qat run")
+                        f"checkpoint/ folder of a finetune run, the quantized/ folder of a qat run or an exported packed/ folder")
     spec = get_task(task.name)
-    tokenizer = load_tokenizer(source)
     sizes = None
-    if is_quantized_dir(source):  # a qat run's quantized/ folder: the discrete quantized model
-        net, arch, trained_on = load_quantized(source)
+    quantized = load_any_quantized(source)  # a qat run's quantized/ or an exported packed/ folder
+    if quantized is not None:
+        net, arch, trained_on = quantized
         if trained_on != spec.name:
             raise UserError(f"{source} was trained on {trained_on}, not {spec.name}; set task={trained_on}")
         sizes = arch.summary()
     else:
         net = load_task_model(source, spec.name)
+    tokenizer = load_tokenizer(source)  # after the model: a corrupt folder is reported as such
     splits = eval_split_names(spec.name, evaluation.splits)
     raw, tokenized = load_splits(task, tokenizer, splits, cache_dir, max_eval_examples)
     sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)

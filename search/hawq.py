@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from supernet import Architecture, MixedEmbedding, MixedLinear, QuantMode, lsq_fake_quant, qrange, sites
-from supernet.quantizers import CandidateKind, candidate_kind
+from supernet.quantizers import CandidateKind, candidate_kind, float_value
 
 from .bilevel import task_loss
 from .budget import Budget
@@ -40,22 +40,9 @@ log = logging.getLogger(__name__)
 Batch = Mapping[str, torch.Tensor]
 
 
-def _linear_groups(site: MixedLinear) -> GroupView:
-    g = site.grouping.n_groups
-    return lambda t: t.reshape(g, -1)  # [out, in] -> [G, rows/G * in], as MixedLinear groups its weight
-
-
-def _embedding_groups(site: MixedEmbedding) -> GroupView:
-    g = site.grouping.n_groups
-    return lambda t: t.t().reshape(g, -1)  # [V, D] -> [D, V] -> [G, D/G * V], as MixedEmbedding does
-
-
-_VIEWS: dict[type, Callable[[Any], GroupView]] = {MixedLinear: _linear_groups, MixedEmbedding: _embedding_groups}
-
-
 def group_view(site: MixedLinear | MixedEmbedding) -> GroupView:
     """How `site` cuts a tensor shaped like its weight into its groups, [G, n]."""
-    return _VIEWS[type(site)](site)
+    return site.to_groups
 
 
 @dataclass
@@ -142,7 +129,7 @@ def _zero(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _float(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    return (float_value(w, bits) - w).pow(2).sum(1)  # zero at 32 bits, half-precision rounding at 16
 
 
 def _int(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:

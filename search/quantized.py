@@ -4,6 +4,7 @@
 hand-written): its candidates are exactly the bits the architecture uses. `save_quantized` writes what a
 QAT run produces, `<run_dir>/quantized/`: the supernet's state (weights, LSQ steps, fixed choices),
 architecture.json, the space, the HF config and tokenizer; `load_quantized` rebuilds the model from it.
+`load_any_quantized` also reads the bit-packed folder `stage=export` writes (supernet.load_packed).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig
 
-from supernet import Architecture, SearchSpace, SiteKind, to_supernet
+from supernet import Architecture, SearchSpace, SiteKind, is_packed_dir, load_packed, to_supernet
+
+from .errors import UserError, first_line
 
 from .models import MODEL_CLASSES, TASK_FILE
 from .rundir import replace_dir
@@ -56,10 +59,6 @@ def quantize(model: nn.Module, arch: Architecture, base: SearchSpace) -> nn.Modu
     return arch.apply(model)
 
 
-def space_to_dict(space: SearchSpace) -> dict[str, Any]:
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(space).items()}
-
-
 def save_quantized(model: nn.Module, arch: Architecture, space: SearchSpace, tokenizer: Any, task: str,
                    target: Path) -> Path:
     """Write the QAT'd model atomically: supernet state, architecture, space, HF config, tokenizer."""
@@ -67,7 +66,7 @@ def save_quantized(model: nn.Module, arch: Architecture, space: SearchSpace, tok
     tmp.mkdir(parents=True, exist_ok=False)
     save_model(model, str(tmp / WEIGHTS_FILE))  # handles the Q/K/V-shared input quantizer
     arch.save(tmp / "architecture.json")
-    (tmp / SPACE_FILE).write_text(json.dumps(space_to_dict(space), indent=2) + "\n")
+    (tmp / SPACE_FILE).write_text(json.dumps(space.to_dict(), indent=2) + "\n")
     model.config.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / TASK_FILE).write_text(json.dumps({"task": task}) + "\n")
@@ -75,9 +74,15 @@ def save_quantized(model: nn.Module, arch: Architecture, space: SearchSpace, tok
     return target
 
 
+def load_space(path: Path) -> SearchSpace:
+    """The space a quantized/ folder's model was converted with."""
+    return SearchSpace.from_dict(json.loads((path / SPACE_FILE).read_text()), str(path / SPACE_FILE))
+
+
 def is_quantized_dir(path: str | Path) -> bool:
     p = Path(path).expanduser()
-    return (p / "architecture.json").is_file() and (p / SPACE_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+    return ((p / "architecture.json").is_file() and (p / SPACE_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+            and not is_packed_dir(p))  # a packed folder has the same three files, holding codes
 
 
 def load_quantized(path: str | Path) -> tuple[nn.Module, Architecture, str]:
@@ -87,7 +92,7 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Architecture, str]:
         raise FileNotFoundError(f"{path} is not a quantized model folder (needs architecture.json, {SPACE_FILE}, "
                                 f"{WEIGHTS_FILE}); pass the quantized/ folder a qat run wrote")
     arch = Architecture.load(path / "architecture.json")
-    space = SearchSpace(**json.loads((path / SPACE_FILE).read_text()))
+    space = load_space(path)
     task = json.loads((path / TASK_FILE).read_text())["task"]
     config = AutoConfig.from_pretrained(str(path))
     model = MODEL_CLASSES[get_task(task).kind].from_config(config)
@@ -101,3 +106,16 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Architecture, str]:
         if hasattr(module, "_refresh"):
             module._refresh()
     return model.eval(), arch, task
+
+
+def load_any_quantized(path: str | Path) -> tuple[nn.Module, Architecture, str] | None:
+    """(model, architecture, task) of a qat run's quantized/ folder or an exported packed folder; None if neither."""
+    if is_quantized_dir(path):
+        return load_quantized(path)
+    if not is_packed_dir(path):
+        return None
+    try:
+        model, arch, meta = load_packed(path)
+    except ValueError as e:  # a corrupt or tampered folder is the user's to re-export
+        raise UserError(first_line(e)) from e
+    return model, arch, str(meta.get("task"))

@@ -7,6 +7,8 @@ from .bert import to_supernet
 from .cost import MIB, CostEntry, candidate_bits, Scope, SiteShape, Size, bitops, expected_bitops, expected_size, model_entries, size
 from .groups import PER_ROW, Grouping, make_grouping
 from .mixed import ActQuantizer, MixedEmbedding, MixedLinear, WeightQuantizer, set_relaxation, sites
+from .packed import PackedSize, is_packed_dir, load_packed, read_manifest, save_packed
+from .packing import pack_codes, packed_nbytes, unpack_codes
 from .params import ParamSets, other_fp32_params, param_sets
 from .quantizers import (
     CandidateSet,
@@ -22,8 +24,9 @@ from .space import Relaxation, SearchSpace, SiteKind
 
 __all__ = [
     "ActQuantizer", "Architecture", "CandidateSet", "CostEntry", "Grouping", "InitRule", "MIB", "MixedEmbedding",
-    "MixedLinear", "PER_ROW", "ParamSets", "QuantMode", "Relaxation", "Scope", "SearchSpace", "SiteArch", "SiteKind",
+    "MixedLinear", "PER_ROW", "PackedSize", "ParamSets", "QuantMode", "Relaxation", "Scope", "SearchSpace", "SiteArch", "SiteKind",
     "SiteShape", "Size", "WeightQuantizer", "bitops", "candidate_bits", "expected_bitops", "expected_size", "init_step",
-    "lsq_fake_quant", "make_grouping", "mix_fake_quant", "model_entries", "other_fp32_params", "param_sets", "qrange",
-    "round_ste", "set_relaxation", "sites", "size", "to_supernet",
+    "is_packed_dir", "load_packed", "lsq_fake_quant", "make_grouping", "mix_fake_quant", "model_entries",
+    "other_fp32_params", "pack_codes", "packed_nbytes", "param_sets", "qrange", "read_manifest", "round_ste", "save_packed",
+    "set_relaxation", "sites", "size", "to_supernet", "unpack_codes",
 ]

@@ -197,7 +197,7 @@ class MixedLinear(nn.Linear):
         self.kind = kind
         self.grouping = grouping
         g = grouping.n_groups
-        self.wq = WeightQuantizer(wcands, self.weight.detach().view(g, -1), rule)  # [out, in] -> [G, rows/G * in]
+        self.wq = WeightQuantizer(wcands, self.to_groups(self.weight.detach()), rule)
         if isinstance(acands, ActQuantizer) or acands is None:
             self.aq = acands  # shared with the sites that read the same input
         else:
@@ -206,6 +206,14 @@ class MixedLinear(nn.Linear):
     def shape(self) -> SiteShape:
         g = self.grouping
         return SiteShape(self.kind, g.n_groups, self.wq.group_numel, g.size, self.in_features, self.bias is not None)
+
+    def to_groups(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the weight, cut into this site's groups."""
+        return t.reshape(self.grouping.n_groups, -1)  # [out, in] -> [G, rows/G * in]
+
+    def from_groups(self, grouped: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_groups`."""
+        return grouped.reshape(self.out_features, self.in_features)  # [G, rows/G * in] -> [out, in]
 
     def quantized_weight(self, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mixed fake-quantized weight [out, in], bias with pruned groups removed)."""
@@ -246,13 +254,19 @@ class MixedEmbedding(nn.Embedding):
         self.grouping = grouping
         self.bias = None
         self.aq = None
-        g = grouping.n_groups
-        grouped = self.weight.detach().t().reshape(g, -1)  # [V, D] -> [D, V] -> [G, D/G * V]
-        self.wq = WeightQuantizer(wcands, grouped, rule)
+        self.wq = WeightQuantizer(wcands, self.to_groups(self.weight.detach()), rule)
 
     def shape(self) -> SiteShape:
         g = self.grouping
         return SiteShape(self.kind, g.n_groups, self.wq.group_numel, g.size, 0, False)
+
+    def to_groups(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the table, cut into this site's groups of columns."""
+        return t.t().reshape(self.grouping.n_groups, -1)  # [V, D] -> [D, V] -> [G, D/G * V]
+
+    def from_groups(self, grouped: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_groups`."""
+        return grouped.reshape(self.embedding_dim, self.num_embeddings).t()  # [G, D/G * V] -> [D, V] -> [V, D]
 
     def quantized_weight(self, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         """The whole mixed fake-quantized table [V, D] (for export and inspection; forward avoids it)."""

@@ -5,7 +5,8 @@ straight-through round and the step gradient scaled by 1 / sqrt(n * qmax); LSQ+ 
 for asymmetric activations. Candidate bit-widths:
   * 0        -> exact zeros (the group is pruned),
   * 2 .. 8   -> a uniform integer grid of 2**bits levels,
-  * 16 or 32 -> floating point, the identity.
+  * 16       -> IEEE half precision (x rounded to float16, straight-through), what its 16 bits store,
+  * 32       -> the identity.
 
 `mix_fake_quant` is the hot path of the supernet: sum_k p_k * q_k(x) for all K candidates in one
 autograd node that saves only its inputs and recomputes the candidates in backward, so memory does not
@@ -105,7 +106,8 @@ class CandidateSet:
 
     @property
     def is_identity(self) -> bool:
-        return len(self.bits) == 1 and self.kinds[0] is CandidateKind.FLOAT
+        """A lone FP32 candidate: nothing to quantize (a lone 16-bit one still rounds to half precision)."""
+        return self.bits == (FLOAT_BITS[-1],)
 
 
 def lsq_grad_scale(numel: int, bits: int, mode: QuantMode) -> float:
@@ -129,6 +131,22 @@ class _RoundSTE(torch.autograd.Function):
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     return _RoundSTE.apply(x)
+
+
+def float_value(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The value a float candidate stores: x rounded to float16 for 16 bits, x itself for 32 (no autograd)."""
+    return x.to(torch.float16).to(x.dtype) if bits == FLOAT_BITS[0] else x
+
+
+def int_codes(x: torch.Tensor, step: torch.Tensor, bits: int, mode: QuantMode = QuantMode.SYMMETRIC,
+              offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes round(clamp((x - offset) / step)) as floats, with exactly the fake quantizer's arithmetic.
+
+    `step` (and `offset`) broadcast against x, one value per group. q(x) = codes * step (+ offset), so a
+    packed export that stores these codes and steps rebuilds the quantized weights bit for bit.
+    """
+    qmin, qmax = qrange(bits, mode)
+    return _to_grid(x, step.clamp_min(MIN_STEP), offset).clamp_(qmin, qmax).round_()
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -190,12 +208,13 @@ class _MixFakeQuant(torch.autograd.Function):
             if kind is CandidateKind.ZERO or not active[k]:
                 continue
             if kind is CandidateKind.FLOAT:
-                term = x.clone() if unit else x * probs[k]
+                value = float_value(x, cands.bits[k])
+                term = (value.clone() if value is x else value) if unit else value * probs[k]
                 out = term if out is None else out.add_(term)
                 continue
             s = steps[k].clamp_min(MIN_STEP)
             o = offsets[k] if has_offsets else None
-            codes = _to_grid(x, s, o).clamp_(qmin, qmax).round_()  # in place: a fresh tensor
+            codes = _to_grid(x, s, o).clamp_(qmin, qmax).round_()  # in place: a fresh tensor (see int_codes)
             scale = s if unit else s * probs[k]  # [*b]: fold the probability into the step
             if out is None:
                 out = codes.mul_(scale)
@@ -226,7 +245,7 @@ class _MixFakeQuant(torch.autograd.Function):
                 if need_x:
                     gx = _accumulate(gx, grad, None if unit else p)
                 if need_p:
-                    gp[k] = _group_dot(grad, x, bshape)
+                    gp[k] = _group_dot(grad, float_value(x, ctx.cands.bits[k]), bshape)
                 continue
             s = steps[k].clamp_min(MIN_STEP)
             o = offsets[k] if ctx.has_offsets else None

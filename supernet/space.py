@@ -5,9 +5,10 @@ only configuration the library takes (the app builds it from the hydra `space` g
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, List, Mapping, Optional
 
 from .quantizers import FLOAT_BITS, CandidateSet, InitRule, QuantMode, check_bits
 
@@ -74,6 +75,18 @@ class SearchSpace:
             raise ValueError(f"space.scale_bits={self.scale_bits} is invalid; scales are stored as 16 or 32 bits")
         self.a_mode = QuantMode(self.a_mode)
         self.init = InitRule(self.init)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (enums by value)."""
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "space") -> "SearchSpace":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source} has unknown keys {unknown}; it was written by another bert-mpq version")
+        return cls(**d)
 
     def weight_candidates(self) -> CandidateSet:
         return CandidateSet(_bits_list("w_bits", self.w_bits, True))

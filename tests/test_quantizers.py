@@ -81,7 +81,7 @@ def test_lsq_step_gradient_matches_hand_computation():
 @pytest.mark.parametrize("mode", list(QuantMode))
 def test_fused_mixing_matches_autograd_reference(mode):
     torch.manual_seed(1)
-    bits = (0, 2, 4, 32) if mode is QuantMode.SYMMETRIC else (2, 4, 8)
+    bits = (0, 2, 4, 16, 32) if mode is QuantMode.SYMMETRIC else (2, 4, 8)
     cands = CandidateSet(bits, mode)
     G, n, K = 5, 40, len(bits)
     x = (torch.randn(G, n) * 2).requires_grad_()
@@ -102,7 +102,7 @@ def test_fused_mixing_matches_autograd_reference(mode):
         if b == 0:
             continue
         if b >= 16:
-            ref = ref + probs[k] * x
+            ref = ref + probs[k] * (x + (x.half().float() - x).detach() if b == 16 else x)  # straight-through fp16
         else:
             off = offsets[k] if offsets is not None else None
             ref = ref + probs[k] * lsq_fake_quant(x, steps[k], *qrange(b, mode), gs[k], off)
@@ -156,3 +156,12 @@ def test_single_fixed_candidate_path_matches_reference(mode):
     want = [x.grad, step.grad] + ([offset.grad] if offset is not None else [])
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_16_bit_candidate_rounds_to_half_precision_and_32_is_the_identity():
+    x = torch.randn(4, 33, dtype=torch.float32) * 3
+    steps = torch.ones(1, 1, 1)
+    half = mix_fake_quant(x, None, steps, CandidateSet((16,)), (0.0,))
+    assert torch.equal(half, x.half().float()) and not torch.equal(half, x)
+    assert torch.equal(mix_fake_quant(x, None, steps, CandidateSet((32,)), (0.0,)), x)
+    assert CandidateSet((32,)).is_identity and not CandidateSet((16,)).is_identity

@@ -1,5 +1,5 @@
-"""The search, qat and pipeline stages end to end in-process on a tiny random BERT, the eval stage on a
-quantized folder, and the start-up errors of impossible budgets (no run directory left behind)."""
+"""The search, qat, pipeline and export stages end to end in-process on a tiny random BERT, the eval stage on
+quantized and packed folders, and the start-up errors of bad input (no run directory left behind)."""
 from __future__ import annotations
 
 import json
@@ -57,6 +57,46 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path):  # noqa: 
     ev = _metrics(eval_dir)
     assert ev["main_metric"] == pytest.approx(qat["main_metric"])
     assert ev["architecture"]["encoder_mb"] == qat["architecture"]["encoder_mb"]
+
+    # export packs the pipeline's QAT model; the folder predicts as the QAT model did and evaluates the same
+    export_dir = tmp_path / "export"
+    assert run_stage(_cfg(env, tmp_path, "stage=export", f"export.run_dir={run_dir}"), export_dir) == 0
+    ex = _metrics(export_dir)
+    assert all(v["identical_predictions"] and v["max_abs_logit_diff"] <= 1e-5 for v in ex["verify"].values())
+    assert ex["main_metric"] == pytest.approx(qat["main_metric"])
+    size = ex["size"]
+    assert abs(size["unaccounted_bytes"]) < 1e-6 and size["file_bytes"] < size["qat_file_bytes"] / 3
+    assert size["exact_bytes"] == pytest.approx(arch.size_bytes("total"))
+    packed_eval = tmp_path / "eval_packed"
+    assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={export_dir / 'packed'}"), packed_eval) == 0
+    assert _metrics(packed_eval)["main_metric"] == pytest.approx(qat["main_metric"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "needs export.run_dir"),
+    (["export.run_dir=/nonexistent/run"], "no such directory"),
+    (["export.run_dir=."], "holds no quantized/ folder"),
+])
+def test_export_input_errors(env, tmp_path, capsys, overrides, message):  # noqa: F811
+    run_dir = tmp_path / "bad_export"
+    assert run_stage(_cfg(env, tmp_path, "stage=export", *overrides), run_dir) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and message in err
+    assert not run_dir.exists()
+
+
+def test_eval_of_a_tampered_packed_folder_is_a_one_line_error(env, tmp_path, capsys):  # noqa: F811
+    from supernet.packed import MANIFEST_FILE
+
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    (folder / MANIFEST_FILE).write_text('{"format": "bert-mpq.packed", "version": 1, "files": '
+                                        '{"model.safetensors": {"bytes": 10, "sha256": "0"}}}')
+    (folder / "model.safetensors").write_bytes(b"x" * 7)
+    (folder / "config.json").write_text("{}")
+    assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={folder}"), tmp_path / "ev") != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "truncated or modified" in err
 
 
 def test_qat_of_a_hand_written_uniform_architecture(env, tmp_path):  # noqa: F811
