@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from search.config import Config, Stage, register, to_config
+from search.compare import run_compare
 from search.dnas import run_search
 from search.errors import USER_ERRORS, UserError, one_line
 from search.evaluate import run_eval
@@ -89,13 +90,13 @@ def _export(c: Config, run: RunDir) -> dict[str, Any]:
     )
 
 
-# A later issue adds compare here.
 STAGES: dict[Stage, Callable[[Config, RunDir], dict[str, Any]]] = {
     Stage.finetune: _finetune,
     Stage.eval: _eval,
     Stage.search: _search,
     Stage.qat: _qat,
     Stage.hawq: _hawq,
+    Stage.compare: run_compare,
     Stage.export: _export,
     Stage.pipeline: run_pipeline,
 }
@@ -117,12 +118,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
     """Run the composed `cfg` into `run_dir`; the exit code (non-zero after a one-line error)."""
     try:
         config = to_config(cfg)
-        stage = STAGES.get(config.stage)
-        if stage is None:
-            raise UserError(
-                f"stage {config.stage.value} is not implemented yet; available: "
-                f"{', '.join(s.value for s in STAGES)}"
-            )
+        stage = STAGES[config.stage]
         check_reusable(run_dir, config.resume)
         set_seed(config.seed)
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

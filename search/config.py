@@ -169,6 +169,33 @@ class EvalConfig:
         _positive("eval.batch_size", self.batch_size)
 
 
+class Method(_ValueStr):
+    """A compression method of the comparison (`compare.methods`); FP32 is always the reference."""
+
+    searched = "searched"  # the DNAS search + derivation + QAT
+    hawq = "hawq"  # HAWQ-V2 at the searched architecture's exact size + the same QAT
+    uniform = "uniform"  # every encoder group at the nearest uniform bits at or above the budget + QAT
+
+
+@dataclass
+class CompareConfig:
+    """`stage=compare`: every method at every budget (average bits per weight in `budget.scope`) and seed."""
+
+    budgets: List[float] = field(default_factory=lambda: [4.0, 3.0, 2.5, 2.0, 1.5])
+    seeds: List[int] = field(default_factory=lambda: [42, 43, 44])
+    methods: List[Method] = field(default_factory=lambda: [Method.searched, Method.hawq, Method.uniform])
+
+    def __post_init__(self) -> None:
+        if not self.budgets or not self.seeds or not self.methods:
+            raise ValueError("compare.budgets, compare.seeds and compare.methods need at least one entry each")
+        for b in self.budgets:
+            _positive("compare.budgets entry", b)
+        for name in ("budgets", "seeds", "methods"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"compare.{name}={list(values)} repeats an entry")
+
+
 @dataclass
 class ExportConfig:
     """`stage=export`: pack a QAT run's model into a self-contained folder of bit-packed weights."""
@@ -329,6 +356,7 @@ class Config:
     qat: QatConfig = field(default_factory=QatConfig)
     hawq: HawqConfig = field(default_factory=HawqConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 

@@ -29,6 +29,8 @@ class RunLogger(Protocol):
 
     def image(self, name: str, path: Path) -> None: ...
 
+    def table(self, name: str, csv_path: Path) -> None: ...
+
     def finish(self) -> None: ...
 
 
@@ -42,6 +44,9 @@ class NullLogger:
         pass
 
     def image(self, name: str, path: Path) -> None:
+        pass
+
+    def table(self, name: str, csv_path: Path) -> None:
         pass
 
     def finish(self) -> None:
@@ -79,6 +84,16 @@ class WandbLogger:
         import wandb
 
         self._run.log({name: wandb.Image(str(path))})
+
+    def table(self, name: str, csv_path: Path) -> None:
+        import csv
+
+        import wandb
+
+        with Path(csv_path).open(newline="") as f:
+            rows = list(csv.reader(f))
+        if rows:
+            self._run.log({name: wandb.Table(columns=rows[0], data=rows[1:])})
 
     def finish(self) -> None:
         self._run.finish()

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 from supernet import Architecture, to_supernet
 
@@ -21,10 +21,10 @@ from .dnas import run_search
 from .finetune import finetune
 from .models import TASK_FILE, load_task_model
 from .qat import run_qat
-from .rundir import RunDir
+from .rundir import RunDir, run_step
 from .tasks import get_task
 
-__all__ = ["run_pipeline", "finetuned_on"]
+__all__ = ["run_pipeline", "finetuned_on", "fine_tuned_model", "common_args", "check_budgets_up_front"]
 
 log = logging.getLogger(__name__)
 
@@ -35,47 +35,50 @@ def finetuned_on(name_or_path: str, task: str) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("task") == task
 
 
-def _check_budget_up_front(c: Config) -> None:
-    """An impossible budget fails now, not after fine-tuning and an hour of search."""
-    budget = Budget.from_args(c.budget.avg_bits, c.budget.mb, c.budget.scope, c.budget.match)
-    if budget is None:
-        return
+def check_budgets_up_front(c: Config, budgets: Sequence[Budget]) -> Architecture:
+    """Impossible budgets fail now, not after fine-tuning and an hour of search; returns the architecture
+    skeleton of `c.model` converted with `c.space` (its sites and groups, at the argmax of fresh logits)."""
     net = to_supernet(load_task_model(c.model.name_or_path, c.task.name), c.space)
-    budget.check_reachable(Architecture.from_supernet(net), site_candidates(net))
+    skeleton = Architecture.from_supernet(net)
+    candidates = site_candidates(net)
+    for budget in budgets:
+        budget.check_reachable(skeleton, candidates)
+    return skeleton
 
 
-def _step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]]) -> dict[str, Any]:
-    child = run.child(name)
-    done = child.path / "metrics.json"
-    if done.is_file():
-        log.info("pipeline: %s already done (%s)", name, done)
-        return json.loads(done.read_text())
-    resume = (child.path / "train_state").exists()
-    log.info("pipeline: %s%s", name, " (resuming)" if resume else "")
-    with child:
-        return fn(child, resume)
+def common_args(c: Config, **override: Any) -> dict[str, Any]:
+    """The arguments every training stage takes from the top of the config."""
+    args = dict(seed=c.seed, max_steps=c.max_steps, max_eval_examples=c.max_eval_examples,
+                mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, progress_bar=c.progress_bar)
+    return {**args, **override}
+
+
+def fine_tuned_model(c: Config, run: RunDir, results: dict[str, Any]) -> ModelConfig:
+    """`c.model` when it is fine-tuned on the task already, else the checkpoint of a `finetune/` step of `run`."""
+    checkpoint = c.model.name_or_path
+    if finetuned_on(checkpoint, c.task.name):
+        log.info("%s is fine-tuned on %s already; no finetune step", checkpoint, c.task.name)
+        return c.model
+    results["finetune"] = run_step(run, "finetune", lambda r, resume: finetune(
+        c.model, c.task, c.finetune, c.eval, r, resume=resume, **common_args(c)))
+    return ModelConfig(name_or_path=str(run.path / "finetune" / "checkpoint"))
 
 
 def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
     """Run every step into `run`'s sub-directories; returns (and writes) the summary."""
     spec = get_task(c.task.name)
-    _check_budget_up_front(c)
-    common = dict(seed=c.seed, max_steps=c.max_steps, max_eval_examples=c.max_eval_examples,
-                  mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, progress_bar=c.progress_bar)
+    budget = Budget.from_args(c.budget.avg_bits, c.budget.mb, c.budget.scope, c.budget.match)
+    if budget is not None:
+        check_budgets_up_front(c, [budget])
+    common = common_args(c)
     results: dict[str, Any] = {}
-    checkpoint = c.model.name_or_path
-    if finetuned_on(checkpoint, spec.name):
-        log.info("pipeline: %s is fine-tuned on %s already; no finetune step", checkpoint, spec.name)
-    else:
-        results["finetune"] = _step(run, "finetune", lambda r, resume: finetune(
-            c.model, c.task, c.finetune, c.eval, r, resume=resume, **common))
-        checkpoint = str(run.path / "finetune" / "checkpoint")
-    model = ModelConfig(name_or_path=checkpoint)
-    results["search"] = _step(run, "search", lambda r, resume: run_search(
+    model = fine_tuned_model(c, run, results)
+    results["search"] = run_step(run, "search", lambda r, resume: run_search(
         model, c.task, c.space, c.search, c.budget, c.eval, r, resume=resume, **common))
     qat_cfg = dataclasses.replace(c.qat, architecture=str(run.path / "search" / "architecture.json"))
-    results["qat"] = _step(run, "qat", lambda r, resume: run_qat(
+    results["qat"] = run_step(run, "qat", lambda r, resume: run_qat(
         model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common))
+    checkpoint = model.name_or_path
 
     summary = {
         "stage": "pipeline",

@@ -1,11 +1,13 @@
 """Pictures of an Architecture: bits per group for every site, layer by layer; a bits histogram; pruned
-groups per layer. HAWQ-V2's (arXiv:1911.03852) Pareto frontier and Hutchinson's convergence. Written as PNG
+groups per layer. HAWQ-V2's (arXiv:1911.03852) Pareto frontier and Hutchinson's convergence; the
+comparison of methods at equal size. Written as PNG
 (matplotlib, no display needed) and logged to the run's tracker.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import matplotlib
 
@@ -14,6 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 import numpy as np  # noqa: E402
 
 from supernet import Architecture, SiteKind  # noqa: E402
+
+if TYPE_CHECKING:
+    from .comparison import Point
 
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.+)$")
 _SHORT = {"attention.self.query": "Q", "attention.self.key": "K", "attention.self.value": "V",
@@ -127,4 +132,34 @@ def plot_convergence(changes: list[float], running: list[list[float]], tol: floa
     right.set_xlabel("probes")
     right.set_ylabel("relative change (largest site)")
     right.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def pareto(points: Sequence["Point"], path: str | Path, title: str = "") -> Path:
+    """The comparison: task metric (median, bars from min to max over seeds) against encoder MiB, one line
+    per method, FP32 as a horizontal line."""
+    from .comparison import Kind  # the comparison module draws with this one
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {Kind.searched: ("tab:red", "o"), Kind.hawq: ("tab:blue", "s"), Kind.uniform: ("tab:gray", "^")}
+    name = next((p.metric_name for p in points), "metric")
+    for method, (color, marker) in styles.items():
+        pts = sorted((p for p in points if p.method is method), key=lambda p: p.encoder_mb)
+        if not pts:
+            continue
+        x = [p.encoder_mb for p in pts]
+        y = [p.median for p in pts]
+        err = [[p.median - p.low for p in pts], [p.high - p.median for p in pts]]
+        ax.errorbar(x, y, yerr=err, color=color, marker=marker, ms=5, lw=1.2, capsize=3, label=method.value)
+        for p in pts:
+            ax.annotate(f"{p.budget:g}b", (p.encoder_mb, p.median), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color=color)
+    fp = next((p for p in points if p.method is Kind.fp32), None)
+    if fp is not None:
+        ax.axhline(fp.median, ls="--", lw=1, color="black", label=f"FP32 ({fp.median:.2f})")
+    ax.set_xlabel("encoder weights (MiB, exact)")
+    ax.set_ylabel(f"dev {name} (%)")
+    ax.set_title(title or "accuracy at equal size")
+    ax.legend(fontsize=8)
     return _save(fig, path)

@@ -27,7 +27,8 @@ from search.errors import UserError
 from search.logger import NullLogger, RunLogger
 
 __all__ = [
-    "RunDir", "RESULTS", "check_reusable", "previous_dir", "remove_if_empty", "replace_dir", "write_text_atomic",
+    "RunDir", "RESULTS", "check_reusable", "previous_dir", "remove_if_empty", "replace_dir", "run_step",
+    "write_text_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,3 +159,17 @@ class RunDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]]) -> dict[str, Any]:
+    """One step of a multi-stage run in `run/name`: skipped when its metrics.json exists (that result is
+    returned), resumed when it holds a train state, else run; `fn(child, resume)` runs it."""
+    child = run.child(name)
+    done = child.path / "metrics.json"
+    if done.is_file():
+        log.info("%s: done already (%s)", name, done)
+        return json.loads(done.read_text())
+    resume = (child.path / "train_state").exists()
+    log.info("%s%s", name, " (resuming)" if resume else "")
+    with child:
+        return fn(child, resume)

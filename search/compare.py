@@ -1,0 +1,116 @@
+"""`stage=compare`: searched vs HAWQ-V2 vs uniform QAT vs FP32 at equal size, over budgets and seeds.
+
+    python -m search stage=compare model.name_or_path=<fine-tuned checkpoint> task=mrpc \
+        compare.budgets=[4,3,2.5,2,1.5] compare.seeds=[42,43,44]
+
+For every budget b (`budget.avg_bits=b` in `budget.scope`) and seed s, in `b<b>/s<s>/`:
+  search/     the DNAS search and derivation at b                      (method `searched`, with qat/)
+  qat/        QAT of the searched architecture
+  hawq/       HAWQ-V2 at exactly the searched architecture's size (`budget.match`); its Hutchinson traces
+              are cached in `cache_dir` and shared by every budget of the seed
+  hawq_qat/   the same QAT of HAWQ-V2's architecture
+  uniform<u>/ the same QAT of every encoder group at u = max(2, ceil(b)) bits: the nearest uniform
+              precision that is not smaller than the budget (the baseline is never given less room)
+plus `fp32/` (the fine-tuned checkpoint evaluated; `finetune/` first when the model is not fine-tuned on
+the task). Every method starts from the same checkpoint with the same seed, QAT recipe and data.
+A finished step (its metrics.json) is skipped and an interrupted one resumes, so `resume=true` continues
+a long comparison where it stopped. After every cell the summary is rewritten (search/comparison.py):
+comparison.md, comparison.csv, runs.csv, pareto.png, logged to the tracker at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from .budget import Budget, uniform
+from .comparison import Row, budget_dir, collect, write_comparison
+from .config import BudgetConfig, Config, EvalConfig, Method
+from .dnas import run_search
+from .errors import UserError
+from .evaluate import run_eval
+from .hawq_stage import run_hawq
+from .pipeline import check_budgets_up_front, common_args, fine_tuned_model
+from .qat import run_qat
+from .rundir import RunDir, run_step
+
+__all__ = ["run_compare", "uniform_bits"]
+
+log = logging.getLogger(__name__)
+
+
+def uniform_bits(budget: float) -> int:
+    """The uniform baseline's bits at `budget`: the nearest integer precision at or above it, at least 2."""
+    return max(2, math.ceil(budget - 1e-9))
+
+
+def _qat(c: Config, run: RunDir, name: str, model: Any, architecture: Path, seed: int) -> dict[str, Any]:
+    qat_cfg = dataclasses.replace(c.qat, architecture=str(architecture))
+    return run_step(run, name, lambda r, resume: run_qat(
+        model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common_args(c, seed=seed)))
+
+
+def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed: int) -> None:
+    """Every method at one budget and seed."""
+    cell = budget_dir(budget, seed)
+    methods = set(c.compare.methods)
+    common = common_args(c, seed=seed)
+    searched = run.path / cell / "search" / "architecture.json"
+    if Method.searched in methods:
+        run_step(run, f"{cell}/search", lambda r, resume: run_search(
+            model, c.task, c.space, c.search, BudgetConfig(avg_bits=budget, scope=c.budget.scope), c.eval, r,
+            resume=resume, **common))
+        _qat(c, run, f"{cell}/qat", model, searched, seed)
+    if Method.hawq in methods:
+        # at the searched architecture's exact size when there is one; else at the budget itself
+        hawq_budget = (BudgetConfig(match=str(searched), scope=c.budget.scope) if searched.is_file()
+                       else BudgetConfig(avg_bits=budget, scope=c.budget.scope))
+        run_step(run, f"{cell}/hawq", lambda r, resume: run_hawq(
+            model, c.task, c.space, c.hawq, hawq_budget, c.eval, r, seed=seed,
+            max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision, cache_dir=c.cache_dir))
+        _qat(c, run, f"{cell}/hawq_qat", model, run.path / cell / "hawq" / "architecture.json", seed)
+    if Method.uniform in methods:
+        bits = uniform_bits(budget)
+        path = run.path / cell / f"uniform{bits}.json"
+        if not path.is_file():
+            uniform(skeleton, bits).save(path)
+        _qat(c, run, f"{cell}/uniform{bits}", model, path, seed)
+
+
+def _summary(run: RunDir, c: Config, model: Any) -> tuple[list[Row], dict[str, Path]]:
+    rows = collect([run.path])
+    title = f"{c.task.name}: {Path(model.name_or_path).name}, space w_bits={c.space.w_bits}, groups={c.space.groups}"
+    _, paths = write_comparison(rows, run.path, title)
+    return rows, paths
+
+
+def run_compare(c: Config, run: RunDir) -> dict[str, Any]:
+    """Every method at every budget and seed in `run`'s sub-directories, then the comparison."""
+    cfg = c.compare
+    if any(getattr(c.budget, name) is not None for name in ("avg_bits", "mb", "match")):
+        raise UserError("stage=compare takes its budgets from compare.budgets; unset budget.avg_bits, budget.mb "
+                        "and budget.match (budget.scope still applies)")
+    budgets = [Budget(c.budget.scope, avg_bits=b) for b in cfg.budgets]
+    skeleton = check_budgets_up_front(c, budgets)
+    run.open()
+    results: dict[str, Any] = {}
+    model = fine_tuned_model(c, run, results)
+    run_step(run, "fp32", lambda r, resume: run_eval(
+        model, c.task, EvalConfig(splits=c.eval.splits, batch_size=c.eval.batch_size), r, seed=c.seed,
+        max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision, cache_dir=c.cache_dir))
+    total = len(cfg.seeds) * len(cfg.budgets)
+    for i, (seed, budget) in enumerate((s, b) for s in cfg.seeds for b in cfg.budgets):
+        log.info("compare: cell %d of %d: %g bits, seed %d", i + 1, total, budget, seed)
+        _cell(c, run, model, skeleton, budget, seed)
+        _summary(run, c, model)
+    rows, paths = _summary(run, c, model)
+    summary = {"stage": "compare", "task": c.task.name, "checkpoint": model.name_or_path,
+               "budgets": list(cfg.budgets), "seeds": list(cfg.seeds), "methods": [m.value for m in cfg.methods],
+               "runs": len(rows), "files": {k: str(v) for k, v in paths.items()},
+               "comparison": (run.path / "comparison.md").read_text()}
+    run.logger.table("comparison", paths["comparison.csv"])
+    run.logger.image("pareto", paths["pareto.png"])
+    run.write_json("metrics.json", summary)
+    return summary

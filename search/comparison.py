@@ -1,0 +1,212 @@
+"""The side-by-side table: per-run rows read from run directories, aggregated over seeds, written out.
+
+A comparison directory (the `compare` stage's, or any tree laid out like it, such as hydra multirun jobs
+or `tools/bench_search.sh` output) holds
+    fp32/metrics.json                          the FP32 reference
+    b<budget>/s<seed>/qat/metrics.json         searched + QAT
+    b<budget>/s<seed>/hawq_qat/metrics.json    HAWQ-V2 at the searched size + the same QAT
+    b<budget>/s<seed>/uniform<bits>/metrics.json  uniform-precision QAT
+`collect` turns every such metrics.json into a `Row`; `aggregate` takes the median and the spread over
+seeds per (method, budget); `write_comparison` writes comparison.md (with a plain verdict against the
+baselines), comparison.csv, runs.csv and pareto.png. Nothing is typed by hand.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .config import Method
+
+__all__ = ["Kind", "Row", "Point", "collect", "aggregate", "write_comparison", "budget_dir", "verdict"]
+
+
+class Kind(str, Enum):
+    """Who made a row of the table: the FP32 reference or one of the compared methods."""
+
+    fp32 = "fp32"
+    searched = Method.searched.value
+    hawq = Method.hawq.value
+    uniform = Method.uniform.value
+
+
+# child directory of a cell -> method
+_CHILDREN = {"qat": Kind.searched, "hawq_qat": Kind.hawq}
+_UNIFORM = re.compile(r"uniform(\d+)$")
+_CELL = re.compile(r"b([0-9.]+)$"), re.compile(r"s(\d+)$")
+
+
+def budget_dir(budget: float, seed: int) -> str:
+    """The cell of one budget and seed: b2.5/s42."""
+    return f"b{budget:g}/s{seed}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluated model of a comparison."""
+
+    method: Kind
+    budget: float | None  # None for FP32
+    seed: int | None
+    metric_name: str
+    metric: float
+    encoder_avg_bits: float
+    encoder_mb: float
+    total_mb: float
+    compression: float  # FP32 total bytes / total bytes
+    pruned_groups: int
+    run_dir: str
+
+
+def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Row:
+    m = json.loads(path.read_text())
+    arch = m.get("architecture") or {}
+    return Row(method, budget, seed, m["main_metric"]["name"], float(m["main_metric"]["value"]),
+               float(arch.get("encoder_avg_bits", 32.0)), float(arch.get("encoder_mb", float("nan"))),
+               float(arch.get("total_mb", float("nan"))), float(arch.get("total_compression") or 1.0),
+               int(arch.get("pruned_groups", 0)), str(path.parent))
+
+
+def _method(child: str) -> Kind | None:
+    return _CHILDREN.get(child) or (Kind.uniform if _UNIFORM.match(child) else None)
+
+
+def collect(roots: Iterable[Path]) -> list[Row]:
+    """Every finished run below `roots` laid out as a comparison (see the module docstring)."""
+    rows: list[Row] = []
+    for root in roots:
+        for path in sorted(Path(root).rglob("metrics.json")):
+            child, seed_dir, budget_dir_ = path.parent.name, path.parent.parent.name, path.parent.parent.parent.name
+            if child == "fp32":
+                rows.append(_row(path, Kind.fp32, None, None))
+                continue
+            method = _method(child)
+            b, s = _CELL[0].match(budget_dir_), _CELL[1].match(seed_dir)
+            if method is not None and b and s:
+                rows.append(_row(path, method, float(b.group(1)), int(s.group(1))))
+    return rows
+
+
+@dataclass(frozen=True)
+class Point:
+    """One method at one budget over its seeds."""
+
+    method: Kind
+    budget: float | None
+    seeds: int
+    metric_name: str
+    median: float
+    low: float
+    high: float
+    encoder_avg_bits: float
+    encoder_mb: float
+    total_mb: float
+    compression: float
+    pruned_groups: float
+
+
+def aggregate(rows: Sequence[Row]) -> list[Point]:
+    """Median and [min, max] of the metric over seeds, per (method, budget); sizes are medians too.
+
+    The FP32 reference is one model: several copies of it (one per multirun job) count once.
+    """
+    groups: dict[tuple[Kind, float | None], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.method, r.budget), []).append(r)
+    points = []
+    for (method, budget), rs in groups.items():
+        if method is Kind.fp32:
+            rs = rs[:1]
+        values = [r.metric for r in rs]
+
+        def med(attr: str) -> float:
+            return statistics.median(getattr(r, attr) for r in rs)
+
+        points.append(Point(method, budget, len(rs), rs[0].metric_name, statistics.median(values), min(values),
+                            max(values), med("encoder_avg_bits"), med("encoder_mb"), med("total_mb"),
+                            med("compression"), med("pruned_groups")))
+    order = list(Kind)
+    return sorted(points, key=lambda p: (-(p.budget or 99), order.index(p.method)))
+
+
+def _find(points: Sequence[Point], method: Kind, budget: float | None) -> Point | None:
+    return next((p for p in points if p.method is method and p.budget == budget), None)
+
+
+def verdict(points: Sequence[Point]) -> list[str]:
+    """Plain sentences: at each budget, how the searched model's median compares with each baseline, and
+    whether the target (>= HAWQ-V2 at <= 4 bits; +1 point over HAWQ-V2 and more over uniform at <= 2.5) holds."""
+    lines = []
+    for budget in sorted({p.budget for p in points if p.budget is not None}, reverse=True):
+        s = _find(points, Kind.searched, budget)
+        if s is None:
+            continue
+        parts = []
+        for base in (Kind.hawq, Kind.uniform):
+            b = _find(points, base, budget)
+            if b is not None:
+                delta = s.median - b.median
+                word = "above" if delta > 0 else ("below" if delta < 0 else "equal to")
+                parts.append(f"{abs(delta):.2f} points {word} {base.value}" if delta else f"equal to {base.value}")
+        hawq, uni = _find(points, Kind.hawq, budget), _find(points, Kind.uniform, budget)
+        target = None
+        if hawq is not None and budget <= 2.5:
+            target = s.median >= hawq.median + 1 and (uni is None or uni.median < hawq.median)
+        elif hawq is not None and budget <= 4:
+            target = s.median >= hawq.median
+        met = "" if target is None else (" - target met" if target else " - **target not met**")
+        lines.append(f"- {budget:g} bits ({s.seeds} seed{'s' * (s.seeds != 1)}): searched {s.metric_name} "
+                     f"{s.median:.2f}, {'; '.join(parts) or 'no baseline'}{met}.")
+    return lines
+
+
+def _fmt(p: Point) -> list[str]:
+    spread = f"{p.median:.2f} [{p.low:.2f}, {p.high:.2f}]" if p.seeds > 1 else f"{p.median:.2f}"
+    return [p.method.value, "FP32" if p.budget is None else f"{p.budget:g}", f"{p.encoder_avg_bits:.3f}",
+            f"{p.encoder_mb:.3f}", f"{p.total_mb:.3f}", f"{p.compression:.2f}x", f"{p.pruned_groups:.0f}",
+            f"{p.metric_name} {spread}", str(p.seeds)]
+
+
+COLUMNS = ["method", "budget (bits)", "encoder bits/weight", "encoder MiB", "total MiB", "compression (total)",
+           "pruned groups", "metric median [min, max]", "seeds"]
+
+
+def markdown(points: Sequence[Point], title: str) -> str:
+    lines = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(p)) + " |" for p in points]
+    found = verdict(points)
+    if found:
+        lines += ["", "Searched vs the baselines (medians):", "", *found]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, records: Sequence[Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        if records:
+            w = csv.DictWriter(f, [fl.name for fl in fields(records[0])])
+            w.writeheader()
+            for r in records:
+                w.writerow({k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(r).items()})
+    tmp.replace(path)
+
+
+def write_comparison(rows: Sequence[Row], out: Path, title: str) -> tuple[list[Point], dict[str, Path]]:
+    """comparison.md, comparison.csv (aggregated), runs.csv (every run) and pareto.png in `out`."""
+    from .plots import pareto  # matplotlib only when there is something to draw
+
+    points = aggregate(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("comparison.md", "comparison.csv", "runs.csv", "pareto.png")}
+    tmp = out / ".comparison.md.tmp"
+    tmp.write_text(markdown(points, title))
+    tmp.replace(paths["comparison.md"])
+    _write_csv(paths["comparison.csv"], points)
+    _write_csv(paths["runs.csv"], rows)
+    pareto(points, paths["pareto.png"], title)
+    return points, paths

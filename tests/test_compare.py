@@ -1,0 +1,141 @@
+"""stage=compare and its table: rows from run directories, medians over seeds, the verdict, the multirun
+summary tool, and the stage end to end (resumable) on a tiny random BERT."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from search.__main__ import run_stage
+from search.compare import uniform_bits
+from search.comparison import Kind, aggregate, collect, verdict, write_comparison
+from supernet import Architecture
+
+from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
+from test_stages import _cfg
+
+
+def _metrics(path: Path, value: float, mb: float = 1.0, bits: float = 2.0, pruned: int = 0) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    arch = {"encoder_avg_bits": bits, "encoder_mb": mb, "total_mb": mb + 10, "total_compression": 5.0,
+            "pruned_groups": pruned}
+    (path / "metrics.json").write_text(json.dumps({"main_metric": {"name": "f1", "value": value}, "architecture": arch}))
+
+
+def _tree(root: Path, values: dict[tuple[str, float, int], float]) -> None:
+    _metrics(root / "fp32", 85.0, mb=40.0, bits=32)
+    for (child, budget, seed), v in values.items():
+        _metrics(root / f"b{budget:g}" / f"s{seed}" / child, v, mb=budget / 2, bits=budget)
+    _metrics(root / "b2" / "s1" / "search", 1.0)  # before QAT: not a row
+    _metrics(root / "b2" / "s1" / "hawq", 1.0)  # before QAT: not a row
+
+
+def test_rows_come_from_the_layout_and_aggregate_to_median_and_spread(tmp_path):
+    _tree(tmp_path, {("qat", 2, 1): 80.0, ("qat", 2, 2): 82.0, ("qat", 2, 3): 81.0,
+                     ("hawq_qat", 2, 1): 79.0, ("hawq_qat", 2, 2): 78.0, ("uniform2", 2, 1): 77.0,
+                     ("qat", 2.5, 1): 83.0})
+    rows = collect([tmp_path])
+    assert len(rows) == 8 and {r.method for r in rows} == set(Kind)
+    points = {(p.method, p.budget): p for p in aggregate(rows)}
+    searched = points[(Kind.searched, 2.0)]
+    assert (searched.median, searched.low, searched.high, searched.seeds) == (81.0, 80.0, 82.0, 3)
+    assert points[(Kind.hawq, 2.0)].median == 78.5 and points[(Kind.fp32, None)].median == 85.0
+    assert points[(Kind.searched, 2.5)].budget == 2.5
+
+
+def test_the_fp32_reference_counts_once_across_multirun_jobs(tmp_path):
+    for job in ("0", "1"):
+        _tree(tmp_path / job, {("qat", 3, int(job)): 80.0 + int(job)})
+    points = aggregate(collect([tmp_path]))
+    fp = next(p for p in points if p.method is Kind.fp32)
+    assert fp.seeds == 1
+    assert next(p for p in points if p.method is Kind.searched).seeds == 2
+
+
+@pytest.mark.parametrize("searched, hawq, uniform, budget, expected", [
+    (81.0, 80.5, 79.0, 3, "target met"),  # <= 4 bits: at least HAWQ-V2
+    (80.0, 80.5, 79.0, 3, "target not met"),
+    (81.0, 80.5, 79.0, 2, "target not met"),  # <= 2.5 bits: +1 over HAWQ-V2 needed
+    (82.0, 80.5, 79.0, 2, "target met"),
+    (82.0, 80.5, 81.0, 2, "target not met"),  # and more over uniform than over HAWQ-V2
+    (70.0, 80.0, 60.0, 6, "10.00 points below hawq"),  # above 4 bits: no target, still the plain numbers
+])
+def test_verdict_states_wins_and_losses_plainly(tmp_path, searched, hawq, uniform, budget, expected):
+    _tree(tmp_path, {("qat", budget, 1): searched, ("hawq_qat", budget, 1): hawq, (f"uniform{budget}", budget, 1): uniform})
+    (line,) = verdict(aggregate(collect([tmp_path])))
+    assert expected in line
+    if budget > 4:
+        assert "target" not in line
+
+
+def test_write_comparison_writes_table_csv_and_plot(tmp_path):
+    _tree(tmp_path, {("qat", 2, 1): 80.0, ("qat", 2, 2): 82.0, ("hawq_qat", 2, 1): 79.0, ("uniform2", 2, 1): 77.0})
+    points, paths = write_comparison(collect([tmp_path]), tmp_path / "out", "t")
+    md = paths["comparison.md"].read_text()
+    assert "| searched | 2 |" in md and "f1 81.00 [80.00, 82.00]" in md and "| fp32 | FP32 |" in md
+    with paths["comparison.csv"].open() as f:
+        assert len(list(csv.DictReader(f))) == len(points) == 4
+    with paths["runs.csv"].open() as f:
+        assert len(list(csv.DictReader(f))) == 5
+    assert paths["pareto.png"].stat().st_size > 5000
+
+
+def test_summary_tool_merges_multirun_jobs(tmp_path):
+    for job, seed in (("0", 1), ("1", 2)):
+        _tree(tmp_path / "multi" / job, {("qat", 2, seed): 80.0 + seed, ("hawq_qat", 2, seed): 79.0})
+    out = subprocess.run([sys.executable, "tools/summarize_compare.py", str(tmp_path / "multi")], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "f1 81.50 [81.00, 82.00] | 2 |" in out  # two seeds from two jobs
+    assert (tmp_path / "multi" / "pareto.png").is_file()
+    bad = subprocess.run([sys.executable, "tools/summarize_compare.py", str(tmp_path / "nothing")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: no such directory")
+
+
+def test_uniform_bits_never_gives_the_baseline_less_room():
+    assert [uniform_bits(b) for b in (8, 4, 3, 2.5, 2, 1.5, 1)] == [8, 4, 3, 3, 2, 2, 2]
+
+
+def test_compare_runs_every_method_at_equal_size_and_resumes(env, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "cmp"
+    overrides = ["stage=compare", "compare.budgets=[3,2]", "compare.seeds=[1]", "hawq.max_probes=3",
+                 "search.size_weight=5"]
+    assert run_stage(_cfg(env, tmp_path, *overrides), run_dir) == 0
+    for cell in ("b3/s1", "b2/s1"):
+        for step in ("search", "qat", "hawq", "hawq_qat"):
+            assert (run_dir / cell / step / "metrics.json").is_file(), (cell, step)
+    assert (run_dir / "b3/s1/uniform3/metrics.json").is_file() and (run_dir / "b2/s1/uniform2/metrics.json").is_file()
+    assert (run_dir / "fp32" / "metrics.json").is_file() and (run_dir / "finetune" / "checkpoint").is_dir()
+    # HAWQ-V2 sits at exactly the searched architecture's encoder size
+    for cell in ("b3/s1", "b2/s1"):
+        searched = Architecture.load(run_dir / cell / "search" / "architecture.json")
+        hawq = Architecture.load(run_dir / cell / "hawq" / "architecture.json")
+        assert hawq.size_mb("encoder") <= searched.size_mb("encoder") + 1e-9
+        assert hawq.size_mb("encoder") >= 0.97 * searched.size_mb("encoder")
+    md = (run_dir / "comparison.md").read_text()
+    for method in ("fp32", "searched", "hawq", "uniform"):
+        assert f"| {method} |" in md
+    with (run_dir / "runs.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 1 + 2 * 3
+    assert (run_dir / "pareto.png").is_file()
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["stage"] == "compare" and summary["runs"] == 7
+
+    # interrupted halfway: a missing result is redone, everything finished is kept
+    (run_dir / "b2/s1/hawq_qat/metrics.json").unlink()
+    kept = (run_dir / "b3/s1/qat/metrics.json").stat().st_mtime_ns
+    assert run_stage(_cfg(env, tmp_path, *overrides, "resume=true"), run_dir) == 0
+    assert (run_dir / "b2/s1/hawq_qat/metrics.json").is_file()
+    assert (run_dir / "b3/s1/qat/metrics.json").stat().st_mtime_ns == kept
+
+
+def test_compare_checks_every_budget_before_anything_runs(env, tmp_path, capsys):  # noqa: F811
+    run_dir = tmp_path / "bad"
+    assert run_stage(_cfg(env, tmp_path, "stage=compare", "compare.budgets=[3,0.5]", "space.w_bits=[2,4]"), run_dir) != 0
+    assert "below the smallest size" in capsys.readouterr().err
+    assert not run_dir.exists()

@@ -1,0 +1,42 @@
+"""Summarise comparison runs into one table and plot: a hydra multirun of stage=compare, several compare
+runs, or run trees laid out like one (e.g. tools/bench_search.sh output).
+
+    python tools/summarize_compare.py runs/multirun/2026-11-22_10-00-00 [more dirs ...] --out summary/
+
+Reads every metrics.json below the given directories laid out as `fp32/`, `b<budget>/s<seed>/{qat,
+hawq_qat,uniform<bits>}/` (see search/comparison.py), takes the median and [min, max] over seeds per method
+and budget, and writes comparison.md, comparison.csv, runs.csv and pareto.png to --out (default: the first
+directory). Prints comparison.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from search.comparison import collect, write_comparison
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("roots", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="where to write (default: the first root)")
+    p.add_argument("--title", default=None, help="title of the table and plot")
+    args = p.parse_args()
+    missing = [str(r) for r in args.roots if not r.is_dir()]
+    if missing:
+        print(f"error: no such directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    rows = collect(args.roots)
+    if not rows:
+        print(f"error: no finished comparison runs below {', '.join(map(str, args.roots))} (expected fp32/ or "
+              f"b<budget>/s<seed>/<qat|hawq_qat|uniformN>/metrics.json)", file=sys.stderr)
+        return 2
+    out = args.out or args.roots[0]
+    _, paths = write_comparison(rows, out, args.title or " + ".join(str(r) for r in args.roots))
+    print(paths["comparison.md"].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
