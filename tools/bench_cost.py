@@ -1,0 +1,147 @@
+"""Benchmark: what the search and HAWQ-V2 cost against FP fine-tuning, on the same batches, in one run.
+
+Search: the real first-order `BilevelStep` of `stage=search` (an architecture + scale step on one batch of
+the architecture half, then a weight step on one batch of the weights half) against the FP fine-tuning
+step (forward, backward, AdamW). One search iteration consumes two batches, so a search over N examples
+(both halves once) is N / (2B) iterations and an FP epoch over N is N / B steps:
+    search / FP epoch over the same N = median(search iteration) / (2 * median(FP step)).
+Each configuration of candidates and groups is timed interleaved with the FP step (fp, search, fp, ...).
+
+Trace (--trace): HAWQ-V2's measurement with one Hutchinson probe (the FP model's gradient graph with eager
+attention, then one Hessian-vector product over every quantized weight, giving every group's trace sample
+at once) against the FP step, per grouping; plus, with --probes P, P probes on the default grouping (the
+graph is built once, each further probe is one product) and the relative change after each.
+
+    python tools/bench_cost.py --model ../shared/assets/models/all-MiniLM-L6-v2
+    python tools/bench_cost.py --trace --probes 100
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+import torch
+from transformers import BertForSequenceClassification
+
+from search.bilevel import BilevelStep, SizeTerm, task_loss
+from search.budget import Budget
+from search.config import SearchConfig, Sensitivity
+from search.dnas import upper_optimizers, weight_optimizer
+from search.hawq import measure_curvature
+from supernet import Scope, SearchSpace, param_sets, sites, to_supernet
+
+# (label, w_bits, groups): candidates 2..5 at 128 groups, then groups 1 / 12 / 128 / per row at {0,2,4,8}
+CONFIGS = [("K=2 {0,4}", [0, 4], 128), ("K=3 {0,2,4}", [0, 2, 4], 128), ("K=4 {0,2,4,8}", [0, 2, 4, 8], 128),
+           ("K=5 {0,2,3,4,8}", [0, 2, 3, 4, 8], 128), ("G=1", [0, 2, 4, 8], 1), ("G=12", [0, 2, 4, 8], 12),
+           ("G=per-row", [0, 2, 4, 8], -1)]
+
+
+def build(model: str, space: SearchSpace | None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = BertForSequenceClassification.from_pretrained(model, num_labels=2)
+    if space is not None:
+        to_supernet(net, space)
+    return net.train()
+
+
+def make_batch(batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+
+
+def fp_step(net: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    opt = weight_optimizer(list(net.parameters()), 2e-5, 0.01)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        task_loss(net, batch).backward()
+        opt.step()
+
+    return step
+
+
+def search_step(net: torch.nn.Module, weight_batch: dict[str, torch.Tensor], arch_batch: dict[str, torch.Tensor]):
+    sets = param_sets(net)
+    cfg = SearchConfig()
+    w_opt = weight_optimizer(sets.weights, cfg.lr, cfg.weight_decay)
+    step_fn = BilevelStep(net, sets.weights, sets.arch + sets.scales, w_opt, upper_optimizers(sets.arch, sets.scales, cfg),
+                          itertools.repeat(arch_batch), SizeTerm(cfg.size_weight, Budget(Scope.ENCODER, avg_bits=3.0)),
+                          log_mass_every=10**9)
+    count = itertools.count()
+    return lambda: step_fn(weight_batch, next(count))
+
+
+def probe_step(model: str, space: SearchSpace, batch: dict[str, torch.Tensor]):
+    """HAWQ-V2's measurement with one probe: the gradient graph of the FP model (eager attention) and one
+    Hessian-vector product, every group's trace sample from it."""
+    supernet, fp = build(model, space), build(model, None)
+    seeds = itertools.count()
+    return lambda: measure_curvature(fp, supernet, [batch], Sensitivity.trace, max_probes=1, tol=1e-12, seed=next(seeds))
+
+
+def interleaved(a, b, rounds: int) -> tuple[list[float], list[float]]:
+    a(), b()  # warm-up
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, out in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return ta, tb
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="../shared/assets/models/all-MiniLM-L6-v2")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=4, help="timed (fp, other) pairs per configuration")
+    p.add_argument("--only", nargs="*", help="labels of CONFIGS to run (default: all)")
+    p.add_argument("--trace", action="store_true", help="time a Hutchinson probe instead of a search iteration")
+    p.add_argument("--probes", type=int, default=0, help="with --trace: also run this many probes for convergence")
+    p.add_argument("--json-out")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    wb, ab = make_batch(args.batch_size, args.seq_len, 0), make_batch(args.batch_size, args.seq_len, 1)
+    fp = fp_step(build(args.model, None), wb)
+    configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
+    if args.trace:
+        configs = [c for c in configs if c[1] == [0, 2, 4, 8]]
+    results = []
+    for label, w_bits, groups in configs:
+        space = SearchSpace(w_bits=w_bits, groups=groups)
+        net = build(args.model, space)
+        other = probe_step(args.model, space, wb) if args.trace else search_step(net, wb, ab)
+        t_fp, t_other = interleaved(fp, other, args.rounds)
+        m_fp, m_other = statistics.median(t_fp), statistics.median(t_other)
+        n_groups = sum(s.grouping.n_groups for _, s in sites(net))
+        row = {"config": label, "groups": n_groups, "fp_step_s": m_fp, ("probe_s" if args.trace else "search_iter_s"): m_other}
+        if args.trace:
+            row["probe_over_fp_step"] = m_other / m_fp
+        else:
+            row["iter_over_fp_step"] = m_other / m_fp
+            row["search_over_fp_epoch"] = m_other / (2 * m_fp)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del net, other
+    if args.trace and args.probes:
+        curvature = measure_curvature(build(args.model, None), build(args.model, SearchSpace()), [wb],
+                                      Sensitivity.trace, max_probes=args.probes, tol=1e-12, seed=0)
+        changes = curvature.changes  # changes[i]: after probe i + 2
+        conv = {"probes": curvature.probes, "wall_s": curvature.seconds, "s_per_probe": curvature.seconds / curvature.probes,
+                "change_after": {str(k): changes[k - 2] for k in (2, 5, 10, 20, 50, 100, 200) if 2 <= k <= len(changes) + 1},
+                "negative_groups": sum(v < 0 for est in curvature.estimate.values() for v in est),
+                "groups": sum(len(est) for est in curvature.estimate.values())}
+        results.append(conv)
+        print(json.dumps(conv), flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
