@@ -269,6 +269,8 @@ class QatConfig:
     kd_temperature: float = 2.0
     hidden_weight: float = 0.0  # + weight * MSE of hidden states against the teacher's
     dampen_weight: float = 0.0  # + weight * mean (w - q(w))^2
+    freeze_threshold: float = 0.0  # freeze weights whose code-flip frequency exceeds this (0: off; ~0.02)
+    freeze_momentum: float = 0.99  # EMA momentum of that frequency
     max_grad_norm: float = 1.0
     checkpoint_every: int = 500
     log_every: int = 10
@@ -280,6 +282,9 @@ class QatConfig:
             raise ValueError(f"qat.kd_weight={self.kd_weight} must be in [0, 1]")
         if self.hidden_weight < 0 or self.dampen_weight < 0:
             raise ValueError("qat.hidden_weight and qat.dampen_weight must be >= 0")
+        if not 0 <= self.freeze_threshold <= 1 or not 0 <= self.freeze_momentum < 1:
+            raise ValueError(f"qat.freeze_threshold={self.freeze_threshold} must be in [0, 1] (0: off) and "
+                             f"qat.freeze_momentum={self.freeze_momentum} in [0, 1)")
 
 
 class Sensitivity(_ValueStr):

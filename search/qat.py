@@ -3,7 +3,8 @@
 The FP checkpoint becomes a supernet whose candidates are exactly the bits the architecture uses, every
 group is fixed to its bits, and the weights and LSQ steps (arXiv:1902.08153) train on the task loss plus,
 optionally, knowledge distillation from the FP model (logits KL at a temperature; hidden-state MSE) and
-oscillation dampening (Nagel et al., ICML 2022: pull each latent weight toward its quantized value).
+oscillation dampening and iterative weight freezing (Nagel et al., ICML 2022: pull each latent weight toward
+its quantized value; freeze the weights whose code keeps flipping, search/freezing.py).
 Pruned groups output exact zeros throughout. The result is `<run_dir>/quantized/` (search/quantized.py),
 what evaluation and export rebuild the quantized model from.
 """
@@ -23,6 +24,7 @@ from .config import EvalConfig, MixedPrecision, ModelConfig, QatConfig, TaskConf
 from .data import make_loader
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
+from .freezing import OscillationFreezer
 from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
 from .models import load_task_model, load_tokenizer
 from .prepare import TRAIN, eval_sets, eval_split_names, load_splits
@@ -31,6 +33,7 @@ from .rundir import RunDir
 from .tasks import TaskKind, get_task
 
 log = logging.getLogger(__name__)
+
 
 def distillation_loss(student: Any, teacher: Any, kind: TaskKind, temperature: float,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,7 +80,7 @@ def qat_optimizer(model: nn.Module, lr: float, scale_lr: float, weight_decay: fl
 
 def qat_step(model: nn.Module, teacher: nn.Module | None, optimizer, scheduler, accelerator: Accelerator,
              kind: TaskKind, *, kd_weight: float, kd_temperature: float, hidden_weight: float,
-             dampen_weight: float, max_grad_norm: float):
+             dampen_weight: float, max_grad_norm: float, freezer: OscillationFreezer | None = None):
     """The step function for `search.loop.train`: task loss (+ KD, + dampening), one optimiser step."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -108,6 +111,8 @@ def qat_step(model: nn.Module, teacher: nn.Module | None, optimizer, scheduler, 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if freezer is not None:
+            logs.update(freezer())
         logs["loss"] = loss.item()
         logs["lr"] = scheduler.get_last_lr()[0]
         return logs
@@ -157,13 +162,17 @@ def run_qat(
     steps = total_steps(len(train_loader), cfg.epochs, max_steps)
     scheduler = linear_warmup(optimizer.optimizer, steps, cfg.warmup_ratio)
     accelerator.register_for_checkpointing(scheduler)
+    freezer = None
+    if cfg.freeze_threshold > 0:
+        freezer = OscillationFreezer(accelerator.unwrap_model(net), cfg.freeze_threshold, cfg.freeze_momentum)
+        accelerator.register_for_checkpointing(freezer)
     summary = architecture.summary()
     log.info("QAT of %s (%.3g bits/weight, %.3g MiB encoder, %d pruned groups) on %s: %d steps",
              cfg.architecture or "the given architecture", summary["encoder_avg_bits"], summary["encoder_mb"],
              summary["pruned_groups"], spec.name, steps)
     step_fn = qat_step(net, teacher, optimizer, scheduler, accelerator, spec.kind, kd_weight=cfg.kd_weight,
                        kd_temperature=cfg.kd_temperature, hidden_weight=cfg.hidden_weight,
-                       dampen_weight=cfg.dampen_weight, max_grad_norm=cfg.max_grad_norm)
+                       dampen_weight=cfg.dampen_weight, max_grad_norm=cfg.max_grad_norm, freezer=freezer)
     result = train(step_fn, train_loader, accelerator, steps, log_fn=run.log, state_dir=run.train_state,
                    checkpoint_every=cfg.checkpoint_every, resume=resume, log_every=cfg.log_every,
                    progress=progress_bar, desc="qat")

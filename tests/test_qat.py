@@ -96,3 +96,64 @@ def test_save_and_load_quantized_predicts_identically(tmp_path, tiny_cfg):
 def test_load_quantized_rejects_a_wrong_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a quantized model folder"):
         load_quantized(tmp_path)
+
+
+def _fixed_uniform(cfg, bits: int = 2):
+    from search.budget import uniform
+
+    torch.manual_seed(0)
+    model = to_supernet(BertForSequenceClassification(cfg), SPACE)
+    arch = uniform(Architecture.from_supernet(model), bits)
+    model = quantize(BertForSequenceClassification(cfg), arch, SPACE)
+    return model, arch
+
+
+def test_oscillating_weights_freeze_and_stay_on_their_code(tiny_cfg):
+    from search.freezing import OscillationFreezer, _steps_and_codes
+
+    model, _ = _fixed_uniform(tiny_cfg)
+    name, site = next((n, s) for n, s in sites(model) if s.kind is SiteKind.ENCODER)
+    steps, codes, _ = _steps_and_codes(site)
+    s = float(steps[0, 0])
+    base = site.to_groups(site.weight.detach()).clone()
+
+    def move(t: int) -> None:  # weight 0 of group 0 flips between codes 1 and 0 every step; weight 1 only climbs
+        g = base.clone()
+        g[0, 0] = (0.6 if t % 2 == 0 else 0.4) * s
+        g[0, 1] = -1.6 * s + 0.5 * s * t
+        with torch.no_grad():
+            site.weight.copy_(site.from_groups(g))
+
+    move(0)
+    freezer = OscillationFreezer(model, threshold=0.3, momentum=0.5)
+    for t in range(1, 7):
+        move(t)
+        logs = freezer()
+    st = freezer.state[name]
+    assert st["frozen"][0, 0] and not st["frozen"][0, 1]
+    assert 0 < logs["freeze/frozen"] < 0.01 and logs["freeze/oscillating"] > 0
+    with torch.no_grad():  # an optimiser step pushes the frozen weight away; the freezer puts it back on its code
+        g = site.to_groups(site.weight.detach()).clone()
+        g[0, 0] = 5 * s
+        site.weight.copy_(site.from_groups(g))
+        freezer()
+        _, codes, _ = _steps_and_codes(site)
+    assert codes[0, 0] == st["frozen_codes"][0, 0]
+    assert torch.allclose(site.to_groups(site.weight)[0, 0], st["frozen_codes"][0, 0].float() * steps[0, 0])
+    again = OscillationFreezer(model, threshold=0.3, momentum=0.5)
+    again.load_state_dict(freezer.state_dict())
+    assert torch.equal(again.state[name]["frozen"], st["frozen"])
+
+
+def test_qat_with_freezing_trains_and_logs(tiny_cfg):
+    from search.freezing import OscillationFreezer
+
+    model, arch = _fixed_uniform(tiny_cfg)
+    opt = qat_optimizer(model, 5e-2, 1e-3, 0.0)  # a large lr makes codes flip
+    freezer = OscillationFreezer(model, threshold=0.05, momentum=0.5)
+    step = qat_step(model, None, opt, get_constant_schedule(opt), Accelerator(cpu=True), TaskKind.CLASSIFICATION,
+                    kd_weight=0.0, kd_temperature=2.0, hidden_weight=0.0, dampen_weight=0.0, max_grad_norm=1.0,
+                    freezer=freezer)
+    for i in range(6):
+        logs = step(_batch(), i)
+    assert logs["freeze/frozen"] > 0 and Architecture.from_supernet(model) == arch

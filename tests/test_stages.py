@@ -109,8 +109,14 @@ def test_qat_of_a_hand_written_uniform_architecture(env, tmp_path):  # noqa: F81
                              for n, s in arch), arch.other_params)
     two.save(tmp_path / "uniform2.json")
     qat_dir = tmp_path / "q"
-    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={tmp_path / 'uniform2.json'}", "qat.kd_weight=0"), qat_dir) == 0
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={tmp_path / 'uniform2.json'}", "qat.kd_weight=0",
+                         "qat.freeze_threshold=0.02", "qat.checkpoint_every=2"), qat_dir) == 0
     assert _metrics(qat_dir)["architecture"]["encoder_avg_bits"] == 2.0
+    # the freezer's state is part of the train state: a resumed run loads it
+    (qat_dir / "metrics.json").unlink()
+    assert (qat_dir / "train_state").is_dir()
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={tmp_path / 'uniform2.json'}", "qat.kd_weight=0",
+                          "qat.freeze_threshold=0.02", "qat.checkpoint_every=2", "resume=true"), qat_dir) == 0
 
 
 @pytest.mark.parametrize("overrides, message", [
