@@ -307,6 +307,7 @@ class HawqConfig:
     frontier_points: int = 50  # budgets swept to draw the frontier
     solver_time_limit: float = 2.0  # seconds per integer program of an allocation (see search/knapsack.py)
     activations: bool = False  # also allocate activation bits (space.a_bits) by their sensitivity
+    a_avg_bits: Optional[float] = None  # with activations: average bits per activation element (input-width weighted)
 
     def __post_init__(self) -> None:
         for name in ("max_probes", "tol", "batch_size", "num_batches", "frontier_points", "solver_time_limit"):

@@ -8,7 +8,8 @@ it. Curvature is the expensive part and does not depend on the budget, so it is 
 (`<cache_dir>/hawq/<key>.json`) under a hash of everything it depends on, and later budgets reuse it.
 
 Writes architecture.json (+ .png), frontier.csv (+ .png), traces.json (+ traces.png, Hutchinson's
-convergence) and metrics.json, with the chosen model evaluated before QAT. Everything that can fail on
+convergence) and metrics.json, with the chosen model evaluated before QAT. With `hawq.activations=true`
+the input activations get their bits the same way (search/hawq_act.py), under `hawq.a_avg_bits`. Everything that can fail on
 bad input, an unreachable budget included, fails before the run directory gets its first file.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .data import make_loader
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
 from .hawq import Curvature, build_knapsack, measure_curvature, to_architecture
+from .hawq_act import activation_budget, activation_knapsack, activation_sites, activation_traces, with_activation_bits
 from .knapsack import Knapsack
 from .loop import make_accelerator
 from .models import load_task_model, load_tokenizer
@@ -45,7 +47,7 @@ __all__ = ["run_hawq", "curvature_key", "load_curvature", "save_curvature"]
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: {key, value} entries
 
 
 def _mtime(path: str) -> int | None:
@@ -78,8 +80,8 @@ def _cache_path(cache_dir: str, key: dict[str, Any]) -> Path:
     return Path(cache_dir).expanduser() / "hawq" / f"{digest}.json"
 
 
-def load_curvature(cache_dir: str | None, key: dict[str, Any]) -> Curvature | None:
-    """The cached curvature for `key`, or None (no cache, none stored, or stored for another key)."""
+def _load_cached(cache_dir: str | None, key: dict[str, Any]) -> Any | None:
+    """What was cached under `key`, or None (no cache, none stored, or stored for another key)."""
     if cache_dir is None:
         return None
     path = _cache_path(cache_dir, key)
@@ -90,15 +92,25 @@ def load_curvature(cache_dir: str | None, key: dict[str, Any]) -> Curvature | No
     if stored.get("key") != key:
         return None
     log.info("curvature from the cache %s", path)
-    return Curvature.from_dict(stored["curvature"])
+    return stored["value"]
 
 
-def save_curvature(cache_dir: str | None, key: dict[str, Any], curvature: Curvature) -> None:
+def _save_cached(cache_dir: str | None, key: dict[str, Any], value: Any) -> None:
     if cache_dir is None:
         return
     path = _cache_path(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps({"key": key, "curvature": curvature.to_dict()}) + "\n")
+    write_text_atomic(path, json.dumps({"key": key, "value": value}) + "\n")
+
+
+def load_curvature(cache_dir: str | None, key: dict[str, Any]) -> Curvature | None:
+    """The cached curvature for `key`, or None."""
+    stored = _load_cached(cache_dir, key)
+    return None if stored is None else Curvature.from_dict(stored)
+
+
+def save_curvature(cache_dir: str | None, key: dict[str, Any], curvature: Curvature) -> None:
+    _save_cached(cache_dir, key, curvature.to_dict())
 
 
 def _choice_of(arch: Architecture, knapsack: Knapsack) -> tuple[np.ndarray, ...] | None:
@@ -140,8 +152,12 @@ def run_hawq(
     """HAWQ-V2 of the fine-tuned `model` under the budget; writes architecture.json and metrics.json."""
     spec = get_task(task.name)
     if cfg.activations:
-        raise UserError("hawq.activations=true is not implemented yet (a size budget does not price activation "
-                        "bits, so allocating them needs a bit-operations budget); leave it false")
+        if len(space.a_bits) < 2:
+            raise UserError(f"hawq.activations=true allocates activation bits, but space.a_bits={list(space.a_bits)} "
+                            f"offers one; give several, e.g. space.a_bits=[4,8]")
+        if cfg.a_avg_bits is None or not min(space.a_bits) <= cfg.a_avg_bits:
+            raise UserError(f"hawq.activations=true needs hawq.a_avg_bits (average bits per activation element) of at "
+                            f"least {min(space.a_bits)}, the smallest of space.a_bits; got {cfg.a_avg_bits}")
     tokenizer = load_tokenizer(model.name_or_path)
     splits = eval_split_names(spec.name, evaluation.splits)
     raw, tokenized = load_splits(task, tokenizer, [TRAIN, *splits], cache_dir, max_eval_examples)
@@ -155,9 +171,9 @@ def run_hawq(
     template = Architecture.from_supernet(net, space.scale_bits)
     budget = _resolve_budget(budget_cfg, template)
     budget.check_reachable(template, candidates)
-    if len(space.a_bits) > 1:
-        log.warning("hawq allocates weight bits only; activations keep %s bits (the first of space.a_bits)",
-                    space.a_bits[0])
+    if len(space.a_bits) > 1 and not cfg.activations:
+        log.warning("hawq allocates weight bits only; activations keep %s bits (the first of space.a_bits); "
+                    "hawq.activations=true allocates them too", space.a_bits[0])
     loader = make_loader(tokenized[TRAIN], tokenizer, cfg.batch_size, shuffle=True, seed=seed)
     batches = list(itertools.islice(loader, cfg.num_batches))
     sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)
@@ -173,12 +189,31 @@ def run_hawq(
         curvature = measure_curvature(fp, net, batches, cfg.sensitivity, max_probes=cfg.max_probes, tol=cfg.tol, seed=seed)
         if run.main_process:
             save_curvature(cache_dir, key, curvature)
+    activations = None
+    if cfg.activations:
+        act_key = {**key, "activations": True}
+        activations = _load_cached(cache_dir, act_key)
+        if activations is None:
+            activations = activation_traces(fp, net, batches, max_probes=cfg.max_probes, tol=cfg.tol, seed=seed)
+            if run.main_process:
+                _save_cached(cache_dir, act_key, activations)
     del fp
 
     knapsack = build_knapsack(net, template, curvature, budget)
     chosen = knapsack.allocate(budget.target, cfg.solver_time_limit)
     front = knapsack.frontier(cfg.frontier_points, extra=[budget.target], time_limit=cfg.solver_time_limit)
     arch = to_architecture(template, knapsack, chosen.choice)
+    act_info = None
+    if activations is not None:
+        act_knapsack = activation_knapsack(net, activations)
+        act_chosen = act_knapsack.allocate(activation_budget(net, cfg.a_avg_bits), cfg.solver_time_limit)
+        arch = with_activation_bits(arch, net, act_knapsack, act_chosen.choice)
+        widths = sum(a.in_features for a in activation_sites(net))
+        act_info = {"a_avg_bits": act_chosen.cost / widths, "target": cfg.a_avg_bits, "sensitivity": act_chosen.value,
+                    "bits": {n: b[int(c[0])] for n, b, c in zip(act_knapsack.names, act_knapsack.bits, act_chosen.choice)},
+                    "traces": activations}
+        log.info("hawq activations: %.3g bits per element (budget %g), total sensitivity %.4g", act_info["a_avg_bits"],
+                 cfg.a_avg_bits, act_chosen.value)
     if not budget.fits(arch):  # the knapsack's prices and the cost model disagree: a bug, not bad input
         raise AssertionError(f"hawq chose {budget.of(arch)} {budget.unit} against a budget of {budget.target}")
     scope = budget.scope
@@ -229,7 +264,7 @@ def run_hawq(
     chosen_info = {"cost": chosen.cost, "sensitivity": chosen.value, "gap": chosen.gap, "core_groups": chosen.core,
                    "mb": arch.size_mb(scope), "avg_bits": arch.avg_bits(scope)}
     metrics = stage_metrics("hawq", spec.name, model.name_or_path, results, budget=budget_info, hawq=hawq_info,
-                            chosen=chosen_info, architecture=summary)
+                            chosen=chosen_info, activations=act_info, architecture=summary)
     run.write_json("metrics.json", metrics)
     run.logger.summary({"architecture": summary, "hawq": hawq_info, "chosen": chosen_info, "eval": results})
     return metrics

@@ -185,7 +185,9 @@ def test_curvature_of_the_fp_model_per_site_and_group(batch):
 @pytest.mark.parametrize("overrides, message", [
     (["budget.avg_bits=1.5", "space.w_bits=[2,4,8]"], "below the smallest size"),
     ([], "needs a budget"),
-    (["budget.avg_bits=3", "hawq.activations=true"], "not implemented yet"),
+    (["budget.avg_bits=3", "hawq.activations=true"], "offers one"),
+    (["budget.avg_bits=3", "hawq.activations=true", "space.a_bits=[4,8]"], "needs hawq.a_avg_bits"),
+    (["budget.avg_bits=3", "hawq.activations=true", "space.a_bits=[4,8]", "hawq.a_avg_bits=2"], "at least 4"),
     (["budget.avg_bits=3", "space.w_bits=[4]"], "nothing to allocate"),
     (["budget.match=/nonexistent/architecture.json"], "does not exist"),
 ])
@@ -196,3 +198,52 @@ def test_bad_hawq_settings_fail_at_start_up(env, tmp_path, capsys, overrides, me
     assert err.startswith("error:") and message in err, err
     assert not run_dir.exists()
     assert not (tmp_path / "cache" / "hawq").exists()  # failed before any trace was computed
+
+
+def test_activation_perturbation_differentiates_the_shared_input(batch):
+    """d loss / d e (e added to a quantizer's input) is the gradient w.r.t. that activation, summed over the
+    sites sharing it (Q, K and V)."""
+    from search.hawq_act import _inputs, activation_sites
+
+    torch.manual_seed(0)
+    fp = BertForSequenceClassification(tiny_config()).eval()
+    fp.set_attn_implementation("eager")
+    net = to_supernet(copy.deepcopy(fp), SearchSpace(w_bits=[2, 4], groups=4, a_bits=[4, 8]))
+    acts = activation_sites(net)
+    assert len(acts) == 2 * 4 and len(acts[0].names) == 3  # per layer: Q/K/V shared, attn-out, FFN in, FFN out
+    labelled = {**batch, "labels": torch.tensor([0, 1, 1])}
+    _, xs = _inputs(fp, acts, labelled, None, lambda m, b: m(**b).loss)
+    es = [torch.zeros_like(x, requires_grad=True) for x in xs]
+    loss, _ = _inputs(fp, acts, labelled, es, lambda m, b: m(**b).loss)
+    grads = torch.autograd.grad(loss, es)
+    leaves = []  # the reference: Q, K and V each read a leaf copy of the input; their gradients add up
+
+    def leaf(module, args):
+        leaves.append(args[0].detach().requires_grad_())
+        return (leaves[-1],)
+
+    attn = fp.bert.encoder.layer[0].attention.self
+    handles = [m.register_forward_pre_hook(leaf) for m in (attn.query, attn.key, attn.value)]
+    fp(**labelled).loss.backward()
+    for h in handles:
+        h.remove()
+    reference = sum(x.grad for x in leaves)
+    assert torch.allclose(grads[0], reference, rtol=1e-4, atol=1e-10) and reference.abs().max() > 1e-7
+
+
+def test_hawq_allocates_activation_bits_within_their_budget(env, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "hawq_act"
+    assert run_stage(_cfg(env, tmp_path, *HAWQ, "budget.avg_bits=3", "space.a_bits=[4,8]", "hawq.activations=true",
+                          "hawq.a_avg_bits=6"), run_dir) == 0
+    arch = Architecture.load(run_dir / "architecture.json")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    act = metrics["activations"]
+    assert act["a_avg_bits"] <= 6 + 1e-9 and set(act["bits"].values()) == {4, 8}  # a real mix, within budget
+    for name, (trace, errors) in act["traces"].items():
+        assert np.isfinite(trace) and errors[0] > errors[1] > 0  # 4-bit error above 8-bit error
+        layer = name.rsplit(".attention", 1)[0]
+        if name.endswith("attention.self.query"):  # K and V read the same tensor: same bits
+            assert {arch.site(f"{layer}.attention.self.{s}").a_bits for s in ("query", "key", "value")} == {act["bits"][name]}
+    qat_dir = tmp_path / "qat_act"
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={run_dir / 'architecture.json'}",
+                          "space.a_bits=[4,8]"), qat_dir) == 0
