@@ -139,3 +139,22 @@ def test_compare_checks_every_budget_before_anything_runs(env, tmp_path, capsys)
     assert run_stage(_cfg(env, tmp_path, "stage=compare", "compare.budgets=[3,0.5]", "space.w_bits=[2,4]"), run_dir) != 0
     assert "below the smallest size" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def test_a_hydra_multirun_of_compare_is_summarised_by_the_tool(env, tmp_path):  # noqa: F811
+    from test_app import _python_m_search
+
+    sweep = tmp_path / "multi"
+    args = ["-m", "stage=compare", f"model.name_or_path={env['model']}", f"task.data_dir={env['data']}",
+            "task.max_seq_len=32", "logger=none", "max_steps=2", "progress_bar=false", f"cache_dir={tmp_path / 'cache'}",
+            "space.groups=4", "space.embedding_groups=4", "finetune.batch_size=8", "search.batch_size=8",
+            "qat.batch_size=8", "compare.budgets=[3],[2]", "compare.seeds=[1]", "compare.methods=[searched,uniform]",
+            f"hydra.sweep.dir={sweep}"]
+    done = _python_m_search(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (sweep / "0" / "b3" / "s1" / "qat" / "metrics.json").is_file()
+    assert (sweep / "1" / "b2" / "s1" / "uniform2" / "metrics.json").is_file()
+    out = subprocess.run([sys.executable, "tools/summarize_compare.py", str(sweep)], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    for row in ("| searched | 3 |", "| searched | 2 |", "| uniform | 3 |", "| uniform | 2 |", "| fp32 | FP32 |"):
+        assert row in out
