@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from supernet import MixedEmbedding, Relaxation, Scope, expected_size, set_relaxation, sites
+from supernet import Relaxation, Scope, expected_bitops, expected_size, set_relaxation, sites
 
 from .budget import Budget, Penalty
 
@@ -34,12 +34,16 @@ def task_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 @dataclass
 class SizeTerm:
-    """The size part of the architecture loss: lambda * penalty(expected size) (+ bit-operations)."""
+    """The size part of the architecture loss: lambda * penalty(expected size), plus, optionally,
+    bitops_weight * relu(log(expected bit-operations per token / bitops_target)) (a bit-operations budget:
+    a penalty only above the target; derivation enforces the size budget, not this one)."""
 
     weight: float  # lambda
     budget: Budget | None = None  # None: lambda * expected MiB of `scope`, no target
     penalty: Penalty = Penalty.log_ratio
     scope: Scope = Scope.ENCODER
+    bitops_weight: float = 0.0
+    bitops_target: float | None = None  # GBOPs per token
 
     def __call__(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
         scope = self.budget.scope if self.budget is not None else self.scope
@@ -49,7 +53,13 @@ class SizeTerm:
         else:
             term = size.mb
         logs = {"size/expected_mb": size.mb.item(), "size/expected_avg_bits": size.avg_bits.item(), "loss/size": term.item()}
-        return self.weight * term, logs
+        total = self.weight * term
+        if self.bitops_weight > 0 and self.bitops_target is not None:
+            gbops = expected_bitops(model) / 1e9
+            over = torch.relu(torch.log(gbops / self.bitops_target))
+            logs.update({"size/expected_gbops": gbops.item(), "loss/bitops": over.item()})
+            total = total + self.bitops_weight * over
+        return total, logs
 
 
 def group_lasso(model: nn.Module) -> torch.Tensor:
@@ -58,12 +68,7 @@ def group_lasso(model: nn.Module) -> torch.Tensor:
     for _, site in sites(model):
         if 0 not in site.wq.cands.bits:
             continue
-        g = site.grouping.n_groups
-        if isinstance(site, MixedEmbedding):
-            grouped = site.weight.t().reshape(g, -1)  # [V, D] -> [G, D/G * V]
-        else:
-            grouped = site.weight.view(g, -1)  # [out, in] -> [G, rows/G * in]
-        total = total + grouped.norm(dim=1).sum()
+        total = total + site.to_groups(site.weight).norm(dim=1).sum()
     return torch.as_tensor(total)
 
 

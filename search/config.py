@@ -236,6 +236,8 @@ class SearchConfig:
     size_weight: float = 1.0  # lambda of the size penalty
     penalty: Penalty = Penalty.log_ratio  # how the expected size meets budget.* (linear: no budget needed)
     group_lasso: float = 0.0  # weight of the group-lasso term pushing groups toward 0 bits
+    bitops_target: Optional[float] = None  # GBOPs per token (bits_w x bits_a x MACs); a penalty above it
+    bitops_weight: float = 1.0  # weight of that penalty (with bitops_target set)
     max_grad_norm: float = 1.0
     checkpoint_every: int = 500
     log_every: int = 10
@@ -249,6 +251,8 @@ class SearchConfig:
         for name in ("arch_warmup_ratio", "lr_warmup_ratio"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"search.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.bitops_target is not None:
+            _positive("search.bitops_target", self.bitops_target)
         if self.size_weight < 0 or self.group_lasso < 0:
             raise ValueError("search.size_weight and search.group_lasso must be >= 0")
 

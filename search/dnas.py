@@ -101,7 +101,7 @@ def run_search(
 
     step_fn = BilevelStep(
         net, groups.weights, groups.arch + groups.scales, w_opt, u_opts, cycle(arch_loader),
-        SizeTerm(cfg.size_weight, budget, cfg.penalty, scope),
+        SizeTerm(cfg.size_weight, budget, cfg.penalty, scope, cfg.bitops_weight, cfg.bitops_target),
         backward=accelerator.backward, weight_scheduler=scheduler,
         warmup_steps=int(cfg.arch_warmup_ratio * steps), second_order=cfg.second_order,
         max_grad_norm=cfg.max_grad_norm, group_lasso_weight=cfg.group_lasso, relaxation=cfg.relaxation,

@@ -127,3 +127,23 @@ def test_the_step_trains_in_training_mode_with_gumbel_noise(tiny_cfg):
     assert model.training
     site = next(s for _, s in __import__("supernet").sites(model) if s.wq.alpha is not None)
     assert set(site.wq.probs().unique().tolist()) <= {0.0, 1.0}  # hard Gumbel samples, not softmax
+
+
+def test_a_bit_operations_target_pulls_expected_bitops_down_and_is_free_below_it(tiny_cfg):
+    from supernet import expected_bitops
+
+    torch.manual_seed(0)
+    model = to_supernet(BertForSequenceClassification(tiny_cfg), SPACE).train()
+    start = float(expected_bitops(model)) / 1e9
+    below = SizeTerm(0.0, None, bitops_weight=1.0, bitops_target=start * 2)
+    loss, logs = below(model)
+    assert float(loss) == 0 and logs["loss/bitops"] == 0  # under the target: no penalty
+    term = SizeTerm(0.0, None, bitops_weight=1.0, bitops_target=start / 2)
+    sets = param_sets(model)
+    opt = torch.optim.SGD(sets.arch, lr=5.0)
+    for _ in range(20):
+        opt.zero_grad()
+        loss, logs = term(model)
+        loss.backward()
+        opt.step()
+    assert logs["size/expected_gbops"] < 0.8 * start
