@@ -10,7 +10,8 @@ For every budget b (`budget.avg_bits=b` in `budget.scope`) and seed s, in `b<b>/
               are cached in `cache_dir` and shared by every budget of the seed
   hawq_qat/   the same QAT of HAWQ-V2's architecture
   uniform<u>/ the same QAT of every encoder group at u = max(2, ceil(b)) bits: the nearest uniform
-              precision that is not smaller than the budget (the baseline is never given less room)
+              precision that is not smaller than the budget (the baseline is never given less room);
+              embeddings, head and activations as in the searched architecture
 plus `fp32/` (the fine-tuned checkpoint evaluated; `finetune/` first when the model is not fine-tuned on
 the task). Every method starts from the same checkpoint with the same seed, QAT recipe and data.
 A finished step (its metrics.json) is skipped and an interrupted one resumes, so `resume=true` continues
@@ -24,6 +25,8 @@ import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from supernet import Architecture
 
 from .budget import Budget, uniform
 from .comparison import Row, budget_dir, collect, write_comparison
@@ -74,8 +77,9 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
     if Method.uniform in methods:
         bits = uniform_bits(budget)
         path = run.path / cell / f"uniform{bits}.json"
-        if not path.is_file():
-            uniform(skeleton, bits).save(path)
+        if not path.is_file():  # embeddings, head and activations as the searched architecture has them
+            template = Architecture.load(searched) if searched.is_file() else skeleton
+            uniform(template, bits).save(path)
         _qat(c, run, f"{cell}/uniform{bits}", model, path, seed)
 
 
