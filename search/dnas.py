@@ -28,7 +28,7 @@ from .evaluate import evaluate_sets, scalars, stage_metrics
 from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
 from .models import load_task_model, load_tokenizer
 from .plots import plot_architecture
-from .prepare import TRAIN, eval_sets, eval_split_names, load_splits
+from .prepare import TRAIN, task_data
 from .rundir import RunDir, write_text_atomic
 from .tasks import get_task
 
@@ -68,8 +68,7 @@ def run_search(
         raise UserError(f"search.penalty={cfg.penalty.value} needs a target: set budget.avg_bits, budget.mb or budget.match, "
                         f"or use search.penalty=linear with search.size_weight")
     tokenizer = load_tokenizer(model.name_or_path)
-    splits = eval_split_names(spec.name, evaluation.splits)
-    raw, tokenized = load_splits(task, tokenizer, [TRAIN, *splits], cache_dir, max_eval_examples)
+    tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
     weight_part, arch_part = split_for_search(tokenized[TRAIN], cfg.weight_fraction, seed)
     net = load_task_model(model.name_or_path, spec.name)
     to_supernet(net, space)
@@ -81,7 +80,6 @@ def run_search(
         budget.check_reachable(template, site_candidates(net))
     weight_loader = make_loader(weight_part, tokenizer, cfg.batch_size, shuffle=True, seed=seed)
     arch_loader = make_loader(arch_part, tokenizer, cfg.batch_size, shuffle=True, seed=seed + 1)
-    sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)
     accelerator = make_accelerator(mixed_precision, seed)
 
     run.main_process = accelerator.is_main_process

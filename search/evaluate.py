@@ -28,7 +28,7 @@ from search.errors import UserError
 from search.loop import make_accelerator
 from search.metrics import compute_metrics, ids_to_tags, postprocess_qa, squad_references
 from search.models import load_task_model, load_tokenizer
-from search.prepare import EvalSet, eval_sets, eval_split_names, load_splits
+from search.prepare import EvalSet, task_data
 from search.quantized import load_any_quantized
 from search.rundir import RunDir
 from search.tasks import TaskKind, TaskSpec, get_task
@@ -200,9 +200,7 @@ def run_eval(
     else:
         net = load_task_model(source, spec.name)
     tokenizer = load_tokenizer(source)  # after the model: a corrupt folder is reported as such
-    splits = eval_split_names(spec.name, evaluation.splits)
-    raw, tokenized = load_splits(task, tokenizer, splits, cache_dir, max_eval_examples)
-    sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)
+    _, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=False)
     accelerator = make_accelerator(mixed_precision, seed)
 
     run.main_process = accelerator.is_main_process

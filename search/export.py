@@ -24,7 +24,7 @@ from .errors import UserError
 from .evaluate import evaluate_sets, stage_metrics
 from .loop import make_accelerator
 from .models import load_tokenizer
-from .prepare import eval_sets, eval_split_names, load_splits
+from .prepare import task_data
 from .quantized import QUANTIZED_DIR, WEIGHTS_FILE, is_quantized_dir, load_any_quantized, load_quantized, load_space
 from .rundir import RunDir
 
@@ -97,9 +97,7 @@ def run_export(
              sized.act_scale_bytes, sized.buffer_bytes, 100 * sized.overhead, sized.fp32_bytes / MIB,
              sized.fp32_bytes / sized.file_bytes, sized.folder_bytes / MIB)
 
-    splits = eval_split_names(task.name, evaluation.splits)
-    raw, tokenized = load_splits(task, tokenizer, splits, cache_dir, max_eval_examples)
-    sets = eval_sets(raw, tokenized, task.name, tokenizer, evaluation.batch_size, splits)
+    _, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=False)
     accelerator = make_accelerator(mixed_precision, seed)
     model, qat_model = model.to(accelerator.device), qat_model.to(accelerator.device)
     verify = None

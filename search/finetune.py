@@ -16,7 +16,7 @@ from search.data import make_loader
 from search.evaluate import evaluate_sets, scalars, stage_metrics
 from search.loop import adamw, linear_warmup, make_accelerator, supervised_step, total_steps, train
 from search.models import load_task_model, load_tokenizer, save_checkpoint
-from search.prepare import TRAIN, eval_sets, eval_split_names, load_splits
+from search.prepare import TRAIN, task_data
 from search.rundir import RunDir
 from search.tasks import get_task
 
@@ -47,11 +47,9 @@ def finetune(
     """
     spec = get_task(task.name)
     tokenizer = load_tokenizer(model.name_or_path)
-    splits = eval_split_names(spec.name, evaluation.splits)
-    raw, tokenized = load_splits(task, tokenizer, [TRAIN, *splits], cache_dir, max_eval_examples)
+    tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
     net = load_task_model(model.name_or_path, spec.name)
     train_loader = make_loader(tokenized[TRAIN], tokenizer, train_cfg.batch_size, shuffle=True, seed=seed)
-    sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)
     accelerator = make_accelerator(mixed_precision, seed)
 
     run.main_process = accelerator.is_main_process

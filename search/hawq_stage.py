@@ -39,7 +39,7 @@ from .knapsack import Knapsack
 from .loop import make_accelerator
 from .models import load_task_model, load_tokenizer
 from .plots import plot_architecture, plot_convergence, plot_frontier
-from .prepare import TRAIN, eval_sets, eval_split_names, load_splits
+from .prepare import TRAIN, task_data
 from .rundir import RunDir, write_text_atomic
 from .tasks import get_task
 
@@ -159,8 +159,7 @@ def run_hawq(
             raise UserError(f"hawq.activations=true needs hawq.a_avg_bits (average bits per activation element) of at "
                             f"least {min(space.a_bits)}, the smallest of space.a_bits; got {cfg.a_avg_bits}")
     tokenizer = load_tokenizer(model.name_or_path)
-    splits = eval_split_names(spec.name, evaluation.splits)
-    raw, tokenized = load_splits(task, tokenizer, [TRAIN, *splits], cache_dir, max_eval_examples)
+    tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
     net = load_task_model(model.name_or_path, spec.name)
     fp = copy.deepcopy(net)  # the FP model whose Hessian is taken (the supernet's quantizers have none)
     to_supernet(net, space)
@@ -176,7 +175,6 @@ def run_hawq(
                     "hawq.activations=true allocates them too", space.a_bits[0])
     loader = make_loader(tokenized[TRAIN], tokenizer, cfg.batch_size, shuffle=True, seed=seed)
     batches = list(itertools.islice(loader, cfg.num_batches))
-    sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)
     accelerator = make_accelerator(mixed_precision, seed)
 
     run.main_process = accelerator.is_main_process

@@ -15,11 +15,11 @@ from typing import Any, Iterable
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from search.config import TaskConfig
+from search.config import EvalConfig, TaskConfig
 from search.data import load_raw, make_loader, tokenize
 from search.tasks import TaskKind, get_task
 
-__all__ = ["EvalSet", "eval_split_names", "load_splits", "eval_sets"]
+__all__ = ["EvalSet", "eval_split_names", "load_splits", "eval_sets", "task_data"]
 
 TRAIN = "train"
 
@@ -79,3 +79,20 @@ def eval_sets(
             features=tokenized[split] if qa else None,
         ))
     return out
+
+
+def task_data(
+    task: TaskConfig,
+    tokenizer: Any,
+    evaluation: EvalConfig,
+    cache_dir: str | None,
+    max_eval_examples: int | None = None,
+    *,
+    train: bool,
+) -> tuple[dict[str, Dataset], list[EvalSet]]:
+    """What a stage needs: the tokenised splits (with `train` when asked) and the evaluation loaders over
+    the dev split(s) and `evaluation.splits`."""
+    name = get_task(task.name).name
+    splits = eval_split_names(name, evaluation.splits)
+    raw, tokenized = load_splits(task, tokenizer, [TRAIN, *splits] if train else splits, cache_dir, max_eval_examples)
+    return tokenized, eval_sets(raw, tokenized, name, tokenizer, evaluation.batch_size, splits)

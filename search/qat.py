@@ -27,7 +27,7 @@ from .evaluate import evaluate_sets, scalars, stage_metrics
 from .freezing import OscillationFreezer
 from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
 from .models import load_task_model, load_tokenizer
-from .prepare import TRAIN, eval_sets, eval_split_names, load_splits
+from .prepare import TRAIN, task_data
 from .quantized import QUANTIZED_DIR, quantize, save_quantized, space_for
 from .rundir import RunDir
 from .tasks import TaskKind, get_task
@@ -138,8 +138,7 @@ def run_qat(
         except ValueError as e:  # malformed JSON or values: the file is the user's
             raise UserError(str(e)) from e
     tokenizer = load_tokenizer(model.name_or_path)
-    splits = eval_split_names(spec.name, evaluation.splits)
-    raw, tokenized = load_splits(task, tokenizer, [TRAIN, *splits], cache_dir, max_eval_examples)
+    tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
     net = load_task_model(model.name_or_path, spec.name)
     qspace = space_for(architecture, space)
     try:
@@ -148,7 +147,6 @@ def run_qat(
         raise UserError(f"{cfg.architecture or 'the architecture'} does not fit {model.name_or_path}: {e}") from e
     teacher = load_task_model(model.name_or_path, spec.name).eval() if cfg.kd_weight > 0 or cfg.hidden_weight > 0 else None
     train_loader = make_loader(tokenized[TRAIN], tokenizer, cfg.batch_size, shuffle=True, seed=seed)
-    sets = eval_sets(raw, tokenized, spec.name, tokenizer, evaluation.batch_size, splits)
     accelerator = make_accelerator(mixed_precision, seed)
 
     run.main_process = accelerator.is_main_process
