@@ -14,6 +14,7 @@ graph is built once, each further probe is one product) and the relative change 
 
     python tools/bench_cost.py --model ../shared/assets/models/all-MiniLM-L6-v2
     python tools/bench_cost.py --trace --probes 100
+    python tools/bench_cost.py --qat          # a QAT step (KD from the FP teacher) against the FP step
 """
 from __future__ import annotations
 
@@ -83,6 +84,33 @@ def probe_step(model: str, space: SearchSpace, batch: dict[str, torch.Tensor]):
     return lambda: measure_curvature(fp, supernet, [batch], Sensitivity.trace, max_probes=1, tol=1e-12, seed=next(seeds))
 
 
+def qat_bench_step(model: str, batch: dict[str, torch.Tensor]):
+    """One QAT step (search/qat.py: task loss + KD from the FP teacher, AdamW, LSQ steps) of a mixed
+    {0,2,4,8}-bit architecture drawn at random per group (seeded)."""
+    from accelerate import Accelerator
+    from transformers import get_constant_schedule
+
+    from search.qat import qat_optimizer, qat_step
+    from search.quantized import quantize
+    from search.tasks import TaskKind
+    from supernet import Architecture
+
+    net = build(model, SearchSpace())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, site in sites(net):
+            if site.wq.alpha is not None:
+                site.wq.alpha.copy_(torch.randn(site.wq.alpha.shape, generator=g))
+    arch = Architecture.from_supernet(net)
+    student = quantize(build(model, None), arch, SearchSpace()).train()
+    teacher = build(model, None).eval()
+    opt = qat_optimizer(student, 2e-5, 2e-5, 0.01)
+    step = qat_step(student, teacher, opt, get_constant_schedule(opt), Accelerator(cpu=True), TaskKind.CLASSIFICATION,
+                    kd_weight=0.5, kd_temperature=2.0, hidden_weight=0.0, dampen_weight=0.0, max_grad_norm=1.0)
+    count = itertools.count()
+    return lambda: step(batch, next(count)), arch.avg_bits("encoder")
+
+
 def interleaved(a, b, rounds: int) -> tuple[list[float], list[float]]:
     a(), b()  # warm-up
     ta, tb = [], []
@@ -94,8 +122,30 @@ def interleaved(a, b, rounds: int) -> tuple[list[float], list[float]]:
     return ta, tb
 
 
+def table(paths: list[str]) -> None:
+    """The Markdown rows of earlier --json-out files."""
+    print("| measurement | groups | FP step (s) | other (s) | ratio | search over an FP epoch |")
+    print("|---|---|---|---|---|---|")
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["results"]:
+                if "config" not in r:  # the convergence record
+                    changes = ", ".join(f"{k}: {v:.3g}" for k, v in r["change_after"].items())
+                    print(f"| Hutchinson, {r['probes']} probes on {r['groups']} groups: {r['wall_s']:.1f} s, "
+                          f"{r['s_per_probe']:.2f} s per probe; relative change after N probes {changes}; "
+                          f"{r['negative_groups']} negative estimates | | | | | |")
+                    continue
+                kind = next(k for k in ("search_iter_s", "probe_s", "qat_step_s") if k in r)
+                ratio = r[next(k for k in r if k.endswith("_over_fp_step"))]
+                label = {"search_iter_s": "search iteration", "probe_s": "one probe", "qat_step_s": "QAT step"}[kind]
+                epoch = f"{r['search_over_fp_epoch']:.2f}x" if "search_over_fp_epoch" in r else ""
+                print(f"| {label}: {r['config']} | {r.get('groups', '')} | {r['fp_step_s']:.3f} | {r[kind]:.3f} | "
+                      f"{ratio:.2f}x | {epoch} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print earlier --json-out results as Markdown and stop")
     p.add_argument("--model", default="../shared/assets/models/all-MiniLM-L6-v2")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
@@ -103,8 +153,12 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="labels of CONFIGS to run (default: all)")
     p.add_argument("--trace", action="store_true", help="time a Hutchinson probe instead of a search iteration")
     p.add_argument("--probes", type=int, default=0, help="with --trace: also run this many probes for convergence")
+    p.add_argument("--qat", action="store_true", help="time a QAT step (KD on) of a mixed architecture instead")
     p.add_argument("--json-out")
     args = p.parse_args()
+    if args.table:
+        table(args.table)
+        return
     torch.manual_seed(0)
     wb, ab = make_batch(args.batch_size, args.seq_len, 0), make_batch(args.batch_size, args.seq_len, 1)
     fp = fp_step(build(args.model, None), wb)
@@ -112,6 +166,14 @@ def main() -> None:
     if args.trace:
         configs = [c for c in configs if c[1] == [0, 2, 4, 8]]
     results = []
+    if args.qat:
+        other, bits = qat_bench_step(args.model, wb)
+        t_fp, t_qat = interleaved(fp, other, args.rounds)
+        row = {"config": f"QAT, mixed {{0,2,4,8}} at {bits:.2f} bits, KD 0.5", "fp_step_s": statistics.median(t_fp),
+               "qat_step_s": statistics.median(t_qat), "qat_over_fp_step": statistics.median(t_qat) / statistics.median(t_fp)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        configs = []
     for label, w_bits, groups in configs:
         space = SearchSpace(w_bits=w_bits, groups=groups)
         net = build(args.model, space)
