@@ -13,6 +13,7 @@ baselines), comparison.csv, runs.csv and pareto.png. Nothing is typed by hand.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import statistics
@@ -61,6 +62,8 @@ class Row:
     compression: float  # FP32 total bytes / total bytes
     pruned_groups: int
     run_dir: str
+    fp32_encoder_mb: float = float("nan")  # the same model in FP32
+    fp32_total_mb: float = float("nan")
 
 
 def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Row:
@@ -69,7 +72,20 @@ def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Ro
     return Row(method, budget, seed, m["main_metric"]["name"], float(m["main_metric"]["value"]),
                float(arch.get("encoder_avg_bits", 32.0)), float(arch.get("encoder_mb", float("nan"))),
                float(arch.get("total_mb", float("nan"))), float(arch.get("total_compression") or 1.0),
-               int(arch.get("pruned_groups", 0)), str(path.parent))
+               int(arch.get("pruned_groups", 0)), str(path.parent),
+               float(arch.get("encoder_mb", float("nan"))) * float(arch.get("encoder_compression") or float("nan")),
+               float(arch.get("total_mb", float("nan"))) * float(arch.get("total_compression") or float("nan")))
+
+
+def _fp32_sizes(rows: list[Row]) -> list[Row]:
+    """The FP32 reference's sizes (its eval run has no architecture), from any quantized run of the same model:
+    exact MiB x compression ratio = FP32 MiB."""
+    quantized = next((r for r in rows if r.method is not Kind.fp32 and r.fp32_encoder_mb == r.fp32_encoder_mb), None)
+    if quantized is None:
+        return rows
+    fp32_encoder, fp32_total = quantized.fp32_encoder_mb, quantized.fp32_total_mb
+    return [dataclasses.replace(r, encoder_mb=fp32_encoder, total_mb=fp32_total) if r.method is Kind.fp32 else r
+            for r in rows]
 
 
 def _method(child: str) -> Kind | None:
@@ -89,7 +105,7 @@ def collect(roots: Iterable[Path]) -> list[Row]:
             b, s = _CELL[0].match(budget_dir_), _CELL[1].match(seed_dir)
             if method is not None and b and s:
                 rows.append(_row(path, method, float(b.group(1)), int(s.group(1))))
-    return rows
+    return _fp32_sizes(rows)
 
 
 @dataclass(frozen=True)
