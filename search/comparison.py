@@ -22,6 +22,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from supernet import MIB, Architecture
+
 from .config import Method
 
 __all__ = ["Kind", "Row", "Point", "collect", "aggregate", "write_comparison", "budget_dir", "verdict"]
@@ -64,22 +66,37 @@ class Row:
     run_dir: str
     fp32_encoder_mb: float = float("nan")  # the same model in FP32
     fp32_total_mb: float = float("nan")
+    others: tuple[tuple[str, float], ...] = ()  # the main split's other metrics (MRPC: accuracy beside F1)
 
 
 def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Row:
     m = json.loads(path.read_text())
     arch = m.get("architecture") or {}
+    main = m["main_metric"]["name"]
+    split = m.get("split") or next(iter(m.get("splits") or {}), None)
+    metrics = (m.get("splits") or {}).get(split, {}).get("metrics", {})
+    others = tuple((k, float(v)) for k, v in metrics.items() if k != main)
     return Row(method, budget, seed, m["main_metric"]["name"], float(m["main_metric"]["value"]),
                float(arch.get("encoder_avg_bits", 32.0)), float(arch.get("encoder_mb", float("nan"))),
                float(arch.get("total_mb", float("nan"))), float(arch.get("total_compression") or 1.0),
                int(arch.get("pruned_groups", 0)), str(path.parent),
-               float(arch.get("encoder_mb", float("nan"))) * float(arch.get("encoder_compression") or float("nan")),
-               float(arch.get("total_mb", float("nan"))) * float(arch.get("total_compression") or float("nan")))
+               *_fp32_mb(path.parent, arch),
+               others)
+
+
+def _fp32_mb(run_dir: Path, arch: dict[str, Any]) -> tuple[float, float]:
+    """(encoder, total) MiB of the model in FP32: from the summary, else from the run's architecture.json."""
+    if "encoder_fp32_mb" in arch:
+        return float(arch["encoder_fp32_mb"]), float(arch["total_fp32_mb"])
+    path = run_dir / "architecture.json"
+    if not path.is_file():
+        return float("nan"), float("nan")
+    a = Architecture.load(path)
+    return a.fp32_bytes("encoder") / MIB, a.fp32_bytes("total") / MIB
 
 
 def _fp32_sizes(rows: list[Row]) -> list[Row]:
-    """The FP32 reference's sizes (its eval run has no architecture), from any quantized run of the same model:
-    exact MiB x compression ratio = FP32 MiB."""
+    """The FP32 reference's sizes (its eval run has no architecture), from any quantized run of the same model."""
     quantized = next((r for r in rows if r.method is not Kind.fp32 and r.fp32_encoder_mb == r.fp32_encoder_mb), None)
     if quantized is None:
         return rows
@@ -124,6 +141,7 @@ class Point:
     total_mb: float
     compression: float
     pruned_groups: float
+    others: tuple[tuple[str, float], ...] = ()  # medians of the other metrics
 
 
 def aggregate(rows: Sequence[Row]) -> list[Point]:
@@ -143,9 +161,11 @@ def aggregate(rows: Sequence[Row]) -> list[Point]:
         def med(attr: str) -> float:
             return statistics.median(getattr(r, attr) for r in rs)
 
+        names = [k for k, _ in rs[0].others]
+        others = tuple((k, statistics.median(dict(r.others).get(k, float("nan")) for r in rs)) for k in names)
         points.append(Point(method, budget, len(rs), rs[0].metric_name, statistics.median(values), min(values),
                             max(values), med("encoder_avg_bits"), med("encoder_mb"), med("total_mb"),
-                            med("compression"), med("pruned_groups")))
+                            med("compression"), med("pruned_groups"), others))
     order = list(Kind)
     return sorted(points, key=lambda p: (-(p.budget or 99), order.index(p.method)))
 
@@ -185,11 +205,11 @@ def _fmt(p: Point) -> list[str]:
     spread = f"{p.median:.2f} [{p.low:.2f}, {p.high:.2f}]" if p.seeds > 1 else f"{p.median:.2f}"
     return [p.method.value, "FP32" if p.budget is None else f"{p.budget:g}", f"{p.encoder_avg_bits:.3f}",
             f"{p.encoder_mb:.3f}", f"{p.total_mb:.3f}", f"{p.compression:.2f}x", f"{p.pruned_groups:.0f}",
-            f"{p.metric_name} {spread}", str(p.seeds)]
+            f"{p.metric_name} {spread}", ", ".join(f"{k} {v:.2f}" for k, v in p.others), str(p.seeds)]
 
 
 COLUMNS = ["method", "budget (bits)", "encoder bits/weight", "encoder MiB", "total MiB", "compression (total)",
-           "pruned groups", "metric median [min, max]", "seeds"]
+           "pruned groups", "metric median [min, max]", "other metrics (median)", "seeds"]
 
 
 def markdown(points: Sequence[Point], title: str) -> str:

@@ -140,6 +140,7 @@ class Architecture:
             out[f"{scope.value}_avg_bits"] = round(self.avg_bits(scope), 4)
             ratio = self.compression_ratio(scope)
             out[f"{scope.value}_compression"] = round(ratio, 3) if ratio != float("inf") else None
+            out[f"{scope.value}_fp32_mb"] = round(self.fp32_bytes(scope) / MIB, 4)
         out["groups"] = self.n_groups()
         out["pruned_groups"] = self.pruned_groups()
         out["bitops_per_token"] = self.bitops()
