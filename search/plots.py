@@ -160,6 +160,6 @@ def pareto(points: Sequence["Point"], path: str | Path, title: str = "") -> Path
         ax.axhline(fp.median, ls="--", lw=1, color="black", label=f"FP32 ({fp.median:.2f})")
     ax.set_xlabel("encoder weights (MiB, exact)")
     ax.set_ylabel(f"dev {name} (%)")
-    ax.set_title(title or "accuracy at equal size")
+    ax.set_title(title or "accuracy at equal size", fontsize=8)
     ax.legend(fontsize=8)
     return _save(fig, path)
