@@ -32,6 +32,7 @@ from search.prepare import EvalSet, task_data
 from search.quantized import load_any_quantized
 from search.rundir import RunDir
 from search.tasks import TaskKind, TaskSpec, get_task
+from supernet import is_packed_dir, read_manifest
 
 __all__ = ["evaluate", "evaluate_sets", "main_metric_name", "scalars", "run_eval"]
 
@@ -209,7 +210,10 @@ def run_eval(
     for s in sets:
         s.loader = accelerator.prepare(s.loader)
     results = evaluate_sets(net, sets, spec.name, accelerator)
-    metrics = stage_metrics("eval", spec.name, source, results, **({"architecture": sizes} if sizes else {}))
+    extra: dict[str, Any] = {"architecture": sizes} if sizes else {}
+    if is_packed_dir(source):  # what the shipped folder takes on disk (checked against its manifest on load)
+        extra["packed_size"] = read_manifest(source)["size"]
+    metrics = stage_metrics("eval", spec.name, source, results, **extra)
     run.write_json("metrics.json", metrics)
     run.logger.summary({"eval": results})
     return metrics

@@ -70,6 +70,7 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path):  # noqa: 
     packed_eval = tmp_path / "eval_packed"
     assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={export_dir / 'packed'}"), packed_eval) == 0
     assert _metrics(packed_eval)["main_metric"] == pytest.approx(qat["main_metric"])
+    assert _metrics(packed_eval)["packed_size"]["file_bytes"] == size["file_bytes"]
 
 
 @pytest.mark.parametrize("overrides, message", [
