@@ -20,26 +20,9 @@ import torch
 from torch import nn
 
 from supernet import sites
-from supernet.mixed import Site
-from supernet.quantizers import CandidateKind, QuantMode, candidate_kind, int_codes
+from supernet.mixed import fixed_codes
 
 __all__ = ["OscillationFreezer"]
-
-
-def _steps_and_codes(site: Site) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """([G, 1] step of each group's chosen candidate, [G, n] integer codes of the weights, [G] quantized mask)."""
-    grouped = site.to_groups(site.weight.detach())
-    bits = torch.tensor(site.wq.cands.bits, device=grouped.device)[site.wq.choice]  # [G]
-    steps = site.wq.step.detach().gather(1, site.wq.choice[:, None]).clamp_min(1e-8)  # [G, 1]
-    codes = torch.zeros_like(grouped)
-    quantized = torch.zeros_like(bits, dtype=torch.bool)
-    for b in bits.unique().tolist():
-        if candidate_kind(b) is not CandidateKind.INT:
-            continue
-        idx = (bits == b).nonzero().flatten()
-        codes[idx] = int_codes(grouped[idx], steps[idx], b, QuantMode.SYMMETRIC)
-        quantized[idx] = True
-    return steps, codes, quantized
 
 
 class OscillationFreezer:
@@ -52,7 +35,7 @@ class OscillationFreezer:
         self.sites = [(name, s) for name, s in sites(model) if s.wq.fixed and not s.wq.cands.is_identity]
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         for name, site in self.sites:
-            _, codes, _ = _steps_and_codes(site)
+            _, codes, _ = fixed_codes(site)
             self.state[name] = {
                 "codes": codes.to(torch.int8),  # [G, n] the codes after the last step
                 "direction": torch.zeros_like(codes, dtype=torch.int8),  # sign of the last move, 0 before any
@@ -67,7 +50,7 @@ class OscillationFreezer:
         frozen = oscillating = total = 0
         for name, site in self.sites:
             st = self.state[name]
-            steps, codes, quantized = _steps_and_codes(site)
+            steps, codes, quantized = fixed_codes(site)
             delta = codes - st["codes"].float()
             moved = delta != 0
             direction = torch.sign(delta).to(torch.int8)

@@ -29,7 +29,8 @@ from .bilevel import task_loss
 from .hessian import Hessian, hutchinson
 from .knapsack import Knapsack
 
-__all__ = ["ActSite", "activation_sites", "activation_traces", "activation_knapsack", "with_activation_bits"]
+__all__ = ["ActSite", "activation_sites", "activation_traces", "activation_knapsack", "activation_width",
+           "with_activation_bits"]
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -142,9 +143,10 @@ def activation_knapsack(supernet: nn.Module, measured: Mapping[str, tuple[float,
     return Knapsack(tuple(names), tuple(bits), tuple(values), tuple(prices), 0.0)
 
 
-def activation_budget(supernet: nn.Module, a_avg_bits: float) -> float:
-    """The knapsack's budget for an average of `a_avg_bits` bits per activation element."""
-    return a_avg_bits * sum(a.in_features for a in activation_sites(supernet))
+def activation_width(supernet: nn.Module) -> int:
+    """Activation elements per token over all quantizers: the knapsack's cost of one bit per element (so an
+    average of `a` bits per element is a budget of `a * width`)."""
+    return sum(a.in_features for a in activation_sites(supernet))
 
 
 def with_activation_bits(arch: Architecture, supernet: nn.Module, knapsack: Knapsack,

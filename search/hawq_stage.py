@@ -9,8 +9,9 @@ it. Curvature is the expensive part and does not depend on the budget, so it is 
 
 Writes architecture.json (+ .png), frontier.csv (+ .png), traces.json (+ traces.png, Hutchinson's
 convergence) and metrics.json, with the chosen model evaluated before QAT. With `hawq.activations=true`
-the input activations get their bits the same way (search/hawq_act.py), under `hawq.a_avg_bits`. Everything that can fail on
-bad input, an unreachable budget included, fails before the run directory gets its first file.
+the input activations get their bits the same way (search/hawq_act.py), under `hawq.a_avg_bits`.
+Everything that can fail on bad input, an unreachable budget included, fails before the run directory
+gets its first file.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .data import make_loader
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
 from .hawq import Curvature, build_knapsack, measure_curvature, to_architecture
-from .hawq_act import activation_budget, activation_knapsack, activation_sites, activation_traces, with_activation_bits
+from .hawq_act import activation_knapsack, activation_traces, activation_width, with_activation_bits
 from .knapsack import Knapsack
 from .loop import make_accelerator
 from .models import load_task_model, load_tokenizer
@@ -204,10 +205,10 @@ def run_hawq(
     act_info = None
     if activations is not None:
         act_knapsack = activation_knapsack(net, activations)
-        act_chosen = act_knapsack.allocate(activation_budget(net, cfg.a_avg_bits), cfg.solver_time_limit)
+        width = activation_width(net)
+        act_chosen = act_knapsack.allocate(cfg.a_avg_bits * width, cfg.solver_time_limit)
         arch = with_activation_bits(arch, net, act_knapsack, act_chosen.choice)
-        widths = sum(a.in_features for a in activation_sites(net))
-        act_info = {"a_avg_bits": act_chosen.cost / widths, "target": cfg.a_avg_bits, "sensitivity": act_chosen.value,
+        act_info = {"a_avg_bits": act_chosen.cost / width, "target": cfg.a_avg_bits, "sensitivity": act_chosen.value,
                     "bits": {n: b[int(c[0])] for n, b, c in zip(act_knapsack.names, act_knapsack.bits, act_chosen.choice)},
                     "traces": activations}
         log.info("hawq activations: %.3g bits per element (budget %g), total sensitivity %.4g", act_info["a_avg_bits"],

@@ -78,12 +78,11 @@ def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
     qat_cfg = dataclasses.replace(c.qat, architecture=str(run.path / "search" / "architecture.json"))
     results["qat"] = run_step(run, "qat", lambda r, resume: run_qat(
         model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common))
-    checkpoint = model.name_or_path
 
     summary = {
         "stage": "pipeline",
         "task": spec.name,
-        "checkpoint": checkpoint,
+        "checkpoint": model.name_or_path,
         "steps": {name: {"main_metric": r.get("main_metric"), "dir": str(run.path / name)} for name, r in results.items()},
         "architecture": results["qat"]["architecture"],
         "main_metric": results["qat"]["main_metric"],

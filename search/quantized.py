@@ -21,7 +21,6 @@ from transformers import AutoConfig
 from supernet import Architecture, SearchSpace, SiteKind, is_packed_dir, load_packed, to_supernet
 
 from .errors import UserError, first_line
-
 from .models import MODEL_CLASSES, TASK_FILE
 from .rundir import replace_dir
 from .tasks import get_task

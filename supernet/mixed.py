@@ -21,11 +21,14 @@ from torch import nn
 
 from .groups import Grouping
 from .quantizers import (
+    MIN_STEP,
     CandidateKind,
     CandidateSet,
     InitRule,
     QuantMode,
+    candidate_kind,
     init_step,
+    int_codes,
     lsq_grad_scale,
     mix_fake_quant,
 )
@@ -297,6 +300,25 @@ def sites(model: nn.Module) -> Iterator[tuple[str, Site]]:
     for name, module in model.named_modules():
         if isinstance(module, (MixedLinear, MixedEmbedding)):
             yield name, module
+
+
+@torch.no_grad()
+def fixed_codes(site: Site) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of a site fixed to one candidate per group: ([G, 1] the chosen candidate's step, clamped as the forward
+    clamps it; [G, n] the integer codes of its weights, exactly the forward's; [G] True where the group is
+    integer-quantized). Codes of pruned and float groups are 0."""
+    grouped = site.to_groups(site.weight.detach()).float()
+    bits = torch.tensor(site.wq.cands.bits, device=grouped.device)[site.wq.choice]  # [G]
+    steps = site.wq.step.detach().float().gather(1, site.wq.choice[:, None]).clamp_min(MIN_STEP)  # [G, 1]
+    codes = torch.zeros_like(grouped)
+    quantized = torch.zeros_like(bits, dtype=torch.bool)
+    for b in bits.unique().tolist():
+        if candidate_kind(b) is not CandidateKind.INT:
+            continue
+        idx = (bits == b).nonzero().flatten()
+        codes[idx] = int_codes(grouped[idx], steps[idx], b, QuantMode.SYMMETRIC)
+        quantized[idx] = True
+    return steps, codes, quantized
 
 
 def set_relaxation(model: nn.Module, relaxation: Relaxation, tau: float) -> None:

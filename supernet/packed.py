@@ -37,9 +37,9 @@ from transformers import AutoConfig
 from .architecture import Architecture, SiteArch
 from .bert import to_supernet
 from .cost import Scope
-from .mixed import Site, sites
+from .mixed import Site, fixed_codes, sites
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .quantizers import MIN_STEP, CandidateKind, QuantMode, candidate_kind, int_codes, qrange
+from .quantizers import CandidateKind, QuantMode, candidate_kind, qrange
 from .space import SearchSpace
 
 FORMAT = "bert-mpq.packed"
@@ -117,6 +117,7 @@ def pack_model(model: nn.Module, arch: Architecture) -> tuple[dict[str, torch.Te
     for name, site in sites(model):
         sa = arch.site(name)
         grouped = site.to_groups(site.weight.detach()).float()  # [G, n]
+        steps, codes, _ = fixed_codes(site)  # exactly the forward's codes and steps
         for b, idx in _by_bits(sa):
             kind = candidate_kind(b)
             if kind is CandidateKind.ZERO:
@@ -124,10 +125,9 @@ def pack_model(model: nn.Module, arch: Architecture) -> tuple[dict[str, torch.Te
             if kind is CandidateKind.FLOAT:
                 tensors[f"{name}.f{b}"] = grouped[idx].to(_FLOAT_DTYPES[b]).contiguous()
                 continue
-            k = site.wq.cands.index(b)
-            step = site.wq.step.detach()[idx, k].float().clamp_min(MIN_STEP)  # [m], as the forward clamps it
-            codes = int_codes(grouped[idx], step[:, None], b)  # [m, n], exactly the forward's codes
-            unsigned = (codes - qrange(b, QuantMode.SYMMETRIC)[0]).to(torch.uint8)
+            idx = idx.to(codes.device)
+            step = steps[idx, 0]  # [m]
+            unsigned = (codes[idx] - qrange(b, QuantMode.SYMMETRIC)[0]).to(torch.uint8)  # [m, n]
             tensors[f"{name}.q{b}"] = pack_codes(unsigned, b).cpu()
             tensors[f"{name}.s{b}"] = step.to(scale_dtype).contiguous()
             if not torch.equal(tensors[f"{name}.s{b}"].float(), step):

@@ -109,11 +109,12 @@ def _fixed_uniform(cfg, bits: int = 2):
 
 
 def test_oscillating_weights_freeze_and_stay_on_their_code(tiny_cfg):
-    from search.freezing import OscillationFreezer, _steps_and_codes
+    from search.freezing import OscillationFreezer
+    from supernet.mixed import fixed_codes
 
     model, _ = _fixed_uniform(tiny_cfg)
     name, site = next((n, s) for n, s in sites(model) if s.kind is SiteKind.ENCODER)
-    steps, codes, _ = _steps_and_codes(site)
+    steps, codes, _ = fixed_codes(site)
     s = float(steps[0, 0])
     base = site.to_groups(site.weight.detach()).clone()
 
@@ -137,7 +138,7 @@ def test_oscillating_weights_freeze_and_stay_on_their_code(tiny_cfg):
         g[0, 0] = 5 * s
         site.weight.copy_(site.from_groups(g))
         freezer()
-        _, codes, _ = _steps_and_codes(site)
+        _, codes, _ = fixed_codes(site)
     assert codes[0, 0] == st["frozen_codes"][0, 0]
     assert torch.allclose(site.to_groups(site.weight)[0, 0], st["frozen_codes"][0, 0].float() * steps[0, 0])
     again = OscillationFreezer(model, threshold=0.3, momentum=0.5)
