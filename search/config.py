@@ -48,6 +48,7 @@ __all__ = [
     "SearchConfig",
     "QatConfig",
     "Sensitivity",
+    "TraceLevel",
     "HawqConfig",
     "BudgetConfig",
     "LoggerConfig",
@@ -298,12 +299,20 @@ class Sensitivity(_ValueStr):
     top_eigenvalue = "top_eigenvalue"  # Q-BERT: top eigenvalue of each site's block, by power iteration
 
 
+class TraceLevel(_ValueStr):
+    """Whose average trace multiplies a group's quantization error in HAWQ-V2's sensitivity."""
+
+    group = "group"  # the group's own Hutchinson estimate / its size (noisy with many small groups)
+    site = "site"  # the site's (weight matrix's) estimate / its size, as HAWQ-V2 does per layer
+
+
 @dataclass
 class HawqConfig:
     """HAWQ-V2 (arXiv:1911.03852): Hessian-aware sensitivities of every group (on the FP model, over
     training batches) and the Pareto-frontier allocation at the budget."""
 
     sensitivity: Sensitivity = Sensitivity.trace
+    trace_level: TraceLevel = TraceLevel.group  # site: every group of a matrix gets the matrix's average trace
     max_probes: int = 100  # Hutchinson probes (power iterations per site for top_eigenvalue)
     tol: float = 1e-2  # stop once the estimates move by less than this, relative to |estimate|
     batch_size: int = 32

@@ -4,6 +4,9 @@ The sensitivity of group g at b bits is Omega_g(b) = (Tr(H_g) / n_g) * ||Q_b(W_g
 average curvature of the loss along the group's weights times the squared error of the very quantizer the
 supernet uses, at its initial LSQ step. A pruned group (0 bits) loses ||W_g||^2, a float one nothing.
 Q-BERT's variant (arXiv:1909.05840) puts its site's top Hessian eigenvalue in place of Tr(H_g) / n_g.
+With `trace_level=site` the site's average trace Tr(H_site) / n_site (HAWQ-V2's per-layer trace: the sum
+of its groups' estimates, far less noisy than one group's) replaces Tr(H_g) / n_g for all its groups, so
+the groups of a matrix differ only in their quantization errors.
 
 The curvature is that of the floating-point model (a straight-through quantizer has no useful second
 derivative): Hessians are taken on the Hugging Face model before conversion, whose weights are the very
@@ -28,7 +31,7 @@ from supernet.quantizers import CandidateKind, candidate_kind, float_value
 
 from .bilevel import task_loss
 from .budget import Budget
-from .config import Sensitivity
+from .config import Sensitivity, TraceLevel
 from .hessian import GroupView, Hessian, hutchinson, top_eigenvalues
 from .knapsack import Knapsack
 
@@ -58,10 +61,15 @@ class Curvature:
     changes: list[float] = field(default_factory=list)  # relative change after each probe (trace)
     running: list[list[float]] = field(default_factory=list)  # [probes][sites] running site traces (trace)
 
-    def per_weight(self, name: str, group_numel: int) -> torch.Tensor:
-        """[G] the factor of ||Q(W_g) - W_g||^2 in Omega: trace / n_g, or the top eigenvalue itself."""
+    def per_weight(self, name: str, group_numel: int, level: TraceLevel = TraceLevel.group) -> torch.Tensor:
+        """[G] the factor of ||Q(W_g) - W_g||^2 in Omega: trace / n_g, or the top eigenvalue itself. At
+        `TraceLevel.site` every group gets the site's trace (the sum of its groups') / the site's size."""
         est = torch.tensor(self.estimate[name], dtype=torch.float64)
-        return est / group_numel if self.kind is Sensitivity.trace else est
+        if self.kind is not Sensitivity.trace:
+            return est
+        if level is TraceLevel.site:
+            return torch.full_like(est, float(est.sum()) / (group_numel * len(est)))
+        return est / group_numel
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind.value, "probes": self.probes, "seconds": self.seconds,
@@ -157,16 +165,18 @@ def sensitivities(per_weight: torch.Tensor, errors: torch.Tensor) -> torch.Tenso
     return per_weight.double().clamp_min(0)[:, None] * errors.double()
 
 
-def build_knapsack(supernet: nn.Module, template: Architecture, curvature: Curvature, budget: Budget) -> Knapsack:
-    """The knapsack of `supernet`'s groups: Omega per candidate (with the sites' initial steps) and the
-    budget's exact prices (`Budget.group_prices`, the cost model), per site in sorted candidate order."""
+def build_knapsack(supernet: nn.Module, template: Architecture, curvature: Curvature, budget: Budget,
+                   level: TraceLevel = TraceLevel.group) -> Knapsack:
+    """The knapsack of `supernet`'s groups: Omega per candidate (with the sites' initial steps and the
+    curvature at `level`) and the budget's exact prices (`Budget.group_prices`, the cost model), per site
+    in sorted candidate order."""
     candidates = {name: site.wq.cands.bits for name, site in sites(supernet)}
     prices, constant = budget.group_prices(template, candidates)
     names, bits, values, costs = [], [], [], []
     for name, site in sites(supernet):
         cands = site.wq.cands.bits
         errors = quantization_errors(group_view(site)(site.weight), site.wq.step, cands)  # [G, K]
-        omega = sensitivities(curvature.per_weight(name, site.wq.group_numel), errors)
+        omega = sensitivities(curvature.per_weight(name, site.wq.group_numel, level), errors)
         sorted_bits, price = prices[name]
         order = [cands.index(b) for b in sorted_bits]  # the prices' candidate order
         names.append(name)

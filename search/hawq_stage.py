@@ -198,7 +198,7 @@ def run_hawq(
                 _save_cached(cache_dir, act_key, activations)
     del fp
 
-    knapsack = build_knapsack(net, template, curvature, budget)
+    knapsack = build_knapsack(net, template, curvature, budget, cfg.trace_level)
     chosen = knapsack.allocate(budget.target, cfg.solver_time_limit)
     front = knapsack.frontier(cfg.frontier_points, extra=[budget.target], time_limit=cfg.solver_time_limit)
     arch = to_architecture(template, knapsack, chosen.choice)
@@ -257,7 +257,7 @@ def run_hawq(
     results = evaluate_sets(net, sets, spec.name, accelerator)
     run.log(scalars(results), 0)
     budget_info = {"unit": budget.unit, "target": budget.target, "scope": scope.value, "match": budget_cfg.match}
-    hawq_info = {"sensitivity": curvature.kind.value, "probes": curvature.probes, "curvature_seconds": curvature.seconds,
+    hawq_info = {"sensitivity": curvature.kind.value, "trace_level": cfg.trace_level.value, "probes": curvature.probes, "curvature_seconds": curvature.seconds,
                  "cached": cached, "batches": len(batches), "batch_size": cfg.batch_size,
                  "negative_estimates": int(negative), "frontier_points": len(front)}
     chosen_info = {"cost": chosen.cost, "sensitivity": chosen.value, "gap": chosen.gap, "core_groups": chosen.core,

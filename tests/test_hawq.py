@@ -16,7 +16,7 @@ from transformers import BertForSequenceClassification
 
 from search.__main__ import run_stage
 from search.budget import Budget, uniform
-from search.config import Sensitivity
+from search.config import Sensitivity, TraceLevel
 from search.hawq import (Curvature, build_knapsack, group_view, measure_curvature, quantization_errors, sensitivities,
                          to_architecture)
 from search.knapsack import Knapsack
@@ -54,6 +54,28 @@ def test_sensitivity_is_curvature_times_error_and_ignores_negative_curvature():
     errors = torch.tensor([[4.0, 1.0], [2.0, 0.5]])
     omega = sensitivities(torch.tensor([0.5, -1.0]), errors)
     assert torch.equal(omega, torch.tensor([[2.0, 0.5], [0.0, 0.0]], dtype=torch.float64))
+
+
+def test_site_level_gives_every_group_its_sites_average_trace(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    template = Architecture.from_supernet(model)
+    curvature = _curvature(model)
+    name, site = next(iter(sites(model)))
+    curvature.estimate[name] = [-3.0, 1.0, 2.0, 8.0]  # one negative (noise) group
+    n = site.wq.group_numel
+    assert torch.equal(curvature.per_weight(name, n), torch.tensor([-3.0, 1.0, 2.0, 8.0], dtype=torch.float64) / n)
+    pooled = curvature.per_weight(name, n, TraceLevel.site)
+    assert torch.allclose(pooled, torch.full((4,), 8.0 / (4 * n), dtype=torch.float64))
+    # at site level a group's sensitivities are the site's average trace times its own errors, so within a
+    # site the noisy negative group no longer reads as free to prune
+    budget = Budget("encoder", avg_bits=3.0)
+    ks_group = build_knapsack(model, template, curvature, budget)
+    ks_site = build_knapsack(model, template, curvature, budget, TraceLevel.site)
+    i = ks_site.names.index(name)
+    errors = quantization_errors(group_view(site)(site.weight), site.wq.step, site.wq.cands.bits)
+    order = [site.wq.cands.bits.index(b) for b in ks_site.bits[i]]
+    assert np.allclose(ks_site.values[i], (pooled[:, None] * errors)[:, order].numpy())
+    assert (ks_group.values[i][0] == 0).all() and (ks_site.values[i][0] > 0).all()
 
 
 def _random_knapsack(seed: int) -> Knapsack:
@@ -153,11 +175,13 @@ def test_hawq_stage_then_qat(env, tmp_path):  # noqa: F811
     assert sum(int(r["chosen"]) for r in rows) == 1
     assert [float(r["mb"]) for r in rows] == sorted(float(r["mb"]) for r in rows)
 
-    # another budget reuses the cached traces; budget.match never exceeds the matched architecture
+    # another budget (and the site-level trace, computed from the same estimates) reuses the cached traces;
+    # budget.match never exceeds the matched architecture
     match_dir = tmp_path / "match"
-    assert run_stage(_cfg(env, tmp_path, *HAWQ, f"budget.match={run_dir / 'architecture.json'}"), match_dir) == 0
+    assert run_stage(_cfg(env, tmp_path, *HAWQ, "hawq.trace_level=site",
+                          f"budget.match={run_dir / 'architecture.json'}"), match_dir) == 0
     again = json.loads((match_dir / "metrics.json").read_text())
-    assert again["hawq"]["cached"] and again["budget"]["unit"] == "mb"
+    assert again["hawq"]["cached"] and again["budget"]["unit"] == "mb" and again["hawq"]["trace_level"] == "site"
     assert Architecture.load(match_dir / "architecture.json").size_bytes() <= arch.size_bytes()
 
     qat_dir = tmp_path / "qat"
