@@ -263,7 +263,8 @@ def save_packed(model: nn.Module, arch: Architecture, space: SearchSpace, folder
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
+        # one metadata key: safetensors writes several in an unspecified order, and the bytes would differ
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": f"{FORMAT}/{VERSION}"})
         arch.save(tmp / ARCHITECTURE_FILE)
         (tmp / SPACE_FILE).write_text(json.dumps(space.to_dict(), indent=2) + "\n")
         config = copy.deepcopy(model.config)

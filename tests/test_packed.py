@@ -123,6 +123,10 @@ def test_export_reload_predicts_identically_and_sizes_are_accounted_for(tmp_path
     assert abs(size.unaccounted_bytes) < 1e-6
     assert size.padding_bytes > 0  # 3-bit streams of an odd number of codes end mid-byte
     assert size.act_scale_bytes == 8 * len({id(s.aq) for _, s in sites(model) if s.aq is not None})  # step + offset
+    # the same model exports to the same bytes (hashes of shipped models can be compared)
+    save_packed(model, arch, SPACE, tmp_path / "again", metadata={"task": "x"})
+    for name in (TENSORS_FILE, MANIFEST_FILE):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "packed" / name).read_bytes(), name
 
 
 def test_packed_weights_take_their_bits(tmp_path, cfg97):
