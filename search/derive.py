@@ -7,7 +7,10 @@ candidate, the group whose loss in probability per unit of size saved is smalles
 way upward: the group whose loss in probability per unit of size added is smallest moves to its next
 larger candidate while the result still fits, so the model lands on the budget instead of far below it
 (argmax of nearly tied logits would otherwise pick the same candidate everywhere). The report says how
-far each phase had to go.
+far each phase had to go, and how decided the search was: the median over groups of the top candidate's
+probability, and the share of groups whose top candidate holds at least `DECIDED` of it. A search that has
+not decided (median top probability under `UNDECIDED`) leaves the architecture to the repair and fill
+heuristics, not to what the search learned; that gets a warning naming the settings that sharpen it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ from .budget import Budget
 
 log = logging.getLogger(__name__)
 
+DECIDED = 0.9  # a group's top candidate holding this much probability counts as decided
+UNDECIDED = 0.5  # below this median top probability the search is reported as undecided
+
 
 @dataclass
 class DeriveReport:
@@ -35,6 +41,8 @@ class DeriveReport:
     downgraded_groups: int = 0
     upgraded_groups: int = 0
     probability_lost: float = 0.0  # sum over moved groups of p(argmax) - p(final choice)
+    median_top_prob: float | None = None  # over searched groups, the median probability of their top candidate
+    decided_share: float | None = None  # share of searched groups whose top candidate holds >= DECIDED
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,17 +57,31 @@ def candidate_probs(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.
     return out
 
 
+def decidedness(probs: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> tuple[float | None, float | None]:
+    """(median top probability, share of groups at >= DECIDED) over the groups with several candidates."""
+    tops = [p.max(1).values for bits, p in probs.values() if len(bits) > 1]
+    if not tops:
+        return None, None
+    top = torch.cat(tops)
+    return float(top.median()), float((top >= DECIDED).double().mean())
+
+
 def derive(model: nn.Module, budget: Budget | None, fill: bool = True) -> tuple[Architecture, DeriveReport]:
     """Argmax architecture of `model`, repaired down to `budget` and (with `fill`) filled up to it."""
     arch = Architecture.from_supernet(model)
+    probs = candidate_probs(model)
+    median, share = decidedness(probs)
+    if median is not None and median < UNDECIDED:
+        log.warning("the search has not decided: the median group's top candidate holds only %.2f of the probability "
+                    "(%.0f%% of groups at >= %.1f), so repair and fill choose most groups; search longer "
+                    "(search.epochs), with a larger search.arch_lr or a lower search.tau_end", median, 100 * share, DECIDED)
     if budget is None:
-        return arch, DeriveReport(None, None, None, None)
+        return arch, DeriveReport(None, None, None, None, median_top_prob=median, decided_share=share)
     start = budget.of(arch)
-    report = DeriveReport(start, start, budget.target, budget.unit)
+    report = DeriveReport(start, start, budget.target, budget.unit, median_top_prob=median, decided_share=share)
     if budget.fits(arch) and not fill:
         return arch, report
 
-    probs = candidate_probs(model)
     prices, constant = budget.group_prices(arch, {n: c for n, (c, _) in probs.items()})
     target = budget.target * (1 + 1e-9)
     choice: dict[str, list[int]] = {}  # site -> per group, index into the sorted candidates

@@ -93,12 +93,33 @@ def test_penalty_pushes_expected_size_toward_the_budget(tiny_cfg, kind):
     budget = Budget(avg_bits=2.0)
     arch_params = [s.wq.alpha for _, s in sites(model) if s.wq.alpha is not None]
     opt = torch.optim.SGD(arch_params, lr=5.0)
-    start = float(expected_size(model, Scope.ENCODER).avg_bits)
+    start = expected_size(model, Scope.ENCODER).avg_bits.item()
     for _ in range(20):
         opt.zero_grad()
         budget.penalty(expected_size(model, Scope.ENCODER), kind).backward()
         opt.step()
-    end = float(expected_size(model, Scope.ENCODER).avg_bits)
+    end = expected_size(model, Scope.ENCODER).avg_bits.item()
     assert end < start
     if kind is not Penalty.linear:
         assert abs(end - 2.0) < abs(start - 2.0)
+
+
+def test_the_report_says_how_decided_the_search_was_and_warns_when_it_was_not(tiny_cfg, caplog):
+    model = _supernet(tiny_cfg)
+    with torch.no_grad():
+        for _, site in sites(model):
+            if site.wq.alpha is not None:
+                site.wq.alpha.zero_()  # nothing learned: every candidate equally likely
+    with caplog.at_level("WARNING", logger="search.derive"):
+        _, report = derive(model, Budget(avg_bits=3.0))
+    assert report.median_top_prob == pytest.approx(0.25) and report.decided_share == 0.0
+    assert "has not decided" in caplog.text and "search.arch_lr" in caplog.text
+    caplog.clear()
+    with torch.no_grad():
+        for _, site in sites(model):
+            if site.wq.alpha is not None:
+                site.wq.alpha[:, 2] = 10.0  # every group sure of its 4 bits
+    with caplog.at_level("WARNING", logger="search.derive"):
+        arch, report = derive(model, Budget(avg_bits=4.0))
+    assert report.median_top_prob > 0.99 and report.decided_share == 1.0 and "has not decided" not in caplog.text
+    assert report.argmax == pytest.approx(4.0) and report.upgraded_groups == report.downgraded_groups == 0
