@@ -49,10 +49,17 @@ def uniform_bits(budget: float) -> int:
     return max(2, math.ceil(budget - 1e-9))
 
 
-def _qat(c: Config, run: RunDir, name: str, model: Any, architecture: Path, seed: int) -> dict[str, Any]:
+# what decides each step's result: a finished step run with other values of these is reused with a warning
+_SEARCH = ("model", "task", "space", "search")
+_HAWQ = ("model", "task", "space", "hawq")
+_QAT = ("model", "task", "space", "qat")
+
+
+def _qat(c: Config, run: RunDir, name: str, model: Any, architecture: Path, seed: int,
+         settings: tuple[str, ...]) -> dict[str, Any]:
     qat_cfg = dataclasses.replace(c.qat, architecture=str(architecture))
     return run_step(run, name, lambda r, resume: run_qat(
-        model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common_args(c, seed=seed)))
+        model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common_args(c, seed=seed)), settings)
 
 
 def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed: int) -> None:
@@ -64,23 +71,23 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
     if Method.searched in methods:
         run_step(run, f"{cell}/search", lambda r, resume: run_search(
             model, c.task, c.space, c.search, BudgetConfig(avg_bits=budget, scope=c.budget.scope), c.eval, r,
-            resume=resume, **common))
-        _qat(c, run, f"{cell}/qat", model, searched, seed)
+            resume=resume, **common), _SEARCH)
+        _qat(c, run, f"{cell}/qat", model, searched, seed, _SEARCH + _QAT[3:])
     if Method.hawq in methods:
         # at the searched architecture's exact size when there is one; else at the budget itself
         hawq_budget = (BudgetConfig(match=str(searched), scope=c.budget.scope) if searched.is_file()
                        else BudgetConfig(avg_bits=budget, scope=c.budget.scope))
         run_step(run, f"{cell}/hawq", lambda r, resume: run_hawq(
             model, c.task, c.space, c.hawq, hawq_budget, c.eval, r, seed=seed,
-            max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision, cache_dir=c.cache_dir))
-        _qat(c, run, f"{cell}/hawq_qat", model, run.path / cell / "hawq" / "architecture.json", seed)
+            max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision, cache_dir=c.cache_dir), _HAWQ)
+        _qat(c, run, f"{cell}/hawq_qat", model, run.path / cell / "hawq" / "architecture.json", seed, _HAWQ + _QAT[3:])
     if Method.uniform in methods:
         bits = uniform_bits(budget)
         path = run.path / cell / f"uniform{bits}.json"
         if not path.is_file():  # embeddings, head and activations as the searched architecture has them
             template = Architecture.load(searched) if searched.is_file() else skeleton
             uniform(template, bits).save(path)
-        _qat(c, run, f"{cell}/uniform{bits}", model, path, seed)
+        _qat(c, run, f"{cell}/uniform{bits}", model, path, seed, _QAT)
 
 
 def _summary(run: RunDir, c: Config, model: Any) -> tuple[list[Row], dict[str, Path]]:

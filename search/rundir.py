@@ -21,13 +21,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
+
+from omegaconf import OmegaConf
 
 from search.errors import UserError
 from search.logger import NullLogger, RunLogger
 
 __all__ = [
-    "RunDir", "RESULTS", "check_reusable", "previous_dir", "remove_if_empty", "replace_dir", "run_step",
+    "RunDir", "RESULTS", "changed_settings", "check_reusable", "previous_dir", "remove_if_empty", "replace_dir", "run_step",
     "write_text_atomic",
 ]
 
@@ -161,13 +163,43 @@ class RunDir:
         self.close()
 
 
-def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]]) -> dict[str, Any]:
+# settings that change how a run reports and checkpoints, never its result
+_BOOKKEEPING = {"log_every", "log_mass_every", "checkpoint_every", "eval_every"}
+
+
+def changed_settings(saved_yaml: str, current_yaml: str, sections: Sequence[str]) -> list[str]:
+    """`key: saved -> current` for every setting under `sections` (top-level config keys) that differs."""
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(tree, Mapping):
+            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+        return {prefix: tree}
+
+    saved, current = (OmegaConf.to_container(OmegaConf.create(text or '{}')) for text in (saved_yaml, current_yaml))
+    out = []
+    for section in sections:
+        a, b = flat(saved.get(section), section), flat(current.get(section), section)
+        out += [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and k.rsplit(".", 1)[-1] not in _BOOKKEEPING]
+    return out
+
+
+def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]],
+             settings: Sequence[str] = ()) -> dict[str, Any]:
     """One step of a multi-stage run in `run/name`: skipped when its metrics.json exists (that result is
-    returned), resumed when it holds a train state, else run; `fn(child, resume)` runs it."""
+    returned), resumed when it holds a train state, else run; `fn(child, resume)` runs it. A finished
+    step whose config.yaml differs from this run's under `settings` (top-level sections that decide its
+    result) is still reused, with a warning that names the differences."""
     child = run.child(name)
     done = child.path / "metrics.json"
     if done.is_file():
         log.info("%s: done already (%s)", name, done)
+        saved = child.path / "config.yaml"
+        if settings and saved.is_file() and run._config_yaml is not None:
+            changed = changed_settings(saved.read_text(), run._config_yaml, settings)
+            if changed:
+                log.warning("%s was run with other settings (%s%s); its result is reused: delete %s to rerun it",
+                            name, "; ".join(changed[:4]), f"; and {len(changed) - 4} more" if len(changed) > 4 else "",
+                            child.path)
         return json.loads(done.read_text())
     resume = (child.path / "train_state").exists()
     log.info("%s%s", name, " (resuming)" if resume else "")

@@ -14,6 +14,7 @@ from conftest import ROOT
 from search.__main__ import run_stage
 from search.compare import uniform_bits
 from search.comparison import Kind, aggregate, collect, verdict, write_comparison
+from search.rundir import changed_settings
 from supernet import Architecture
 
 from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
@@ -133,6 +134,16 @@ def test_compare_runs_every_method_at_equal_size_and_resumes(env, tmp_path):  # 
     assert (run_dir / "b2/s1/hawq_qat/metrics.json").is_file()
     assert (run_dir / "b3/s1/qat/metrics.json").stat().st_mtime_ns == kept
 
+    # resumed with another search setting: finished steps are still reused, and the log says which
+    # results came from other settings (the uniform baseline's do not depend on the search's)
+    log = (run_dir / "run.log").read_text()
+    assert "other settings" not in log
+    assert run_stage(_cfg(env, tmp_path, *overrides, "resume=true", "search.arch_lr=0.3"), run_dir) == 0
+    warned = [line for line in (run_dir / "run.log").read_text()[len(log):].splitlines() if "other settings" in line]
+    assert {line.split(" was run")[0].rsplit(" - ", 1)[-1] for line in warned} == {
+        f"{cell}/{step}" for cell in ("b3/s1", "b2/s1") for step in ("search", "qat")}
+    assert all("search.arch_lr: " in line and " -> 0.3" in line for line in warned)
+
 
 def test_compare_checks_every_budget_before_anything_runs(env, tmp_path, capsys):  # noqa: F811
     run_dir = tmp_path / "bad"
@@ -158,3 +169,11 @@ def test_a_hydra_multirun_of_compare_is_summarised_by_the_tool(env, tmp_path):  
                          text=True, check=True).stdout
     for row in ("| searched | 3 |", "| searched | 2 |", "| uniform | 3 |", "| uniform | 2 |", "| fp32 | FP32 |"):
         assert row in out
+
+
+def test_changed_settings_name_what_decides_a_result_and_ignore_bookkeeping():
+    saved = "search:\n  arch_lr: 0.01\n  log_every: 10\n  tau: {end: 1.0}\nqat:\n  lr: 2e-5\n"
+    now = "search:\n  arch_lr: 0.05\n  log_every: 50\n  tau: {end: 0.2}\nqat:\n  lr: 1e-4\n"
+    assert changed_settings(saved, now, ["search"]) == ["search.arch_lr: 0.01 -> 0.05", "search.tau.end: 1.0 -> 0.2"]
+    assert changed_settings(saved, saved, ["search", "qat"]) == []
+    assert changed_settings(saved, "search: {arch_lr: 0.01, tau: {end: 1.0}}\n", ["search", "qat"]) == ["qat.lr: 2e-05 -> None"]
