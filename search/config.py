@@ -312,7 +312,7 @@ class HawqConfig:
     training batches) and the Pareto-frontier allocation at the budget."""
 
     sensitivity: Sensitivity = Sensitivity.trace
-    trace_level: TraceLevel = TraceLevel.group  # site: every group of a matrix gets the matrix's average trace
+    trace_level: TraceLevel = TraceLevel.site  # group: each group's own trace (noisy with 128 groups per matrix)
     max_probes: int = 100  # Hutchinson probes (power iterations per site for top_eigenvalue)
     tol: float = 1e-2  # stop once the estimates move by less than this, relative to |estimate|
     batch_size: int = 32

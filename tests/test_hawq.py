@@ -166,6 +166,7 @@ def test_hawq_stage_then_qat(env, tmp_path):  # noqa: F811
         assert (run_dir / name).stat().st_size > 1000, name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["stage"] == "hawq" and metrics["hawq"]["probes"] == 3 and not metrics["hawq"]["cached"]
+    assert metrics["hawq"]["trace_level"] == "site"  # the default: HAWQ-V2's per-layer trace
     assert metrics["chosen"]["avg_bits"] <= 3.0 and metrics["chosen"]["gap"] == 0.0
     traces = json.loads((run_dir / "traces.json").read_text())
     assert set(traces["sites"]) == set(arch.names)
@@ -175,13 +176,13 @@ def test_hawq_stage_then_qat(env, tmp_path):  # noqa: F811
     assert sum(int(r["chosen"]) for r in rows) == 1
     assert [float(r["mb"]) for r in rows] == sorted(float(r["mb"]) for r in rows)
 
-    # another budget (and the site-level trace, computed from the same estimates) reuses the cached traces;
+    # another budget (and the group-level trace, computed from the same estimates) reuses the cached traces;
     # budget.match never exceeds the matched architecture
     match_dir = tmp_path / "match"
-    assert run_stage(_cfg(env, tmp_path, *HAWQ, "hawq.trace_level=site",
+    assert run_stage(_cfg(env, tmp_path, *HAWQ, "hawq.trace_level=group",
                           f"budget.match={run_dir / 'architecture.json'}"), match_dir) == 0
     again = json.loads((match_dir / "metrics.json").read_text())
-    assert again["hawq"]["cached"] and again["budget"]["unit"] == "mb" and again["hawq"]["trace_level"] == "site"
+    assert again["hawq"]["cached"] and again["budget"]["unit"] == "mb" and again["hawq"]["trace_level"] == "group"
     assert Architecture.load(match_dir / "architecture.json").size_bytes() <= arch.size_bytes()
 
     qat_dir = tmp_path / "qat"
