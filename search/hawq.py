@@ -6,7 +6,9 @@ supernet uses, at its initial LSQ step. A pruned group (0 bits) loses ||W_g||^2,
 Q-BERT's variant (arXiv:1909.05840) puts its site's top Hessian eigenvalue in place of Tr(H_g) / n_g.
 With `trace_level=site` the site's average trace Tr(H_site) / n_site (HAWQ-V2's per-layer trace: the sum
 of its groups' estimates, far less noisy than one group's) replaces Tr(H_g) / n_g for all its groups, so
-the groups of a matrix differ only in their quantization errors.
+the groups of a matrix differ only in their quantization errors. A curvature estimate that is not positive
+counts as a thousandth of the median positive one (`FLOOR`): counted as zero, every such group would be
+free to prune, and a model whose estimates are all noise would be allocated far below its budget.
 
 The curvature is that of the floating-point model (a straight-through quantizer has no useful second
 derivative): Hessians are taken on the Hugging Face model before conversion, whose weights are the very
@@ -35,7 +37,7 @@ from .config import Sensitivity, TraceLevel
 from .hessian import GroupView, Hessian, hutchinson, top_eigenvalues
 from .knapsack import Knapsack
 
-__all__ = ["Curvature", "group_view", "measure_curvature", "quantization_errors", "sensitivities", "build_knapsack",
+__all__ = ["Curvature", "FLOOR", "curvature_floor", "group_view", "measure_curvature", "quantization_errors", "sensitivities", "build_knapsack",
            "to_architecture"]
 
 log = logging.getLogger(__name__)
@@ -159,10 +161,22 @@ def quantization_errors(grouped: torch.Tensor, steps: torch.Tensor, bits: Sequen
     return torch.stack(cols, 1).cpu()
 
 
-def sensitivities(per_weight: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
-    """[G, K] Omega = curvature per weight [G] * errors [G, K]. A negative curvature estimate (noise, or a
-    saddle: a fine-tuned model is not exactly at a minimum) counts as zero: no loss to second order."""
-    return per_weight.double().clamp_min(0)[:, None] * errors.double()
+FLOOR = 1e-3  # a non-positive curvature counts as this fraction of the median positive one
+
+
+def sensitivities(per_weight: torch.Tensor, errors: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """[G, K] Omega = curvature per weight [G] * errors [G, K]. A curvature estimate below `floor` (a
+    negative one is noise, or a saddle: a fine-tuned model is not exactly at a minimum) counts as `floor`:
+    nearly no loss to second order, but not none, so that among choices of equal estimated loss the one
+    with the smaller quantization error wins instead of the budget being left unused."""
+    return per_weight.double().clamp_min(floor)[:, None] * errors.double()
+
+
+def curvature_floor(per_weight: Sequence[torch.Tensor]) -> float:
+    """FLOOR x the median positive curvature per weight (1.0 when none is positive: then only the
+    quantization errors rank the choices)."""
+    positive = torch.cat([c[c > 0] for c in per_weight])
+    return FLOOR * float(positive.median()) if len(positive) else 1.0
 
 
 def build_knapsack(supernet: nn.Module, template: Architecture, curvature: Curvature, budget: Budget,
@@ -172,11 +186,13 @@ def build_knapsack(supernet: nn.Module, template: Architecture, curvature: Curva
     in sorted candidate order."""
     candidates = {name: site.wq.cands.bits for name, site in sites(supernet)}
     prices, constant = budget.group_prices(template, candidates)
+    per_weight = {name: curvature.per_weight(name, site.wq.group_numel, level) for name, site in sites(supernet)}
+    floor = curvature_floor(list(per_weight.values()))
     names, bits, values, costs = [], [], [], []
     for name, site in sites(supernet):
         cands = site.wq.cands.bits
         errors = quantization_errors(group_view(site)(site.weight), site.wq.step, cands)  # [G, K]
-        omega = sensitivities(curvature.per_weight(name, site.wq.group_numel, level), errors)
+        omega = sensitivities(per_weight[name], errors, floor)
         sorted_bits, price = prices[name]
         order = [cands.index(b) for b in sorted_bits]  # the prices' candidate order
         names.append(name)
