@@ -75,12 +75,14 @@ def plot_architecture(arch: Architecture, path: str | Path, title: str = "") -> 
 
     ax = fig.add_subplot(spec[0, 1])
     total = sum(hist.values())
-    ax.bar([str(b) for b in hist], [100 * n / total for n in hist.values()], color="tab:blue")
+    ax.bar(range(len(hist)), [100 * n / total for n in hist.values()], color="tab:blue")
+    ax.set_xticks(range(len(hist)), [str(b) for b in hist])  # positions + labels: no categorical-axis log spam
     ax.set_xlabel("bits")
     ax.set_ylabel("% of encoder weights")
 
     ax = fig.add_subplot(spec[1, 1])
-    ax.bar([str(k) for k in sorted(layers)], [layers[k] for k in sorted(layers)], color="tab:red")
+    ax.bar(range(len(layers)), [layers[k] for k in sorted(layers)], color="tab:red")
+    ax.set_xticks(range(len(layers)), [str(k) for k in sorted(layers)])
     ax.set_xlabel("layer")
     ax.set_ylabel("pruned groups")
 
