@@ -73,6 +73,8 @@ def curvature_key(checkpoint: str, task: TaskConfig, site_groups: list[tuple[str
         "sites": [[name, g] for name, g in site_groups],
         "sensitivity": cfg.sensitivity.value, "batch_size": cfg.batch_size, "num_batches": cfg.num_batches,
         "seed": seed, "max_probes": cfg.max_probes, "tol": cfg.tol,
+        # several batches: probes drawn batch by batch (search.hessian.hutchinson), not shared across batches
+        **({"probes_per_batch": True} if cfg.num_batches > 1 else {}),
     }
 
 

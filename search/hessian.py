@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -39,8 +39,18 @@ class Hessian:
         self.losses = list(losses)
         self.params = list(params)
         # With one batch its gradient graph serves every product (PyHessian keeps it too); with several,
-        # keeping all graphs would hold every batch's activations, so each product recomputes them.
+        # keeping all graphs would hold every batch's activations, so each product recomputes them
+        # (`hutchinson` avoids that by taking the batches one at a time: `per_batch`).
         self._grads = self._gradients(self.losses[0]) if len(self.losses) == 1 else None
+
+    def per_batch(self) -> Iterator["Hessian"]:
+        """One operator per batch, built when reached: only one batch's gradient graph is held at a time
+        (as long as the caller drops each before taking the next)."""
+        if len(self.losses) == 1:
+            yield self
+            return
+        for loss in self.losses:
+            yield Hessian([loss], self.params)
 
     def _gradients(self, loss_fn: LossFn) -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(loss_fn(), self.params, create_graph=True)
@@ -103,32 +113,56 @@ def hutchinson(hessian: Hessian, views: Sequence[GroupView], *, max_probes: int 
     Stops after `max_probes`, or once for every parameter the estimates moved by less than `tol`
     relative to their size: sum_g |t_g(P) - t_g(P-1)| / sum_g |t_g(P)| < tol. The denominator takes
     |trace| (a trace may be negative away from a minimum; PyHessian's signed one never stops there).
+
+    With several batches the batches are taken one at a time, so that each batch's gradient graph is
+    built once and serves all its probes (instead of every product rebuilding every batch's graph): the
+    first batch's convergence sets the number of probes P, every other batch gets P probes of its own,
+    and probe p's sample is the mean over batches of v_{p,b}^T H_b v_{p,b}, an unbiased sample of the
+    trace of the mean Hessian.
     """
     if max_probes < 1:
         raise ValueError(f"max_probes={max_probes} must be at least 1")
     generator = torch.Generator().manual_seed(seed)
-    rows: list[list[torch.Tensor]] = [[] for _ in hessian.params]
-    sums: list[torch.Tensor | None] = [None] * len(hessian.params)  # running sums of the samples, [G] each
-    estimate = TraceEstimate([])
+    samples: list[torch.Tensor] = []  # per parameter, [P, G]: the sum over batches so far
+    for batch in hessian.per_batch():
+        rows = _probe_batch(batch, views, len(samples[0]) if samples else max_probes, 0.0 if samples else tol, generator)
+        del batch  # its gradient graph goes before the next batch's is built
+        stacked = [torch.stack([row[i] for row in rows]) for i in range(len(hessian.params))]
+        samples = stacked if not samples else [s + t for s, t in zip(samples, stacked)]
+    probes = len(samples[0])
+    samples = [s / len(hessian.losses) for s in samples]
+    estimate = TraceEstimate(samples)
+    running = [s.cumsum(0) / torch.arange(1, probes + 1, dtype=s.dtype)[:, None] for s in samples]
+    for p in range(1, probes):
+        estimate.changes.append(max(float((r[p] - r[p - 1]).abs().sum() / r[p].abs().sum().clamp_min(_TINY))
+                                    for r in running))
+    return estimate
+
+
+def _probe_batch(hessian: Hessian, views: Sequence[GroupView], max_probes: int, tol: float,
+                 generator: torch.Generator) -> list[list[torch.Tensor]]:
+    """Per probe, per parameter, [G] samples v_g^T (H v)_g; stops early once the estimates move by
+    less than `tol` (see `hutchinson`)."""
+    out: list[list[torch.Tensor]] = []
+    sums: list[torch.Tensor] = []
     for probe in range(1, max_probes + 1):
         v = [rademacher(p, generator) for p in hessian.params]
-        hv = hessian.product(v)
+        row = [view(vi * hvi).sum(1).detach().double().cpu() for vi, hvi, view in zip(v, hessian.product(v), views)]
+        out.append(row)
         change = 0.0
-        for i, (vi, hvi, view) in enumerate(zip(v, hv, views)):
-            sample = view(vi * hvi).sum(1).detach().double().cpu()  # [G, n] -> [G]
-            rows[i].append(sample)
-            before = None if sums[i] is None else sums[i] / (probe - 1)
-            sums[i] = sample if sums[i] is None else sums[i] + sample
-            if before is not None:
-                now = sums[i] / probe
-                change = max(change, float((now - before).abs().sum() / now.abs().sum().clamp_min(_TINY)))
+        for i, sample in enumerate(row):
+            if probe == 1:
+                sums.append(sample.clone())
+                continue
+            before = sums[i] / (probe - 1)
+            sums[i] += sample
+            now = sums[i] / probe
+            change = max(change, float((now - before).abs().sum() / now.abs().sum().clamp_min(_TINY)))
         if probe > 1:
-            estimate.changes.append(change)
             log.debug("hutchinson probe %d: relative change %.3g", probe, change)
             if change < tol:
                 break
-    estimate.samples = [torch.stack(r) for r in rows]  # [P, G] per parameter
-    return estimate
+    return out
 
 
 def top_eigenvalues(hessian: Hessian, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0

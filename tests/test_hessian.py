@@ -74,6 +74,35 @@ def test_several_batches_average_their_hessians():
     assert torch.allclose(hv, ((a1 + torch.diag(6 * w.detach())) @ v[0] + a2 @ v[0]) / 2)
 
 
+def test_several_batches_build_each_graph_once_and_estimate_the_mean_hessians_trace():
+    g = torch.Generator().manual_seed(5)
+    mats = []
+    for _ in range(3):
+        b = torch.randn(12, 12, generator=g, dtype=torch.float64)
+        mats.append(b + b.t())  # a different indefinite Hessian per batch
+    w = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    calls = [0, 0, 0]
+
+    def loss_of(i):
+        def loss():
+            calls[i] += 1
+            return 0.5 * w @ mats[i] @ w
+        return loss
+
+    est = hutchinson(Hessian([loss_of(i) for i in range(3)], [w]), [_groups(3)], max_probes=400, tol=0.0, seed=2)
+    assert calls == [1, 1, 1]  # one gradient graph per batch serves all 400 of its probes
+    assert est.probes == 400 and est.samples[0].shape == (400, 3) and len(est.changes) == 399
+    truth = (sum(mats) / 3).diagonal().reshape(3, 4).sum(1)
+    mean, err = est.mean()[0], est.stderr()[0]
+    assert torch.all(err > 0) and torch.all((mean - truth).abs() <= 4 * err), (mean, truth, err)
+    # diagonal Hessians: every sample is exact, batch by batch, so the mean of their traces comes out exactly
+    d = [torch.randn(12, generator=g, dtype=torch.float64) for _ in range(2)]
+    est = hutchinson(Hessian([lambda k=k: 0.5 * (d[k] * w**2).sum() for k in range(2)], [w]), [_groups(3)],
+                     max_probes=50, tol=1e-6)
+    assert est.probes == 2  # the first batch's convergence sets the number of probes for all
+    assert torch.allclose(est.mean()[0], ((d[0] + d[1]) / 2).reshape(3, 4).sum(1), rtol=1e-12, atol=1e-12)
+
+
 def test_top_eigenvalue_matches_the_explicit_hessian():
     torch.manual_seed(0)
     x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)

@@ -10,10 +10,13 @@ Each configuration of candidates and groups is timed interleaved with the FP ste
 Trace (--trace): HAWQ-V2's measurement with one Hutchinson probe (the FP model's gradient graph with eager
 attention, then one Hessian-vector product over every quantized weight, giving every group's trace sample
 at once) against the FP step, per grouping; plus, with --probes P, P probes on the default grouping (the
-graph is built once, each further probe is one product) and the relative change after each.
+graph is built once, each further probe is one product) and the relative change after each. With
+--batches B as well: B batches x P probes taken batch by batch (each batch's graph built once, as
+`stage=hawq` does) against product by product (each product rebuilding every batch's graph).
 
     python tools/bench_cost.py --model ../shared/assets/models/all-MiniLM-L6-v2
     python tools/bench_cost.py --trace --probes 100
+    python tools/bench_cost.py --trace --probes 4 --batches 2 --rounds 2
     python tools/bench_cost.py --qat          # a QAT step (KD from the FP teacher) against the FP step
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from search.budget import Budget
 from search.config import SearchConfig, Sensitivity
 from search.dnas import upper_optimizers, weight_optimizer
 from search.hawq import measure_curvature
+from search.hessian import Hessian, rademacher
 from supernet import Scope, SearchSpace, param_sets, sites, to_supernet
 
 # (label, w_bits, groups): candidates 2..5 at 128 groups, then groups 1 / 12 / 128 / per row at {0,2,4,8}
@@ -84,6 +88,26 @@ def probe_step(model: str, space: SearchSpace, batch: dict[str, torch.Tensor]):
     return lambda: measure_curvature(fp, supernet, [batch], Sensitivity.trace, max_probes=1, tol=1e-12, seed=next(seeds))
 
 
+def multi_batch_steps(model: str, batches: list[dict[str, torch.Tensor]], probes: int):
+    """HAWQ-V2 over several batches, `probes` probes each, two ways: batch by batch (each batch's gradient
+    graph built once for all its probes: search.hessian.hutchinson) and product by product (every
+    Hessian-vector product over all batches, rebuilding each batch's graph: what it did before)."""
+    supernet, fp = build(model, SearchSpace()), build(model, None)
+    batch_major = lambda: measure_curvature(fp, supernet, batches, Sensitivity.trace,  # noqa: E731
+                                            max_probes=probes, tol=0.0, seed=0)
+    names = [name for name, _ in sites(supernet)]
+    params = [fp.get_submodule(n).weight for n in names]
+
+    def product_major() -> None:
+        hessian = Hessian([lambda b=b: task_loss(fp, b) for b in batches], params)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(probes):
+            hessian.product([rademacher(p, gen) for p in params])
+
+    batch_major()  # puts fp in eval mode with eager attention and gradients on the sites' weights only
+    return batch_major, product_major
+
+
 def qat_bench_step(model: str, batch: dict[str, torch.Tensor]):
     """One QAT step (search/qat.py: task loss + KD from the FP teacher, AdamW, LSQ steps) of a mixed
     {0,2,4,8}-bit architecture drawn at random per group (seeded)."""
@@ -129,6 +153,13 @@ def table(paths: list[str]) -> None:
     for path in paths:
         with open(path) as f:
             for r in json.load(f)["results"]:
+                if "batch_by_batch_s" in r:
+                    per = r["per_product_over_fp_step"]
+                    print(f"| HAWQ-V2 over {r['config']}: batch by batch {r['batch_by_batch_s']:.1f} s, product by product "
+                          f"{r['product_by_product_s']:.1f} s; per product {per['batch_by_batch']:.2f}x against "
+                          f"{per['product_by_product']:.2f}x an FP step | | {r['fp_step_s']:.3f} | | "
+                          f"{r['product_by_product_s'] / r['batch_by_batch_s']:.2f}x faster | |")
+                    continue
                 if "config" not in r:  # the convergence record
                     changes = ", ".join(f"{k}: {v:.3g}" for k, v in r["change_after"].items())
                     print(f"| Hutchinson, {r['probes']} probes on {r['groups']} groups: {r['wall_s']:.1f} s, "
@@ -153,6 +184,8 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="labels of CONFIGS to run (default: all)")
     p.add_argument("--trace", action="store_true", help="time a Hutchinson probe instead of a search iteration")
     p.add_argument("--probes", type=int, default=0, help="with --trace: also run this many probes for convergence")
+    p.add_argument("--batches", type=int, default=0,
+                   help="with --trace and --probes: time B batches x P probes batch by batch against product by product")
     p.add_argument("--qat", action="store_true", help="time a QAT step (KD on) of a mixed architecture instead")
     p.add_argument("--json-out")
     args = p.parse_args()
@@ -165,6 +198,8 @@ def main() -> None:
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
     if args.trace:
         configs = [c for c in configs if c[1] == [0, 2, 4, 8]]
+    if args.batches:  # only the multi-batch comparison
+        configs = []
     results = []
     if args.qat:
         other, bits = qat_bench_step(args.model, wb)
@@ -190,7 +225,20 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
         del net, other
-    if args.trace and args.probes:
+    if args.trace and args.probes and args.batches:
+        batches = [make_batch(args.batch_size, args.seq_len, 10 + i) for i in range(args.batches)]
+        new, old = multi_batch_steps(args.model, batches, args.probes)
+        t_fp, t_new = interleaved(fp, new, args.rounds)
+        _, t_old = interleaved(fp, old, args.rounds)
+        products = args.batches * args.probes
+        m_fp, m_new, m_old = statistics.median(t_fp), statistics.median(t_new), statistics.median(t_old)
+        row = {"config": f"{args.batches} batches x {args.probes} probes", "fp_step_s": m_fp,
+               "batch_by_batch_s": m_new, "product_by_product_s": m_old,
+               "per_product_over_fp_step": {"batch_by_batch": m_new / products / m_fp,
+                                            "product_by_product": m_old / products / m_fp}}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    elif args.trace and args.probes:
         curvature = measure_curvature(build(args.model, None), build(args.model, SearchSpace()), [wb],
                                       Sensitivity.trace, max_probes=args.probes, tol=1e-12, seed=0)
         changes = curvature.changes  # changes[i]: after probe i + 2
