@@ -83,12 +83,12 @@ def test_expected_size_is_differentiable_and_a_penalty_lowers_it(tiny_cfg):
     model = _supernet(tiny_cfg)
     arch_params = param_sets(model).arch
     opt = torch.optim.SGD(arch_params, lr=1.0)
-    before = float(expected_size(model, "encoder").bytes)
+    before = expected_size(model, "encoder").bytes.item()
     for _ in range(5):
         opt.zero_grad()
         expected_size(model, "encoder").mb.backward()
         opt.step()
-    assert float(expected_size(model, "encoder").bytes) < before
+    assert expected_size(model, "encoder").bytes.item() < before
 
 
 def test_json_round_trip(tmp_path, tiny_cfg):

@@ -109,4 +109,4 @@ def test_real_minilm_converts(assets, a_bits, min_cos):
     assert eight.avg_bits("encoder") == 8.0
     # MiniLM-L6: 6 layers x (4 x 384^2 + 2 x 384 x 1536) encoder weights
     assert eight.size("encoder").weights == 6 * (4 * 384 * 384 + 2 * 384 * 1536)
-    assert float(expected_size(model, "encoder").bytes) == pytest.approx(eight.size_bytes("encoder"))
+    assert expected_size(model, "encoder").bytes.item() == pytest.approx(eight.size_bytes("encoder"))

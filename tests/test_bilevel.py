@@ -90,11 +90,11 @@ def test_finite_difference_hvp_matches_autograd():
 def test_size_penalty_drives_expected_size_down_and_derivation_meets_the_budget(tiny_cfg):
     budget = Budget(avg_bits=2.5)
     model, sets, step = _setup(tiny_cfg, size_weight=5.0, budget=budget, steps=12)
-    start = float(expected_size(model, Scope.ENCODER).avg_bits)
+    start = expected_size(model, Scope.ENCODER).avg_bits.item()
     logs = {}
     for i, batch in enumerate(_batches(12)):
         logs = step(batch, i)
-    end = float(expected_size(model, Scope.ENCODER).avg_bits)
+    end = expected_size(model, Scope.ENCODER).avg_bits.item()
     assert end < start and abs(end - 2.5) < abs(start - 2.5)
     assert {"loss/weights", "loss/arch_task", "loss/size", "size/expected_mb", "temperature"} <= set(logs)
     arch, report = derive(model, budget)
@@ -114,7 +114,7 @@ def test_temperature_mass_and_group_lasso(tiny_cfg):
     model, _, _ = _setup(tiny_cfg)
     mass = probability_mass(model)
     assert abs(sum(v for k, v in mass.items() if k.startswith("mass/all/")) - 1) < 1e-6
-    assert float(group_lasso(model)) > 0
+    assert group_lasso(model).item() > 0
 
 
 def test_the_step_trains_in_training_mode_with_gumbel_noise(tiny_cfg):
@@ -134,7 +134,7 @@ def test_a_bit_operations_target_pulls_expected_bitops_down_and_is_free_below_it
 
     torch.manual_seed(0)
     model = to_supernet(BertForSequenceClassification(tiny_cfg), SPACE).train()
-    start = float(expected_bitops(model)) / 1e9
+    start = expected_bitops(model).item() / 1e9
     below = SizeTerm(0.0, None, bitops_weight=1.0, bitops_target=start * 2)
     loss, logs = below(model)
     assert float(loss) == 0 and logs["loss/bitops"] == 0  # under the target: no penalty
