@@ -137,7 +137,7 @@ def test_a_bit_operations_target_pulls_expected_bitops_down_and_is_free_below_it
     start = expected_bitops(model).item() / 1e9
     below = SizeTerm(0.0, None, bitops_weight=1.0, bitops_target=start * 2)
     loss, logs = below(model)
-    assert float(loss) == 0 and logs["loss/bitops"] == 0  # under the target: no penalty
+    assert loss.item() == 0 and logs["loss/bitops"] == 0  # under the target: no penalty
     term = SizeTerm(0.0, None, bitops_weight=1.0, bitops_target=start / 2)
     sets = param_sets(model)
     opt = torch.optim.SGD(sets.arch, lr=5.0)
