@@ -125,44 +125,44 @@ def hutchinson(hessian: Hessian, views: Sequence[GroupView], *, max_probes: int 
     generator = torch.Generator().manual_seed(seed)
     samples: list[torch.Tensor] = []  # per parameter, [P, G]: the sum over batches so far
     for batch in hessian.per_batch():
-        rows = _probe_batch(batch, views, len(samples[0]) if samples else max_probes, 0.0 if samples else tol, generator)
+        if not samples:
+            samples = _probe_batch(batch, views, max_probes, tol, generator)
+        else:
+            samples = [s + t for s, t in zip(samples, _probe_batch(batch, views, len(samples[0]), 0.0, generator))]
         del batch  # its gradient graph goes before the next batch's is built
-        stacked = [torch.stack([row[i] for row in rows]) for i in range(len(hessian.params))]
-        samples = stacked if not samples else [s + t for s, t in zip(samples, stacked)]
-    probes = len(samples[0])
     samples = [s / len(hessian.losses) for s in samples]
     estimate = TraceEstimate(samples)
-    running = [s.cumsum(0) / torch.arange(1, probes + 1, dtype=s.dtype)[:, None] for s in samples]
-    for p in range(1, probes):
-        estimate.changes.append(max(float((r[p] - r[p - 1]).abs().sum() / r[p].abs().sum().clamp_min(_TINY))
-                                    for r in running))
+    running = [s.cumsum(0) / torch.arange(1, len(s) + 1, dtype=s.dtype)[:, None] for s in samples]
+    estimate.changes = [max(_change(r[p - 1], r[p]) for r in running) for p in range(1, len(samples[0]))]
     return estimate
 
 
+def _change(before: torch.Tensor, now: torch.Tensor) -> float:
+    """sum_g |now_g - before_g| / sum_g |now_g|: how far the estimates moved, relative to their size."""
+    return float((now - before).abs().sum() / now.abs().sum().clamp_min(_TINY))
+
+
 def _probe_batch(hessian: Hessian, views: Sequence[GroupView], max_probes: int, tol: float,
-                 generator: torch.Generator) -> list[list[torch.Tensor]]:
-    """Per probe, per parameter, [G] samples v_g^T (H v)_g; stops early once the estimates move by
-    less than `tol` (see `hutchinson`)."""
-    out: list[list[torch.Tensor]] = []
+                 generator: torch.Generator) -> list[torch.Tensor]:
+    """Per parameter, [P, G] samples v_g^T (H v)_g of P <= max_probes probes; stops early once the
+    estimates move by less than `tol` (see `hutchinson`)."""
+    rows: list[list[torch.Tensor]] = []  # per probe, per parameter, [G]
     sums: list[torch.Tensor] = []
     for probe in range(1, max_probes + 1):
         v = [rademacher(p, generator) for p in hessian.params]
-        row = [view(vi * hvi).sum(1).detach().double().cpu() for vi, hvi, view in zip(v, hessian.product(v), views)]
-        out.append(row)
+        rows.append([view(vi * hvi).sum(1).detach().double().cpu() for vi, hvi, view in zip(v, hessian.product(v), views)])
+        if probe == 1:
+            sums = [sample.clone() for sample in rows[0]]
+            continue
         change = 0.0
-        for i, sample in enumerate(row):
-            if probe == 1:
-                sums.append(sample.clone())
-                continue
+        for i, sample in enumerate(rows[-1]):
             before = sums[i] / (probe - 1)
             sums[i] += sample
-            now = sums[i] / probe
-            change = max(change, float((now - before).abs().sum() / now.abs().sum().clamp_min(_TINY)))
-        if probe > 1:
-            log.debug("hutchinson probe %d: relative change %.3g", probe, change)
-            if change < tol:
-                break
-    return out
+            change = max(change, _change(before, sums[i] / probe))
+        log.debug("hutchinson probe %d: relative change %.3g", probe, change)
+        if change < tol:
+            break
+    return [torch.stack(column) for column in zip(*rows)]
 
 
 def top_eigenvalues(hessian: Hessian, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0
