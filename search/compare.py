@@ -50,9 +50,8 @@ def uniform_bits(budget: float) -> int:
 
 
 # what decides each step's result: a finished step run with other values of these is reused with a warning
-_SEARCH = ("model", "task", "space", "search")
-_HAWQ = ("model", "task", "space", "hawq")
-_QAT = ("model", "task", "space", "qat")
+_COMMON = ("model", "task", "space")
+_SEARCH, _HAWQ, _QAT = _COMMON + ("search",), _COMMON + ("hawq",), _COMMON + ("qat",)
 
 
 def _qat(c: Config, run: RunDir, name: str, model: Any, architecture: Path, seed: int,
@@ -72,7 +71,7 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
         run_step(run, f"{cell}/search", lambda r, resume: run_search(
             model, c.task, c.space, c.search, BudgetConfig(avg_bits=budget, scope=c.budget.scope), c.eval, r,
             resume=resume, **common), _SEARCH)
-        _qat(c, run, f"{cell}/qat", model, searched, seed, _SEARCH + _QAT[3:])
+        _qat(c, run, f"{cell}/qat", model, searched, seed, _SEARCH + ("qat",))
     if Method.hawq in methods:
         # at the searched architecture's exact size when there is one; else at the budget itself
         hawq_budget = (BudgetConfig(match=str(searched), scope=c.budget.scope) if searched.is_file()
@@ -80,7 +79,7 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
         run_step(run, f"{cell}/hawq", lambda r, resume: run_hawq(
             model, c.task, c.space, c.hawq, hawq_budget, c.eval, r, seed=seed,
             max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision, cache_dir=c.cache_dir), _HAWQ)
-        _qat(c, run, f"{cell}/hawq_qat", model, run.path / cell / "hawq" / "architecture.json", seed, _HAWQ + _QAT[3:])
+        _qat(c, run, f"{cell}/hawq_qat", model, run.path / cell / "hawq" / "architecture.json", seed, _HAWQ + ("qat",))
     if Method.uniform in methods:
         bits = uniform_bits(budget)
         path = run.path / cell / f"uniform{bits}.json"
