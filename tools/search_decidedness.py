@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
+import torch
 from omegaconf import OmegaConf
 
-DECIDED = 0.9  # as search/derive.py
+from search.derive import DECIDED, decidedness
 
 
 def row(run: Path) -> str:
@@ -28,22 +28,24 @@ def row(run: Path) -> str:
             raise SystemExit(f"{run / name} is missing: give search run directories (stage=search or a compare cell's search/)")
     cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))["search"]
     alphas = json.loads((run / "alphas.json").read_text())
-    tops = np.concatenate([np.max(np.array(a["probs"]), 1) for a in alphas.values() if len(a["bits"]) > 1])
+    probs = {name: (tuple(a["bits"]), torch.tensor(a["probs"], dtype=torch.float64)) for name, a in alphas.items()}
+    median, share = decidedness(probs)  # what the search's own derive report says
+    searched = sum(len(p) for bits, p in probs.values() if len(bits) > 1)
     metrics = json.loads((run / "metrics.json").read_text())
     d, arch, main = metrics["derive"], metrics["architecture"], metrics["main_metric"]
     qat_path = run.parent / "qat" / "metrics.json"
     qat = f"{json.loads(qat_path.read_text())['main_metric']['value']:.2f}" if qat_path.is_file() else ""
     return (f"| `{run}` | {cfg['arch_optimizer']} {cfg['arch_lr']:g} | {cfg['tau_start']:g} -> {cfg['tau_end']:g} | "
-            f"{cfg['epochs']:g} | {np.median(tops):.2f} | {100 * np.mean(tops >= DECIDED):.0f}% | "
+            f"{cfg['epochs']:g} | {median:.2f} | {100 * share:.0f}% | "
             f"{d['argmax']:.3f} / {d['target']:g} {d['unit']} | {d['upgraded_groups'] + d['downgraded_groups']} | "
-            f"{arch['pruned_groups']} of {len(tops)} | {main['name']} {main['value']:.2f} | {qat} |")
+            f"{arch['pruned_groups']} of {searched} | {main['name']} {main['value']:.2f} | {qat} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="search run directories")
     args = p.parse_args()
-    print("| search run | logits | temperature | epochs | median top probability | groups decided (>= 0.9) | "
+    print(f"| search run | logits | temperature | epochs | median top probability | groups decided (>= {DECIDED}) | "
           "argmax / budget | groups moved by derivation | pruned groups | derived, before QAT | after QAT |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
