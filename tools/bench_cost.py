@@ -18,6 +18,12 @@ graph is built once, each further probe is one product) and the relative change 
     python tools/bench_cost.py --trace --probes 100
     python tools/bench_cost.py --trace --probes 4 --batches 2 --rounds 2
     python tools/bench_cost.py --qat          # a QAT step (KD from the FP teacher) against the FP step
+
+Memory (--memory): the peak memory of each kind of step (FP step, search iteration, one HAWQ-V2 probe, QAT
+step), each in a child process of its own (tools/benchlib.py): the process's peak RSS (models included)
+and its growth over the RSS just before the first step; on CUDA, torch's max_memory_allocated likewise.
+
+    python tools/bench_cost.py --memory --json-out runs/bench/cost/memory.json
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import time
 import torch
 from transformers import BertForSequenceClassification
 
+from benchlib import machine, run_child, step_memory, sync
 from search.bilevel import BilevelStep, SizeTerm, task_loss
 from search.budget import Budget
 from search.config import SearchConfig, Sensitivity
@@ -44,18 +51,23 @@ CONFIGS = [("K=2 {0,4}", [0, 4], 128), ("K=3 {0,2,4}", [0, 2, 4], 128), ("K=4 {0
            ("G=per-row", [0, 2, 4, 8], -1)]
 
 
+MEMORY_KINDS = ("fp", "search", "probe", "qat")
+DEVICE = "cpu"  # set once by main() from --device
+
+
 def build(model: str, space: SearchSpace | None) -> torch.nn.Module:
     torch.manual_seed(0)
     net = BertForSequenceClassification.from_pretrained(model, num_labels=2)
     if space is not None:
         to_supernet(net, space)
-    return net.train()
+    return net.to(DEVICE).train()
 
 
 def make_batch(batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 30000, (batch_size, seq_len), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+    return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
 def fp_step(net: torch.nn.Module, batch: dict[str, torch.Tensor]):
@@ -129,10 +141,37 @@ def qat_bench_step(model: str, batch: dict[str, torch.Tensor]):
     student = quantize(build(model, None), arch, SearchSpace()).train()
     teacher = build(model, None).eval()
     opt = qat_optimizer(student, 2e-5, 2e-5, 0.01)
-    step = qat_step(student, teacher, opt, get_constant_schedule(opt), Accelerator(cpu=True), TaskKind.CLASSIFICATION,
+    step = qat_step(student, teacher, opt, get_constant_schedule(opt), Accelerator(cpu=not DEVICE.startswith("cuda")), TaskKind.CLASSIFICATION,
                     kd_weight=0.5, kd_temperature=2.0, hidden_weight=0.0, dampen_weight=0.0, max_grad_norm=1.0)
     count = itertools.count()
     return lambda: step(batch, next(count)), arch.avg_bits("encoder")
+
+
+def memory_step(kind: str, model: str, batch_size: int, seq_len: int):
+    """The step whose peak memory --memory measures: search and QAT at the default space ({0,2,4,8} x 128)."""
+    wb, ab = make_batch(batch_size, seq_len, 0), make_batch(batch_size, seq_len, 1)
+    steps = {"fp": lambda: fp_step(build(model, None), wb),
+             "search": lambda: search_step(build(model, SearchSpace()), wb, ab),
+             "probe": lambda: probe_step(model, SearchSpace(), wb),
+             "qat": lambda: qat_bench_step(model, wb)[0]}
+    return steps[kind]()
+
+
+def memory(args: argparse.Namespace) -> list[dict]:
+    """Each kind of step in a child process of its own (this script with --memory-child)."""
+    rows = []
+    for kind in MEMORY_KINDS:
+        row = run_child(__file__, ["--memory-child", kind, "--model", args.model, "--device", args.device,
+                                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)])
+        row = {"memory": kind, "batch": f"{args.batch_size}x{args.seq_len}", **row}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    fp = rows[0]
+    for row in rows:
+        row["step_peak_over_fp"] = row["step_peak_mb"] / fp["step_peak_mb"]
+        if "cuda_step_peak_mb" in row:
+            row["cuda_step_peak_over_fp"] = row["cuda_step_peak_mb"] / fp["cuda_step_peak_mb"]
+    return rows
 
 
 def interleaved(a, b, rounds: int) -> tuple[list[float], list[float]]:
@@ -140,38 +179,56 @@ def interleaved(a, b, rounds: int) -> tuple[list[float], list[float]]:
     ta, tb = [], []
     for _ in range(rounds):
         for fn, out in ((a, ta), (b, tb)):
+            sync(DEVICE)
             start = time.perf_counter()
             fn()
+            sync(DEVICE)
             out.append(time.perf_counter() - start)
     return ta, tb
 
 
 def table(paths: list[str]) -> None:
     """The Markdown rows of earlier --json-out files."""
-    print("| measurement | groups | FP step (s) | other (s) | ratio | search over an FP epoch |")
-    print("|---|---|---|---|---|---|")
+    records = []
     for path in paths:
         with open(path) as f:
-            for r in json.load(f)["results"]:
-                if "batch_by_batch_s" in r:
-                    per = r["per_product_over_fp_step"]
-                    print(f"| HAWQ-V2 over {r['config']}: batch by batch {r['batch_by_batch_s']:.1f} s, product by product "
-                          f"{r['product_by_product_s']:.1f} s; per product {per['batch_by_batch']:.2f}x against "
-                          f"{per['product_by_product']:.2f}x an FP step | | {r['fp_step_s']:.3f} | | "
-                          f"{r['product_by_product_s'] / r['batch_by_batch_s']:.2f}x faster | |")
-                    continue
-                if "config" not in r:  # the convergence record
-                    changes = ", ".join(f"{k}: {v:.3g}" for k, v in r["change_after"].items())
-                    print(f"| Hutchinson, {r['probes']} probes on {r['groups']} groups: {r['wall_s']:.1f} s, "
-                          f"{r['s_per_probe']:.2f} s per probe; relative change after N probes {changes}; "
-                          f"{r['negative_groups']} negative estimates | | | | | |")
-                    continue
-                kind = next(k for k in ("search_iter_s", "probe_s", "qat_step_s") if k in r)
-                ratio = r[next(k for k in r if k.endswith("_over_fp_step"))]
-                label = {"search_iter_s": "search iteration", "probe_s": "one probe", "qat_step_s": "QAT step"}[kind]
-                epoch = f"{r['search_over_fp_epoch']:.2f}x" if "search_over_fp_epoch" in r else ""
-                print(f"| {label}: {r['config']} | {r.get('groups', '')} | {r['fp_step_s']:.3f} | {r[kind]:.3f} | "
-                      f"{ratio:.2f}x | {epoch} |")
+            records += json.load(f)["results"]
+    memory_rows = [r for r in records if "memory" in r]
+    if memory_rows:
+        labels = {"fp": "FP step", "search": "search iteration", "probe": "HAWQ-V2, one probe", "qat": "QAT step"}
+        cuda = "cuda_peak_mb" in memory_rows[0]
+        print("| step (batch) | peak RSS, models included (MB) | growth over the models (MB) | growth vs FP step |"
+              + (" CUDA peak (MB) | CUDA growth (MB) |" if cuda else ""))
+        print("|---|---|---|---|" + ("---|---|" if cuda else ""))
+        for r in memory_rows:
+            print(f"| {labels[r['memory']]} ({r['batch']}) | {r['rss_peak_mb']:.0f} | {r['step_peak_mb']:.0f} | "
+                  f"{r['step_peak_over_fp']:.2f}x |" + (f" {r['cuda_peak_mb']:.0f} | {r['cuda_step_peak_mb']:.0f} |" if cuda else ""))
+        records = [r for r in records if "memory" not in r]
+        if not records:
+            return
+        print()
+    print("| measurement | groups | FP step (s) | other (s) | ratio | search over an FP epoch |")
+    print("|---|---|---|---|---|---|")
+    for r in records:
+        if "batch_by_batch_s" in r:
+            per = r["per_product_over_fp_step"]
+            print(f"| HAWQ-V2 over {r['config']}: batch by batch {r['batch_by_batch_s']:.1f} s, product by product "
+                  f"{r['product_by_product_s']:.1f} s; per product {per['batch_by_batch']:.2f}x against "
+                  f"{per['product_by_product']:.2f}x an FP step | | {r['fp_step_s']:.3f} | | "
+                  f"{r['product_by_product_s'] / r['batch_by_batch_s']:.2f}x faster | |")
+            continue
+        if "config" not in r:  # the convergence record
+            changes = ", ".join(f"{k}: {v:.3g}" for k, v in r["change_after"].items())
+            print(f"| Hutchinson, {r['probes']} probes on {r['groups']} groups: {r['wall_s']:.1f} s, "
+                  f"{r['s_per_probe']:.2f} s per probe; relative change after N probes {changes}; "
+                  f"{r['negative_groups']} negative estimates | | | | | |")
+            continue
+        kind = next(k for k in ("search_iter_s", "probe_s", "qat_step_s") if k in r)
+        ratio = r[next(k for k in r if k.endswith("_over_fp_step"))]
+        label = {"search_iter_s": "search iteration", "probe_s": "one probe", "qat_step_s": "QAT step"}[kind]
+        epoch = f"{r['search_over_fp_epoch']:.2f}x" if "search_over_fp_epoch" in r else ""
+        print(f"| {label}: {r['config']} | {r.get('groups', '')} | {r['fp_step_s']:.3f} | {r[kind]:.3f} | "
+              f"{ratio:.2f}x | {epoch} |")
 
 
 def main() -> None:
@@ -187,10 +244,24 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=0,
                    help="with --trace and --probes: time B batches x P probes batch by batch against product by product")
     p.add_argument("--qat", action="store_true", help="time a QAT step (KD on) of a mixed architecture instead")
+    p.add_argument("--memory", action="store_true", help="peak memory of each kind of step, each in a child process")
+    p.add_argument("--memory-child", choices=MEMORY_KINDS, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json-out")
     args = p.parse_args()
     if args.table:
         table(args.table)
+        return
+    global DEVICE
+    DEVICE = args.device
+    if args.memory_child:
+        print(json.dumps(step_memory(memory_step(args.memory_child, args.model, args.batch_size, args.seq_len), DEVICE)))
+        return
+    if args.memory:
+        rows = memory(args)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump({"args": vars(args), "machine": machine(DEVICE), "results": rows}, f, indent=2)
         return
     torch.manual_seed(0)
     wb, ab = make_batch(args.batch_size, args.seq_len, 0), make_batch(args.batch_size, args.seq_len, 1)

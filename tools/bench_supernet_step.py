@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from benchlib import machine, run_child, step_memory, sync
 from supernet import SearchSpace, param_sets, to_supernet
 
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -62,52 +60,10 @@ def make_step(net: torch.nn.Module, batch: dict[str, torch.Tensor]):
     return step
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def peak_rss_mb() -> float:
-    """This process's own RSS high-water mark (VmHWM); ru_maxrss would include the parent's from before exec."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def memory_child(args: argparse.Namespace, space: SearchSpace) -> None:
     net = build(args.model, args.child == "supernet", space, args.device)
-    batch = make_batch(args.batch_size, args.seq_len, args.device)
-    step = make_step(net, batch)
-    before = rss_mb()
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    for _ in range(2):
-        step()
-    sync(args.device)
-    peak = peak_rss_mb()
-    out = {"rss_before_mb": before, "rss_peak_mb": peak, "step_peak_mb": peak - before}
-    if args.device.startswith("cuda"):
-        out["cuda_step_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    print(json.dumps(out))
+    step = make_step(net, make_batch(args.batch_size, args.seq_len, args.device))
+    print(json.dumps(step_memory(step, args.device)))
 
 
 def main() -> None:
@@ -130,11 +86,10 @@ def main() -> None:
 
     mem = {}  # first, while this process is small
     for name in ("fp", "supernet"):
-        cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--batch-size", str(args.batch_size),
+        cmd = ["--child", name, "--model", args.model, "--batch-size", str(args.batch_size),
                "--seq-len", str(args.seq_len), "--groups", str(args.groups), "--device", args.device,
                "--w-bits", *map(str, args.w_bits), "--a-bits", *map(str, args.a_bits)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        mem[name] = json.loads(res.stdout.strip().splitlines()[-1])
+        mem[name] = run_child(__file__, cmd)
 
     batch = make_batch(args.batch_size, args.seq_len, args.device)
     steps = {"fp": make_step(build(args.model, False, space, args.device), batch),
@@ -153,7 +108,7 @@ def main() -> None:
 
     fp, sn = statistics.median(times["fp"]), statistics.median(times["supernet"])
     result = {
-        "model": args.model, "device": args.device, "machine": (torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{cpu_name()}, {torch.get_num_threads()} threads"),
+        "model": args.model, "device": args.device, "machine": machine(args.device),
         "batch": f"{args.batch_size}x{args.seq_len}", "w_bits": args.w_bits, "groups": args.groups, "a_bits": args.a_bits,
         "fp_step_s": round(fp, 4), "supernet_step_s": round(sn, 4), "time_ratio": round(sn / fp, 3),
         # on a shared machine the fastest step is the least disturbed one: its ratio is the cleaner figure
