@@ -8,6 +8,10 @@ Layout of `<run_dir>` (hydra's `hydra.run.dir`):
   train_state/   model, optimizers, schedulers, step and RNG states for `resume=true`
   wandb/         the wandb run (logger=wandb)
 
+While a run is open its directory is locked (`.lock`, an advisory lock the system drops when the process
+ends, however it ends): a second run into the same directory, a `resume=true` started twice say, stops with
+a one-line error instead of writing over the first one's train state.
+
 Nothing is written before `RunDir.open()`, which a stage calls once its inputs are validated (config,
 data, model); so a run that fails validation leaves the directory as it found it, and `remove_if_empty`
 takes away the empty directory hydra created. Files are written atomically (temporary name, then
@@ -25,6 +29,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not guarded against a second process
+    fcntl = None
+
 from search.errors import UserError
 from search.logger import NullLogger, RunLogger
 
@@ -38,6 +47,7 @@ log = logging.getLogger(__name__)
 # Entries whose presence marks a directory as holding an earlier run's results.
 RESULTS = ("metrics.json", "checkpoint", "train_state", "architecture.json", "quantized")
 _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+LOCK = ".lock"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -104,6 +114,7 @@ class RunDir:
         self.main_process = main_process
         self.logger: RunLogger = NullLogger()
         self._handler: logging.Handler | None = None
+        self._lock: Any = None
         self.opened = False
 
     @property
@@ -118,10 +129,12 @@ class RunDir:
         """Start writing: config.yaml, run.log, the tracker. Call once the inputs are validated."""
         if self.opened:
             return
+        if self.main_process:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._acquire()
         self.opened = True
         if not self.main_process:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
         if self._config_yaml is not None:
             write_text_atomic(self.path / "config.yaml", self._config_yaml)
         self._handler = logging.FileHandler(self.path / "run.log", encoding="utf-8")
@@ -130,6 +143,32 @@ class RunDir:
         logging.getLogger().addHandler(self._handler)
         self.logger = self._logger_factory()
         log.info("run directory %s", self.path)
+
+    def _acquire(self) -> None:
+        """Lock the directory for this process, or a one-line error naming the process that holds it."""
+        if fcntl is None:
+            return
+        f = open(self.path / LOCK, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"run directory {self.path} is in use by another run ({owner}); wait for it to end, "
+                            f"or choose another hydra.run.dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._lock = f
+
+    def _release(self) -> None:
+        if self._lock is None:
+            return
+        (self.path / LOCK).unlink(missing_ok=True)
+        self._lock.close()  # closing the file drops the lock
+        self._lock = None
 
     def child(self, name: str) -> "RunDir":
         """The run directory of one step of a multi-stage run (the pipeline), in a sub-directory."""
@@ -155,6 +194,7 @@ class RunDir:
             self._handler = None
         self.logger.finish()
         self.logger = NullLogger()
+        self._release()
 
     def __enter__(self) -> "RunDir":
         return self

@@ -23,6 +23,7 @@ from search.__main__ import CONF_DIR, check_group_choices, run_stage
 from search.config import LoggerConfig, LoggerKind, WandbMode
 from search.errors import UserError
 from search.logger import NullLogger, make_logger, wandb_mode
+from search.rundir import LOCK, RunDir
 
 WORDS = ["the", "cat", "sat", "on", "mat", "washington", "unaffable", "a", "is", "it", "where", "who"]
 
@@ -169,6 +170,28 @@ def test_bad_input_keeps_an_earlier_run(env, tmp_path, capsys):
     assert run_stage(_cfg(env, tmp_path, "space.w_bits=[33]"), run_dir) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
     assert json.loads((run_dir / "metrics.json").read_text()) == {"earlier": True}
+
+
+def test_a_run_directory_in_use_is_refused_and_kept(env, tmp_path, capsys):
+    """A second run into a directory another run holds open (resume=true twice, say) stops with a one-line
+    error before writing anything; once the first run ends, the directory is free again."""
+    run_dir = tmp_path / "run"
+    first = RunDir(run_dir, config_yaml="first: true\n")
+    first.open()
+    first.write_json("metrics.json", {"first": True})
+    assert (run_dir / LOCK).read_text().strip() == f"pid {os.getpid()}"
+    assert run_stage(_cfg(env, tmp_path, "resume=true"), run_dir) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "is in use by another run" in err and f"pid {os.getpid()}" in err, err
+    assert (run_dir / "config.yaml").read_text() == "first: true\n"
+    assert json.loads((run_dir / "metrics.json").read_text()) == {"first": True}
+    first.close()
+    assert not (run_dir / LOCK).exists()
+    second = RunDir(run_dir / "again")
+    with second:
+        second.open()  # free: the lock went with the first run
+        assert (second.path / LOCK).is_file()
+    assert not (second.path / LOCK).exists()
 
 
 def test_unknown_group_option():
