@@ -38,6 +38,7 @@ from search.tasks import TaskKind, TaskSpec, get_task
 __all__ = [
     "DataError",
     "MODEL_COLUMNS",
+    "INDEX",
     "load_raw",
     "iob1_to_iob2",
     "tokenize",
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 MODEL_COLUMNS = (
     "input_ids", "token_type_ids", "attention_mask", "labels", "start_positions", "end_positions",
 )
+# A row's number in its split, kept by make_loader when present (search/teacher.py looks rows up by it).
+INDEX = "example_index"
 # Bump when the tokenised layout changes, so stale caches are not reused.
 _CACHE_VERSION = 1
 _MIN_SEQ_LEN, _DEFAULT_MAX_SEQ_LEN = 8, 512
@@ -375,7 +378,7 @@ def make_loader(
         ds = ds.select(range(min(max_examples, len(ds))))
     if len(ds) == 0:
         raise DataError("cannot build a loader over an empty dataset; check the split")
-    ds = ds.select_columns([c for c in ds.column_names if c in MODEL_COLUMNS])
+    ds = ds.select_columns([c for c in ds.column_names if c in MODEL_COLUMNS or c == INDEX])
     per_token = isinstance(ds.features.get("labels"), List)
     collator = (DataCollatorForTokenClassification(tokenizer) if per_token
                 else DataCollatorWithPadding(tokenizer))

@@ -4,7 +4,9 @@ The FP checkpoint becomes a supernet whose candidates are exactly the bits the a
 group is fixed to its bits, and the weights and LSQ steps (arXiv:1902.08153) train on the task loss plus,
 optionally, knowledge distillation from the FP model (logits KL at a temperature; hidden-state MSE) and
 oscillation dampening and iterative weight freezing (Nagel et al., ICML 2022: pull each latent weight toward
-its quantized value; freeze the weights whose code keeps flipping, search/freezing.py).
+its quantized value; freeze the weights whose code keeps flipping, search/freezing.py). Logits distillation
+reads the teacher's outputs from a table computed once per training set (search/teacher.py) unless
+`qat.teacher_cache=false` or the task needs the live teacher.
 Pruned groups output exact zeros throughout. The result is `<run_dir>/quantized/` (search/quantized.py),
 what evaluation and export rebuild the quantized model from.
 """
@@ -21,7 +23,7 @@ from torch import nn
 from supernet import Architecture, SearchSpace, param_sets, sites
 
 from .config import EvalConfig, MixedPrecision, ModelConfig, QatConfig, TaskConfig
-from .data import make_loader
+from .data import INDEX, make_loader
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
 from .freezing import OscillationFreezer
@@ -31,6 +33,7 @@ from .prepare import TRAIN, task_data
 from .quantized import QUANTIZED_DIR, quantize, save_quantized, space_for
 from .rundir import RunDir
 from .tasks import TaskKind, get_task
+from .teacher import TeacherTable, cacheable, teacher_table, with_index
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +81,27 @@ def qat_optimizer(model: nn.Module, lr: float, scale_lr: float, weight_decay: fl
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def qat_step(model: nn.Module, teacher: nn.Module | None, optimizer, scheduler, accelerator: Accelerator,
+def qat_step(model: nn.Module, teacher: nn.Module | TeacherTable | None, optimizer, scheduler, accelerator: Accelerator,
              kind: TaskKind, *, kd_weight: float, kd_temperature: float, hidden_weight: float,
              dampen_weight: float, max_grad_norm: float, freezer: OscillationFreezer | None = None):
-    """The step function for `search.loop.train`: task loss (+ KD, + dampening), one optimiser step."""
+    """The step function for `search.loop.train`: task loss (+ KD, + dampening), one optimiser step.
+    `teacher` is the FP model, or a table of its outputs (then batches carry their rows' `INDEX`)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def step(batch: Mapping[str, torch.Tensor], index: int) -> dict[str, float]:
         model.train()
+        rows = batch.get(INDEX)
+        batch = {k: v for k, v in batch.items() if k != INDEX}
         want_hidden = teacher is not None and hidden_weight > 0
         out = model(**batch, output_hidden_states=want_hidden)
         loss = out.loss
         logs = {"loss/task": loss.item()}
         if teacher is not None and (kd_weight > 0 or hidden_weight > 0):
-            with torch.no_grad():
-                t_out = teacher(**batch, output_hidden_states=want_hidden)
+            if isinstance(teacher, TeacherTable):
+                t_out = teacher.lookup(rows, batch["input_ids"].shape[1], out.logits.device)
+            else:
+                with torch.no_grad():
+                    t_out = teacher(**batch, output_hidden_states=want_hidden)
             mask = (batch["labels"] != -100).float() if kind is TaskKind.TOKEN_CLASSIFICATION else None
             kd = distillation_loss(out, t_out, kind, kd_temperature, mask)
             loss = (1 - kd_weight) * loss + kd_weight * kd
@@ -146,14 +155,19 @@ def run_qat(
     except ValueError as e:  # names the site where the architecture does not fit this model
         raise UserError(f"{cfg.architecture or 'the architecture'} does not fit {model.name_or_path}: {e}") from e
     teacher = load_task_model(model.name_or_path, spec.name).eval() if cfg.kd_weight > 0 or cfg.hidden_weight > 0 else None
-    train_loader = make_loader(tokenized[TRAIN], tokenizer, cfg.batch_size, shuffle=True, seed=seed)
+    use_table = teacher is not None and cfg.teacher_cache and cacheable(spec.kind, cfg.hidden_weight)
+    train_set = with_index(tokenized[TRAIN]) if use_table else tokenized[TRAIN]
+    train_loader = make_loader(train_set, tokenizer, cfg.batch_size, shuffle=True, seed=seed)
     accelerator = make_accelerator(mixed_precision, seed)
 
     run.main_process = accelerator.is_main_process
     run.open()
     optimizer = qat_optimizer(net, cfg.lr, cfg.scale_lr, cfg.weight_decay)
     net, optimizer, train_loader = accelerator.prepare(net, optimizer, train_loader)
-    if teacher is not None:
+    if use_table:  # in fp32 on the accelerator's device; the teacher model is not needed after it
+        teacher = teacher_table(teacher.to(accelerator.device), tokenized[TRAIN], tokenizer, spec.kind,
+                                evaluation.batch_size, accelerator.device, cache_dir, progress_bar)
+    elif teacher is not None:
         teacher = accelerator.prepare(teacher)
     for s in sets:
         s.loader = accelerator.prepare(s.loader)

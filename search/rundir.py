@@ -203,8 +203,8 @@ class RunDir:
         self.close()
 
 
-# settings that change how a run reports and checkpoints, never its result
-_BOOKKEEPING = {"log_every", "log_mass_every", "checkpoint_every", "eval_every"}
+# settings that change how a run reports, checkpoints or computes, never its result (beyond float rounding)
+_BOOKKEEPING = {"log_every", "log_mass_every", "checkpoint_every", "eval_every", "teacher_cache"}
 
 
 def changed_settings(saved_yaml: str, current_yaml: str, sections: Sequence[str]) -> list[str]:

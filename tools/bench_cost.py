@@ -17,7 +17,7 @@ graph is built once, each further probe is one product) and the relative change 
     python tools/bench_cost.py --model ../shared/assets/models/all-MiniLM-L6-v2
     python tools/bench_cost.py --trace --probes 100
     python tools/bench_cost.py --trace --probes 4 --batches 2 --rounds 2
-    python tools/bench_cost.py --qat          # a QAT step (KD from the FP teacher) against the FP step
+    python tools/bench_cost.py --qat          # a QAT step (KD: live teacher, then teacher table) against the FP step
 
 Memory (--memory): the peak memory of each kind of step (FP step, search iteration, one HAWQ-V2 probe, QAT
 step), each in a child process of its own (tools/benchlib.py): the process's peak RSS (models included)
@@ -120,15 +120,18 @@ def multi_batch_steps(model: str, batches: list[dict[str, torch.Tensor]], probes
     return batch_major, product_major
 
 
-def qat_bench_step(model: str, batch: dict[str, torch.Tensor]):
+def qat_bench_step(model: str, batch: dict[str, torch.Tensor], table: bool = False):
     """One QAT step (search/qat.py: task loss + KD from the FP teacher, AdamW, LSQ steps) of a mixed
-    {0,2,4,8}-bit architecture drawn at random per group (seeded)."""
+    {0,2,4,8}-bit architecture drawn at random per group (seeded). With `table`, KD reads the teacher's
+    logits from a search.teacher.TeacherTable (qat.teacher_cache, the default) instead of running it."""
     from accelerate import Accelerator
     from transformers import get_constant_schedule
 
     from search.qat import qat_optimizer, qat_step
+    from search.data import INDEX
     from search.quantized import quantize
     from search.tasks import TaskKind
+    from search.teacher import TeacherTable
     from supernet import Architecture
 
     net = build(model, SearchSpace())
@@ -140,6 +143,10 @@ def qat_bench_step(model: str, batch: dict[str, torch.Tensor]):
     arch = Architecture.from_supernet(net)
     student = quantize(build(model, None), arch, SearchSpace()).train()
     teacher = build(model, None).eval()
+    if table:
+        with torch.no_grad():
+            teacher = TeacherTable(teacher(**batch).logits.float().cpu())
+        batch = {**batch, INDEX: torch.arange(len(batch["input_ids"]))}
     opt = qat_optimizer(student, 2e-5, 2e-5, 0.01)
     step = qat_step(student, teacher, opt, get_constant_schedule(opt), Accelerator(cpu=not DEVICE.startswith("cuda")), TaskKind.CLASSIFICATION,
                     kd_weight=0.5, kd_temperature=2.0, hidden_weight=0.0, dampen_weight=0.0, max_grad_norm=1.0)
@@ -273,12 +280,15 @@ def main() -> None:
         configs = []
     results = []
     if args.qat:
-        other, bits = qat_bench_step(args.model, wb)
-        t_fp, t_qat = interleaved(fp, other, args.rounds)
-        row = {"config": f"QAT, mixed {{0,2,4,8}} at {bits:.2f} bits, KD 0.5", "fp_step_s": statistics.median(t_fp),
-               "qat_step_s": statistics.median(t_qat), "qat_over_fp_step": statistics.median(t_qat) / statistics.median(t_fp)}
-        results.append(row)
-        print(json.dumps(row), flush=True)
+        for use_table in (False, True):
+            other, bits = qat_bench_step(args.model, wb, use_table)
+            t_fp, t_qat = interleaved(fp, other, args.rounds)
+            teacher = "teacher table" if use_table else "live teacher"
+            row = {"config": f"QAT, mixed {{0,2,4,8}} at {bits:.2f} bits, KD 0.5, {teacher}", "fp_step_s": statistics.median(t_fp),
+                   "qat_step_s": statistics.median(t_qat), "qat_over_fp_step": statistics.median(t_qat) / statistics.median(t_fp)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            del other
         configs = []
     for label, w_bits, groups in configs:
         space = SearchSpace(w_bits=w_bits, groups=groups)

@@ -1,0 +1,121 @@
+"""The FP teacher's outputs over the training set, computed once and cached on disk, for distillation.
+
+QAT distils from the FP model (search/qat.py), which runs in eval mode: its output for a training example
+never changes. So instead of one teacher forward pass per example per epoch per QAT run (about a sixth of a
+QAT step on a CPU), the outputs are computed in one pass over the training set and cached under
+`cache_dir`, keyed by the teacher's weights and the tokenised examples: every QAT run of a comparison (three
+methods x budgets x seeds on one checkpoint) then reads them. The training loader carries each example's
+row number (`INDEX`), and a step looks its examples' outputs up.
+
+Classification and regression keep one [C] row per example, token classification one [L_i, C] row padded
+with zeros to the batch (the padding is outside the distillation mask, so the loss is unchanged).
+Question answering keeps the live teacher: its distillation covers every position of the window, padding
+included, which a row per example would not reproduce. So does hidden-state distillation.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import INDEX, MODEL_COLUMNS, make_loader
+from .tasks import TaskKind
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_INPUTS = tuple(c for c in MODEL_COLUMNS if c not in ("labels", "start_positions", "end_positions"))
+
+
+def cacheable(kind: TaskKind, hidden_weight: float) -> bool:
+    """Whether a table can stand in for the live teacher: logits-only distillation outside QA."""
+    return kind is not TaskKind.QUESTION_ANSWERING and hidden_weight == 0
+
+
+@dataclass
+class TeacherTable:
+    """The teacher's logits per training example: [N, C] (or [N] for regression), or a list of [L_i, C]."""
+
+    rows: torch.Tensor | list[torch.Tensor]
+
+    def lookup(self, index: torch.Tensor, seq_len: int, device: torch.device) -> SimpleNamespace:
+        """An output object like the teacher's for the examples `index` ([B]) of a batch padded to `seq_len`."""
+        idx = index.tolist()
+        if isinstance(self.rows, torch.Tensor):
+            logits = self.rows[idx]
+        else:
+            logits = self.rows[0].new_zeros(len(idx), seq_len, self.rows[0].shape[-1])  # [B, T, C]
+            for b, i in enumerate(idx):
+                row = self.rows[i]
+                logits[b, :row.shape[0]] = row
+        return SimpleNamespace(logits=logits.to(device))
+
+
+def with_index(ds: Dataset) -> Dataset:
+    """`ds` with each row's number as a column, so a shuffled batch can find its rows in a table."""
+    return ds.add_column(INDEX, list(range(len(ds))))
+
+
+def fingerprint(teacher: nn.Module, ds: Dataset, kind: TaskKind) -> str:
+    """A key over the teacher's weights and the model inputs of `ds` (not its labels)."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}:{kind.value}:{type(teacher).__name__}".encode())
+    for name, t in sorted(teacher.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    table = ds.data.table
+    for col in _INPUTS:
+        if col in table.column_names:
+            arr = table.column(col).combine_chunks()
+            h.update(col.encode())
+            h.update(arr.offsets.to_numpy().tobytes())
+            h.update(arr.values.to_numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute(teacher: nn.Module, ds: Dataset, tokenizer: Any, kind: TaskKind, batch_size: int,
+            device: torch.device, progress: bool = True) -> TeacherTable:
+    """One pass of the (eval-mode) teacher over `ds` in order."""
+    teacher.eval()
+    loader = make_loader(ds, tokenizer, batch_size, shuffle=False, seed=0)
+    rows: list[torch.Tensor] = []
+    for batch in tqdm(loader, desc="teacher outputs", disable=not progress):
+        batch = {k: v.to(device) for k, v in batch.items() if k in _INPUTS}
+        logits = teacher(**batch).logits.float().cpu()
+        if kind is TaskKind.TOKEN_CLASSIFICATION:
+            lengths = batch["attention_mask"].sum(-1).tolist()
+            rows += [logits[b, :n].clone() for b, n in enumerate(lengths)]  # [T, C] -> [L_i, C]
+        else:
+            rows.append(logits)
+    return TeacherTable(rows if kind is TaskKind.TOKEN_CLASSIFICATION else torch.cat(rows))
+
+
+def teacher_table(teacher: nn.Module, ds: Dataset, tokenizer: Any, kind: TaskKind, batch_size: int,
+                  device: torch.device, cache_dir: str | None, progress: bool = True) -> TeacherTable:
+    """The teacher's outputs over `ds`: from `<cache_dir>/teacher/`, else computed (and cached there)."""
+    if cache_dir is None:
+        return compute(teacher, ds, tokenizer, kind, batch_size, device, progress)
+    path = Path(cache_dir).expanduser() / "teacher" / f"{fingerprint(teacher, ds, kind)}.pt"
+    if path.is_file():
+        try:
+            table = TeacherTable(torch.load(path, weights_only=True))
+            log.info("teacher outputs from %s", path)
+            return table
+        except Exception as e:  # a truncated or foreign file: recompute it
+            log.warning("ignoring the unreadable teacher cache %s (%s)", path, e)
+    table = compute(teacher, ds, tokenizer, kind, batch_size, device, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(table.rows, tmp)
+    tmp.replace(path)
+    log.info("teacher outputs cached in %s", path)
+    return table
