@@ -70,8 +70,11 @@ def fingerprint(teacher: nn.Module, ds: Dataset, kind: TaskKind) -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION}:{kind.value}:{type(teacher).__name__}".encode())
     for name, t in sorted(teacher.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     table = ds.data.table
+    indices = getattr(ds, "_indices", None)  # a select()ed or shuffled view of that table: which rows, in order
+    if indices is not None:
+        h.update(indices.column(0).to_numpy().tobytes())
     for col in _INPUTS:
         if col in table.column_names:
             arr = table.column(col).combine_chunks()

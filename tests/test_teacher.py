@@ -128,6 +128,15 @@ def test_table_is_cached_by_weights_and_examples(tiny_cfg, tokenizer, tmp_path, 
     torch.testing.assert_close(fixed.rows, first.rows)
 
 
+def test_a_selection_of_rows_has_a_key_of_its_own(tiny_cfg):
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_cfg)
+    ds = _dataset(10, per_token=False)
+    keys = {teacher_mod.fingerprint(teacher, d, TaskKind.CLASSIFICATION)
+            for d in (ds, ds.select([0, 1, 2]), ds.select([2, 1, 0]), ds.select([0, 1, 2]).flatten_indices())}
+    assert len(keys) == 3  # the flattened selection is the same rows as the selection
+
+
 def test_question_answering_and_hidden_states_keep_the_live_teacher():
     assert cacheable(TaskKind.CLASSIFICATION, 0.0) and cacheable(TaskKind.TOKEN_CLASSIFICATION, 0.0)
     assert not cacheable(TaskKind.QUESTION_ANSWERING, 0.0)
