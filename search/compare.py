@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from .evaluate import run_eval
 from .hawq_stage import run_hawq
 from .pipeline import check_budgets_up_front, common_args, fine_tuned_model
 from .qat import run_qat
-from .rundir import RunDir, run_step
+from .rundir import RunDir, replace_dir, run_step
 
 __all__ = ["run_compare", "uniform_bits"]
 
@@ -86,7 +87,26 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
         if not path.is_file():  # embeddings, head and activations as the searched architecture has them
             template = Architecture.load(searched) if searched.is_file() else skeleton
             uniform(template, bits).save(path)
+        _reuse_uniform(run, f"{cell}/uniform{bits}", path, seed)
         _qat(c, run, f"{cell}/uniform{bits}", model, path, seed, _QAT)
+
+
+def _reuse_uniform(run: RunDir, step: str, arch: Path, seed: int) -> None:
+    """Uniform QAT does not depend on the budget (1.5 and 2 bits both get uniform 2-bit): a finished run of
+    the same architecture and seed in another budget's cell is copied into `step` instead of trained again."""
+    target = run.path / step
+    if (target / "metrics.json").is_file():
+        return
+    mine = Architecture.load(arch)
+    for done in sorted(run.path.glob(f"b*/s{seed}/{target.name}/metrics.json")):
+        other = done.parent.parent / f"{target.name}.json"
+        if done.parent != target and other.is_file() and Architecture.load(other) == mine:
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(done.parent, tmp)
+            replace_dir(tmp, target)
+            log.info("%s: the same uniform architecture and seed as %s; its result is reused", step, done.parent)
+            return
 
 
 def _summary(run: RunDir, c: Config, model: Any) -> tuple[list[Row], dict[str, Path]]:

@@ -12,10 +12,11 @@ import pytest
 
 from conftest import ROOT
 from search.__main__ import run_stage
-from search.compare import uniform_bits
+from search.budget import uniform
+from search.compare import _reuse_uniform, uniform_bits
 from search.comparison import Kind, aggregate, collect, verdict, write_comparison
-from search.rundir import changed_settings
-from supernet import Architecture
+from search.rundir import RunDir, changed_settings
+from supernet import Architecture, SearchSpace, to_supernet
 
 from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
 from test_stages import _cfg
@@ -143,6 +144,33 @@ def test_compare_runs_every_method_at_equal_size_and_resumes(env, tmp_path):  # 
     assert {line.split(" was run")[0].rsplit(" - ", 1)[-1] for line in warned} == {
         f"{cell}/{step}" for cell in ("b3/s1", "b2/s1") for step in ("search", "qat")}
     assert all("search.arch_lr: " in line and " -> 0.3" in line for line in warned)
+
+
+def test_uniform_qat_of_another_budget_with_the_same_architecture_and_seed_is_reused(tmp_path, tiny_cfg):
+    from transformers import BertForSequenceClassification
+
+    arch = Architecture.from_supernet(to_supernet(BertForSequenceClassification(tiny_cfg), SearchSpace(groups=4)))
+    two, four = uniform(arch, 2), uniform(arch, 4)
+    run = RunDir(tmp_path)
+    for cell, a in (("b2/s1", two), ("b2/s2", two), ("b4/s1", four)):
+        (tmp_path / cell / "uniform2").mkdir(parents=True)
+        a.save(tmp_path / cell / "uniform2.json")
+        (tmp_path / cell / "uniform2" / "metrics.json").write_text(json.dumps({"cell": cell}))
+    (tmp_path / "b1.5/s1/uniform2").mkdir(parents=True)  # an interrupted run of its own: replaced
+    (tmp_path / "b1.5/s1/uniform2/run.log").write_text("interrupted")
+    two.save(tmp_path / "b1.5/s1/uniform2.json")
+    _reuse_uniform(run, "b1.5/s1/uniform2", tmp_path / "b1.5/s1/uniform2.json", seed=1)
+    assert json.loads((tmp_path / "b1.5/s1/uniform2/metrics.json").read_text()) == {"cell": "b2/s1"}
+    assert not (tmp_path / "b1.5/s1/uniform2/run.log").exists()
+
+    four.save(tmp_path / "b1.5/s3/uniform2.json")  # no finished run of seed 3; other seeds do not count
+    (tmp_path / "b1.5/s3").mkdir(exist_ok=True)
+    _reuse_uniform(run, "b1.5/s3/uniform2", tmp_path / "b1.5/s3/uniform2.json", seed=3)
+    assert not (tmp_path / "b1.5/s3/uniform2").exists()
+    (tmp_path / "b3/s1").mkdir(parents=True)  # seed 1 has a 4-bit "uniform2" (b4/s1) and a 2-bit one (b2/s1)
+    four.save(tmp_path / "b3/s1/uniform2.json")
+    _reuse_uniform(run, "b3/s1/uniform2", tmp_path / "b3/s1/uniform2.json", seed=1)
+    assert json.loads((tmp_path / "b3/s1/uniform2/metrics.json").read_text()) == {"cell": "b4/s1"}
 
 
 def test_compare_checks_every_budget_before_anything_runs(env, tmp_path, capsys):  # noqa: F811
