@@ -39,7 +39,7 @@ from search.logger import NullLogger, RunLogger
 
 __all__ = [
     "RunDir", "RESULTS", "changed_settings", "check_reusable", "previous_dir", "remove_if_empty", "replace_dir", "run_step",
-    "write_text_atomic",
+    "write_atomic", "write_text_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,15 @@ _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 LOCK = ".lock"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then rename: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import INDEX, MODEL_COLUMNS, make_loader
+from .rundir import write_atomic
 from .tasks import TaskKind
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,6 @@ def teacher_table(teacher: nn.Module, ds: Dataset, tokenizer: Any, kind: TaskKin
             log.warning("ignoring the unreadable teacher cache %s (%s)", path, e)
     table = compute(teacher, ds, tokenizer, kind, batch_size, device, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(table.rows, tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: torch.save(table.rows, tmp))
     log.info("teacher outputs cached in %s", path)
     return table
