@@ -38,7 +38,7 @@ from .evaluate import run_eval
 from .hawq_stage import run_hawq
 from .pipeline import check_budgets_up_front, common_args, fine_tuned_model
 from .qat import run_qat
-from .rundir import RunDir, replace_dir, run_step
+from .rundir import RunDir, replace_dir, run_step, temp_beside
 
 __all__ = ["run_compare", "uniform_bits"]
 
@@ -101,7 +101,7 @@ def _reuse_uniform(run: RunDir, step: str, arch: Path, seed: int) -> None:
     for done in sorted(run.path.glob(f"b*/s{seed}/{target.name}/metrics.json")):
         other = done.parent.parent / f"{target.name}.json"
         if done.parent != target and other.is_file() and Architecture.load(other) == mine:
-            tmp = target.with_name(f".{target.name}.tmp")
+            tmp = temp_beside(target)
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(done.parent, tmp)
             replace_dir(tmp, target)

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 from supernet import MIB, Architecture
 
 from .config import Method
+from .rundir import write_atomic, write_text_atomic
 
 __all__ = ["Kind", "Row", "Point", "collect", "aggregate", "write_comparison", "budget_dir", "verdict"]
 
@@ -222,14 +223,15 @@ def markdown(points: Sequence[Point], title: str) -> str:
 
 
 def _write_csv(path: Path, records: Sequence[Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        if records:
-            w = csv.DictWriter(f, [fl.name for fl in fields(records[0])])
-            w.writeheader()
-            for r in records:
-                w.writerow({k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(r).items()})
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            if records:
+                w = csv.DictWriter(f, [fl.name for fl in fields(records[0])])
+                w.writeheader()
+                for r in records:
+                    w.writerow({k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(r).items()})
+
+    write_atomic(path, write)
 
 
 def write_comparison(rows: Sequence[Row], out: Path, title: str) -> tuple[list[Point], dict[str, Path]]:
@@ -239,9 +241,7 @@ def write_comparison(rows: Sequence[Row], out: Path, title: str) -> tuple[list[P
     points = aggregate(rows)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("comparison.md", "comparison.csv", "runs.csv", "pareto.png")}
-    tmp = out / ".comparison.md.tmp"
-    tmp.write_text(markdown(points, title))
-    tmp.replace(paths["comparison.md"])
+    write_text_atomic(paths["comparison.md"], markdown(points, title))
     _write_csv(paths["comparison.csv"], points)
     _write_csv(paths["runs.csv"], rows)
     pareto(points, paths["pareto.png"], title)

@@ -222,7 +222,9 @@ def _tokenizer_hash(tokenizer: Any) -> str:
 
 def _save(out: dict[str, Dataset], target: Path) -> None:
     # Write beside the target and rename, so an interrupted run never leaves a half cache behind.
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    from search.rundir import temp_beside  # rundir -> errors -> data: imported here, not at the top
+
+    tmp = temp_beside(target)
     shutil.rmtree(tmp, ignore_errors=True)
     for split, ds in out.items():
         ds.save_to_disk(str(tmp / split))

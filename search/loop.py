@@ -141,7 +141,7 @@ def supervised_step(
 
 def save_train_state(accelerator: Accelerator, state_dir: Path, step: int) -> None:
     """Everything `accelerator` checkpoints, plus the step, written atomically to `state_dir`."""
-    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    tmp = state_dir.with_name(state_dir.name + ".tmp")  # not temp_beside: every process must name the same folder
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()

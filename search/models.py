@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from transformers import (
 )
 
 from search.errors import UserError, first_line
-from search.rundir import replace_dir
+from search.rundir import replace_dir, temp_beside
 from search.tasks import TaskKind, TaskSpec, get_task
 
 __all__ = ["MODEL_CLASSES", "TASK_FILE", "check_local", "load_tokenizer", "load_task_model", "save_checkpoint"]
@@ -135,7 +134,7 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         model = accelerator.unwrap_model(model)
     if main:
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp = temp_beside(target)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / TASK_FILE).write_text(json.dumps({"task": task}) + "\n")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from supernet import Architecture, SearchSpace, SiteKind, is_packed_dir, load_pa
 
 from .errors import UserError, first_line
 from .models import MODEL_CLASSES, TASK_FILE
-from .rundir import replace_dir
+from .rundir import replace_dir, temp_beside
 from .tasks import get_task
 
 QUANTIZED_DIR = "quantized"
@@ -61,7 +60,7 @@ def quantize(model: nn.Module, arch: Architecture, base: SearchSpace) -> nn.Modu
 def save_quantized(model: nn.Module, arch: Architecture, space: SearchSpace, tokenizer: Any, task: str,
                    target: Path) -> Path:
     """Write the QAT'd model atomically: supernet state, architecture, space, HF config, tokenizer."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = temp_beside(target)
     tmp.mkdir(parents=True, exist_ok=False)
     save_model(model, str(tmp / WEIGHTS_FILE))  # handles the Q/K/V-shared input quantizer
     arch.save(tmp / "architecture.json")

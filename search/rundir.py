@@ -39,7 +39,7 @@ from search.logger import NullLogger, RunLogger
 
 __all__ = [
     "RunDir", "RESULTS", "changed_settings", "check_reusable", "previous_dir", "remove_if_empty", "replace_dir", "run_step",
-    "write_atomic", "write_text_atomic",
+    "temp_beside", "write_atomic", "write_text_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,14 @@ _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 LOCK = ".lock"
 
 
+def temp_beside(path: Path) -> Path:
+    """A hidden temporary name beside `path`, unique to this process: write there, then rename onto `path`."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` to a temporary name beside `path`, then rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_beside(path)
     write(tmp)
     os.replace(tmp, path)
 
