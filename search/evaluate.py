@@ -34,7 +34,7 @@ from search.rundir import RunDir
 from search.tasks import TaskKind, TaskSpec, get_task
 from supernet import is_packed_dir, read_manifest
 
-__all__ = ["evaluate", "evaluate_sets", "main_metric_name", "scalars", "run_eval"]
+__all__ = ["evaluate", "evaluate_sets", "main_metric_name", "scalars", "run_eval", "warn_one_class"]
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,30 @@ def evaluate(
     if not outputs:
         raise ValueError(f"nothing to evaluate: the {split or 'evaluation'} loader is empty")
     predictions, references = _SCORERS[spec.kind](outputs, spec, examples=examples, features=features)
+    if spec.kind is TaskKind.CLASSIFICATION:
+        warn_one_class(predictions, references, task, split)
     return compute_metrics(task, predictions, references, split=split)
+
+
+# share of one predicted class above which a classifier is reported as (nearly) constant
+ONE_CLASS_SHARE = 0.97
+
+
+def warn_one_class(preds: np.ndarray, labels: np.ndarray, task: str, split: str | None) -> bool:
+    """Warn when a classifier gives (nearly) every example the same class although the labels are mixed.
+
+    A quantised model that did not recover from quantisation often ends there, and its score (MRPC's
+    all-positive F1 is 81.2) can look like a result; the warning names the class and both shares.
+    """
+    values, counts = np.unique(preds, return_counts=True)
+    top, share = values[counts.argmax()], counts.max() / len(preds)
+    label_share = float(np.mean(labels == top))
+    if share < ONE_CLASS_SHARE or label_share >= ONE_CLASS_SHARE:
+        return False
+    log.warning("%s %s: %.1f%% of the predictions are class %s, which %.1f%% of the labels are: the model "
+                "(nearly) always predicts one class; its score is that of a constant classifier",
+                task, split or "evaluation", 100 * share, top, 100 * label_share)
+    return True
 
 
 def main_metric_name(task: str, metrics: Mapping[str, float]) -> str:

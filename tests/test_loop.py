@@ -14,7 +14,7 @@ from transformers import BertForSequenceClassification, BertForTokenClassificati
 
 from conftest import tiny_config
 from search.config import MixedPrecision
-from search.evaluate import evaluate, main_metric_name
+from search.evaluate import evaluate, main_metric_name, warn_one_class
 from search.loop import (
     adamw, linear_warmup, make_accelerator, supervised_step, total_steps, train,
 )
@@ -141,6 +141,28 @@ def test_evaluate_classification_matches_hand_computation():
     accelerator = make_accelerator(MixedPrecision.fp32, 0)
     assert evaluate(model, accelerator.prepare(loader), "sst2", accelerator=accelerator) == metrics
     assert main_metric_name("mnli", {"accuracy_mm": 1.0}) == "accuracy_mm"
+
+
+def test_one_class_classifier_is_reported(caplog):
+    labels = np.array([1] * 68 + [0] * 32)  # MRPC-like: 68% positive
+    with caplog.at_level("WARNING", logger="search.evaluate"):
+        assert warn_one_class(np.ones(100, dtype=int), labels, "mrpc", "validation")
+    assert "100.0% of the predictions are class 1, which 68.0% of the labels are" in caplog.text
+    assert warn_one_class(np.array([1] * 98 + [0] * 2), labels, "mrpc", None)  # nearly constant
+    assert not warn_one_class(np.array([1] * 90 + [0] * 10), labels, "mrpc", None)  # skewed, not constant
+    assert not warn_one_class(np.ones(100, dtype=int), np.ones(100, dtype=int), "sst2", None)  # so are the labels
+
+    # evaluate() checks classification predictions: a model whose head always says class 1
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config(num_labels=2)).eval()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 1.0]))
+    caplog.clear()
+    rows = _rows(12, seed=3)
+    with caplog.at_level("WARNING", logger="search.evaluate"):
+        evaluate(model, DataLoader(rows, batch_size=5), "sst2", split="validation")
+    assert "always predicts one class" in caplog.text
 
 
 def test_evaluate_ner_ignores_padding_labels():
