@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 
 from supernet import Architecture, SearchSpace, param_sets, sites, to_supernet
 
@@ -63,6 +64,7 @@ def run_search(
 ) -> dict[str, Any]:
     """Search `space` on `task` from the fine-tuned `model`; writes architecture.json and metrics.json."""
     spec = get_task(task.name)
+    set_seed(seed)  # dropout and sampling follow this step's seed, not what ran before it in the process
     budget = Budget.from_args(budget_cfg.avg_bits, budget_cfg.mb, budget_cfg.scope, budget_cfg.match)
     if budget is None and cfg.penalty is not Penalty.linear:
         raise UserError(f"search.penalty={cfg.penalty.value} needs a target: set budget.avg_bits, budget.mb or budget.match, "

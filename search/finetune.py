@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from accelerate.utils import set_seed
+
 from search.config import EvalConfig, FinetuneConfig, MixedPrecision, ModelConfig, TaskConfig
 from search.data import make_loader
 from search.evaluate import evaluate_sets, scalars, stage_metrics
@@ -46,6 +48,7 @@ def finetune(
     loaded before `run.open()` writes the first file.
     """
     spec = get_task(task.name)
+    set_seed(seed)  # dropout and sampling follow this step's seed, not what ran before it in the process
     tokenizer = load_tokenizer(model.name_or_path)
     tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
     net = load_task_model(model.name_or_path, spec.name)

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch import nn
 
 from supernet import Architecture, SearchSpace, param_sets, sites
@@ -139,6 +140,7 @@ def run_qat(
     """QAT of `cfg.architecture` (or `architecture`) from the FP checkpoint `model`; writes quantized/ and
     metrics.json (task metrics and the exact sizes)."""
     spec = get_task(task.name)
+    set_seed(seed)  # dropout and sampling follow this step's seed, not what ran before it in the process
     if architecture is None:
         if cfg.architecture is None:
             raise UserError("qat.architecture is not set; pass the architecture.json a search or hawq run wrote")

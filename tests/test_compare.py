@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT
 from search.__main__ import run_stage
@@ -205,3 +207,20 @@ def test_changed_settings_name_what_decides_a_result_and_ignore_bookkeeping():
     assert changed_settings(saved, now, ["search"]) == ["search.arch_lr: 0.01 -> 0.05", "search.tau.end: 1.0 -> 0.2"]
     assert changed_settings(saved, saved, ["search", "qat"]) == []
     assert changed_settings(saved, "search: {arch_lr: 0.01, tau: {end: 1.0}}\n", ["search", "qat"]) == ["qat.lr: 2e-05 -> None"]
+
+
+def test_a_cell_step_depends_on_its_own_seed_not_on_what_ran_before_it(env, tmp_path):  # noqa: F811
+    # Gumbel sampling draws from the global RNG: a compare cell's search (after the finetune and fp32 steps,
+    # in a process seeded with the top-level seed) must equal the same search run alone with the cell's seed
+    common = ("search.relaxation=GUMBEL", "search.size_weight=5")
+    cmp = tmp_path / "cmp"
+    assert run_stage(_cfg(env, tmp_path, "stage=compare", "seed=42", "compare.budgets=[3]", "compare.seeds=[7]",
+                          "compare.methods=[searched]", *common), cmp) == 0
+    checkpoint = next(cmp.rglob("checkpoint"))  # the compare run's fine-tuned model
+    alone = tmp_path / "alone"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", f"model.name_or_path={checkpoint}", "budget.avg_bits=3",
+                          "seed=7", *common), alone) == 0
+    searched, alone_state = load_file(next((cmp / "b3" / "s7" / "search").rglob("model.safetensors"))), \
+        load_file(next(alone.rglob("model.safetensors")))
+    alphas = [k for k in searched if k.endswith(".alpha")]
+    assert alphas and all(torch.equal(searched[k], alone_state[k]) for k in searched)
