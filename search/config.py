@@ -268,8 +268,8 @@ class QatConfig:
     architecture: Optional[str] = None  # architecture.json (a search or hawq run's, or hand-written)
     epochs: float = 3.0
     batch_size: int = 32
-    lr: float = 2e-5
-    scale_lr: float = 2e-5  # LSQ steps
+    lr: float = 1e-4  # a quantised model has further to go than a fine-tuning run: 2e-5 did not recover 1.5 bits
+    scale_lr: float = 1e-4  # LSQ steps
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     kd_weight: float = 0.5  # loss = (1 - kd) * task + kd * KL(teacher || student); 0 turns the teacher off
