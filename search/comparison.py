@@ -202,6 +202,27 @@ def verdict(points: Sequence[Point]) -> list[str]:
     return lines
 
 
+def paired(rows: Sequence[Row], before: Sequence[Row]) -> str:
+    """How a change of settings moved each run: a markdown table of the runs (method, budget, seed) found in
+    both `before` and `rows`, their metrics and the difference, then the median difference per method and budget.
+
+    Pairs share the seed, so the difference is the change's, not the spread between seeds.
+    """
+    old = {(r.method, r.budget, r.seed): r.metric for r in before if r.method is not Kind.fp32}
+    pairs = sorted(((r.method.value, r.budget, r.seed), old[(r.method, r.budget, r.seed)], r.metric)
+                   for r in rows if (r.method, r.budget, r.seed) in old)
+    if not pairs:
+        return "No run (method, budget, seed) is in both sets.\n"
+    lines = ["| method | budget (bits) | seed | before | after | change |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {b:g} | {s} | {x:.2f} | {y:.2f} | {y - x:+.2f} |" for (m, b, s), x, y in pairs]
+    by: dict[tuple[str, float], list[float]] = {}
+    for (m, b, _), x, y in pairs:
+        by.setdefault((m, b), []).append(y - x)
+    lines += ["", "| method | budget (bits) | pairs | median change |", "|---|---|---|---|"]
+    lines += [f"| {m} | {b:g} | {len(d)} | {statistics.median(d):+.2f} |" for (m, b), d in sorted(by.items())]
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(p: Point) -> list[str]:
     spread = f"{p.median:.2f} [{p.low:.2f}, {p.high:.2f}]" if p.seeds > 1 else f"{p.median:.2f}"
     return [p.method.value, "FP32" if p.budget is None else f"{p.budget:g}", f"{p.encoder_avg_bits:.3f}",

@@ -16,7 +16,7 @@ from conftest import ROOT
 from search.__main__ import run_stage
 from search.budget import uniform
 from search.compare import _reuse_uniform, uniform_bits
-from search.comparison import Kind, aggregate, collect, verdict, write_comparison
+from search.comparison import Kind, aggregate, collect, paired, verdict, write_comparison
 from search.rundir import RunDir, changed_settings
 from supernet import Architecture, SearchSpace, to_supernet
 
@@ -50,6 +50,18 @@ def test_rows_come_from_the_layout_and_aggregate_to_median_and_spread(tmp_path):
     assert (searched.median, searched.low, searched.high, searched.seeds) == (81.0, 80.0, 82.0, 3)
     assert points[(Kind.hawq, 2.0)].median == 78.5 and points[(Kind.fp32, None)].median == 85.0
     assert points[(Kind.searched, 2.5)].budget == 2.5
+
+
+def test_paired_changes_match_runs_by_method_budget_and_seed(tmp_path):
+    _tree(tmp_path / "old", {("qat", 2, 1): 80.0, ("qat", 2, 2): 82.0, ("uniform2", 2, 1): 77.0, ("qat", 3, 1): 84.0})
+    _tree(tmp_path / "new", {("qat", 2, 1): 81.0, ("qat", 2, 2): 81.5, ("uniform2", 2, 1): 79.0, ("qat", 4, 1): 85.0})
+    table = paired(collect([tmp_path / "new"]), collect([tmp_path / "old"]))
+    assert "| searched | 2 | 1 | 80.00 | 81.00 | +1.00 |" in table
+    assert "| searched | 2 | 2 | 82.00 | 81.50 | -0.50 |" in table
+    assert "| uniform | 2 | 1 | 77.00 | 79.00 | +2.00 |" in table
+    assert "| searched | 2 | 2 | +0.25 |" in table and "| uniform | 2 | 1 | +2.00 |" in table
+    assert "fp32" not in table and "| 3 |" not in table and "| 4 |" not in table  # unpaired runs are left out
+    assert paired(collect([tmp_path / "new"]), []).startswith("No run")
 
 
 def test_the_fp32_reference_counts_once_across_multirun_jobs(tmp_path):

@@ -6,7 +6,8 @@ runs, or run trees laid out like one (e.g. tools/bench_search.sh output).
 Reads every metrics.json below the given directories laid out as `fp32/`, `b<budget>/s<seed>/{qat,
 hawq_qat,uniform<bits>}/` (see search/comparison.py), takes the median and [min, max] over seeds per method
 and budget, and writes comparison.md, comparison.csv, runs.csv and pareto.png to --out (default: the first
-directory). Prints comparison.md.
+directory). Prints comparison.md. With `--before DIR [DIR ...]` (the same runs under other settings) it also
+prints, for every run found in both, the metric before and after and the median change per method and budget.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from search.comparison import collect, write_comparison
+from search.comparison import collect, paired, write_comparison
 
 
 def main() -> int:
@@ -22,8 +23,10 @@ def main() -> int:
     p.add_argument("roots", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=None, help="where to write (default: the first root)")
     p.add_argument("--title", default=None, help="title of the table and plot")
+    p.add_argument("--before", nargs="+", type=Path, default=[],
+                   help="the same runs under other settings: print the change of every run found in both")
     args = p.parse_args()
-    missing = [str(r) for r in args.roots if not r.is_dir()]
+    missing = [str(r) for r in [*args.roots, *args.before] if not r.is_dir()]
     if missing:
         print(f"error: no such directory: {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -35,6 +38,8 @@ def main() -> int:
     out = args.out or args.roots[0]
     _, paths = write_comparison(rows, out, args.title or " + ".join(str(r) for r in args.roots))
     print(paths["comparison.md"].read_text())
+    if args.before:
+        print(paired(rows, collect(args.before)))
     return 0
 
 
