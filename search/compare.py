@@ -98,9 +98,9 @@ def _reuse_uniform(run: RunDir, step: str, arch: Path, seed: int) -> None:
     if (target / "metrics.json").is_file():
         return
     mine = Architecture.load(arch)
-    for done in sorted(run.path.glob(f"b*/s{seed}/{target.name}/metrics.json")):
+    for done in sorted(run.path.glob(f"b*/s{seed}/{target.name}/metrics.json")):  # never `target`: it has none
         other = done.parent.parent / f"{target.name}.json"
-        if done.parent != target and other.is_file() and Architecture.load(other) == mine:
+        if other.is_file() and Architecture.load(other) == mine:
             tmp = temp_beside(target)
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(done.parent, tmp)
