@@ -67,7 +67,8 @@ class Row:
     run_dir: str
     fp32_encoder_mb: float = float("nan")  # the same model in FP32
     fp32_total_mb: float = float("nan")
-    others: tuple[tuple[str, float], ...] = ()  # the main split's other metrics (MRPC: accuracy beside F1)
+    # the main split's other metrics (MRPC: accuracy beside F1), then the other splits' main metrics
+    others: tuple[tuple[str, float], ...] = ()
 
 
 def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Row:
@@ -77,6 +78,9 @@ def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Ro
     split = m.get("split") or next(iter(m.get("splits") or {}), None)
     metrics = (m.get("splits") or {}).get(split, {}).get("metrics", {})
     others = tuple((k, float(v)) for k, v in metrics.items() if k != main)
+    # the extra evaluated splits (SST-2's labelled test set) by their main metric: "test_labeled accuracy"
+    others += tuple((f"{name} {s['main_metric']['name']}", float(s["main_metric"]["value"]))
+                    for name, s in (m.get("splits") or {}).items() if name != split and "main_metric" in s)
     return Row(method, budget, seed, m["main_metric"]["name"], float(m["main_metric"]["value"]),
                float(arch.get("encoder_avg_bits", 32.0)), float(arch.get("encoder_mb", float("nan"))),
                float(arch.get("total_mb", float("nan"))), float(arch.get("total_compression") or 1.0),

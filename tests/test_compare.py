@@ -52,6 +52,25 @@ def test_rows_come_from_the_layout_and_aggregate_to_median_and_spread(tmp_path):
     assert points[(Kind.searched, 2.5)].budget == 2.5
 
 
+def test_every_evaluated_split_reaches_the_table(tmp_path):
+    """SST-2 is reported on dev and on its labelled test set: the second split's main metric is a column."""
+    def split(acc: float) -> dict:
+        return {"metrics": {"accuracy": acc}, "main_metric": {"name": "accuracy", "value": acc}}
+
+    for seed, (dev, test) in {1: (80.0, 81.0), 2: (82.0, 84.0), 3: (81.0, 82.0)}.items():
+        path = tmp_path / "b2" / f"s{seed}" / "qat"
+        path.mkdir(parents=True)
+        (path / "metrics.json").write_text(json.dumps({
+            "split": "validation", "main_metric": {"name": "accuracy", "value": dev},
+            "splits": {"validation": split(dev), "test_labeled": split(test)}}))
+    (row, *_), = [collect([tmp_path])]
+    assert row.metric == 80.0 and dict(row.others) == {"test_labeled accuracy": 81.0}
+    (point,) = aggregate(collect([tmp_path]))
+    assert point.median == 81.0 and point.others == (("test_labeled accuracy", 82.0),)
+    _, paths = write_comparison(collect([tmp_path]), tmp_path / "out", "t")
+    assert "| accuracy 81.00 [80.00, 82.00] | test_labeled accuracy 82.00 | 3 |" in paths["comparison.md"].read_text()
+
+
 def test_paired_changes_match_runs_by_method_budget_and_seed(tmp_path):
     _tree(tmp_path / "old", {("qat", 2, 1): 80.0, ("qat", 2, 2): 82.0, ("uniform2", 2, 1): 77.0, ("qat", 3, 1): 84.0})
     _tree(tmp_path / "new", {("qat", 2, 1): 81.0, ("qat", 2, 2): 81.5, ("uniform2", 2, 1): 79.0, ("qat", 4, 1): 85.0})
