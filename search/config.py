@@ -309,6 +309,14 @@ class TraceLevel(_ValueStr):
     site = "site"  # the site's (weight matrix's) estimate / its size, as HAWQ-V2 does per layer
 
 
+class NegativeCurvature(_ValueStr):
+    """What HAWQ-V2's sensitivity makes of a curvature estimate that is not positive (a fine-tuned model is
+    not exactly at a minimum: whole matrices can have a negative Hessian trace, beyond its standard error)."""
+
+    floor = "floor"  # a thousandth of the median positive curvature: nearly free to quantize, and to prune
+    absolute = "absolute"  # its magnitude: curvature of either sign makes a perturbation costly
+
+
 @dataclass
 class HawqConfig:
     """HAWQ-V2 (arXiv:1911.03852): Hessian-aware sensitivities of every group (on the FP model, over
@@ -316,6 +324,7 @@ class HawqConfig:
 
     sensitivity: Sensitivity = Sensitivity.trace
     trace_level: TraceLevel = TraceLevel.site  # group: each group's own trace (noisy with 128 groups per matrix)
+    negative_curvature: NegativeCurvature = NegativeCurvature.floor  # absolute: |estimate| (see BENCHMARKS.md)
     max_probes: int = 100  # Hutchinson probes (power iterations per site for top_eigenvalue)
     tol: float = 1e-2  # stop once the estimates move by less than this, relative to |estimate|
     batch_size: int = 32

@@ -8,7 +8,9 @@ With `trace_level=site` the site's average trace Tr(H_site) / n_site (HAWQ-V2's 
 of its groups' estimates, far less noisy than one group's) replaces Tr(H_g) / n_g for all its groups, so
 the groups of a matrix differ only in their quantization errors. A curvature estimate that is not positive
 counts as a thousandth of the median positive one (`FLOOR`): counted as zero, every such group would be
-free to prune, and a model whose estimates are all noise would be allocated far below its budget.
+free to prune, and a model whose estimates are all noise would be allocated far below its budget. A site
+whose whole trace is negative is still nearly free to prune that way; `NegativeCurvature.absolute` takes the
+magnitude of every estimate instead (curvature of either sign makes a large perturbation costly).
 
 The curvature is that of the floating-point model (a straight-through quantizer has no useful second
 derivative): Hessians are taken on the Hugging Face model before conversion, whose weights are the very
@@ -33,7 +35,7 @@ from supernet.quantizers import CandidateKind, candidate_kind, float_value
 
 from .bilevel import task_loss
 from .budget import Budget
-from .config import Sensitivity, TraceLevel
+from .config import NegativeCurvature, Sensitivity, TraceLevel
 from .hessian import GroupView, Hessian, hutchinson, top_eigenvalues
 from .knapsack import Knapsack
 
@@ -180,13 +182,16 @@ def curvature_floor(per_weight: Sequence[torch.Tensor]) -> float:
 
 
 def build_knapsack(supernet: nn.Module, template: Architecture, curvature: Curvature, budget: Budget,
-                   level: TraceLevel = TraceLevel.group) -> Knapsack:
+                   level: TraceLevel = TraceLevel.group,
+                   negative: NegativeCurvature = NegativeCurvature.floor) -> Knapsack:
     """The knapsack of `supernet`'s groups: Omega per candidate (with the sites' initial steps and the
-    curvature at `level`) and the budget's exact prices (`Budget.group_prices`, the cost model), per site
-    in sorted candidate order."""
+    curvature at `level`, its magnitude with `NegativeCurvature.absolute`) and the budget's exact prices
+    (`Budget.group_prices`, the cost model), per site in sorted candidate order."""
     candidates = {name: site.wq.cands.bits for name, site in sites(supernet)}
     prices, constant = budget.group_prices(template, candidates)
     per_weight = {name: curvature.per_weight(name, site.wq.group_numel, level) for name, site in sites(supernet)}
+    if negative is NegativeCurvature.absolute:
+        per_weight = {name: c.abs() for name, c in per_weight.items()}
     floor = curvature_floor(list(per_weight.values()))
     names, bits, values, costs = [], [], [], []
     for name, site in sites(supernet):

@@ -30,7 +30,7 @@ import numpy as np
 from supernet import Architecture, SearchSpace, SiteKind, sites, to_supernet
 
 from .budget import Budget, site_candidates, uniform
-from .config import BudgetConfig, EvalConfig, HawqConfig, MixedPrecision, ModelConfig, Sensitivity, TaskConfig
+from .config import BudgetConfig, EvalConfig, HawqConfig, MixedPrecision, ModelConfig, NegativeCurvature, Sensitivity, TaskConfig
 from .data import make_loader
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
@@ -200,7 +200,7 @@ def run_hawq(
                 _save_cached(cache_dir, act_key, activations)
     del fp
 
-    knapsack = build_knapsack(net, template, curvature, budget, cfg.trace_level)
+    knapsack = build_knapsack(net, template, curvature, budget, cfg.trace_level, cfg.negative_curvature)
     chosen = knapsack.allocate(budget.target, cfg.solver_time_limit)
     front = knapsack.frontier(cfg.frontier_points, extra=[budget.target], time_limit=cfg.solver_time_limit)
     arch = to_architecture(template, knapsack, chosen.choice)
@@ -234,6 +234,11 @@ def run_hawq(
         if choice is not None:
             uniform_points[bits] = (u.size_mb(scope), knapsack.value(choice))
     negative = sum(v < 0 for est in curvature.estimate.values() for v in est)
+    negative_sites = sorted(n for n, est in curvature.estimate.items() if sum(est) < 0)
+    if negative_sites and cfg.negative_curvature is NegativeCurvature.floor and curvature.kind is Sensitivity.trace:
+        log.warning("hawq: %d sites have a negative trace (%s%s); they count as nearly free to quantize and to prune. "
+                    "hawq.negative_curvature=absolute ranks them by the magnitude instead", len(negative_sites),
+                    ", ".join(negative_sites[:3]), ", ..." if len(negative_sites) > 3 else "")
     summary = arch.summary()
     log.info("hawq: %.4g %s (budget %s), total sensitivity %.4g (proven gap %.2g), %d frontier points, %d negative "
              "curvature estimates", chosen.cost, budget.unit, budget, chosen.value, chosen.gap, len(front), negative)
@@ -259,9 +264,11 @@ def run_hawq(
     results = evaluate_sets(net, sets, spec.name, accelerator)
     run.log(scalars(results), 0)
     budget_info = {"unit": budget.unit, "target": budget.target, "scope": scope.value, "match": budget_cfg.match}
-    hawq_info = {"sensitivity": curvature.kind.value, "trace_level": cfg.trace_level.value, "probes": curvature.probes, "curvature_seconds": curvature.seconds,
-                 "cached": cached, "batches": len(batches), "batch_size": cfg.batch_size,
-                 "negative_estimates": int(negative), "frontier_points": len(front)}
+    hawq_info = {"sensitivity": curvature.kind.value, "trace_level": cfg.trace_level.value,
+                 "negative_curvature": cfg.negative_curvature.value, "probes": curvature.probes,
+                 "curvature_seconds": curvature.seconds, "cached": cached, "batches": len(batches),
+                 "batch_size": cfg.batch_size, "negative_estimates": int(negative),
+                 "negative_sites": negative_sites, "frontier_points": len(front)}
     chosen_info = {"cost": chosen.cost, "sensitivity": chosen.value, "gap": chosen.gap, "core_groups": chosen.core,
                    "mb": arch.size_mb(scope), "avg_bits": arch.avg_bits(scope)}
     metrics = stage_metrics("hawq", spec.name, model.name_or_path, results, budget=budget_info, hawq=hawq_info,

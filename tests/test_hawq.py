@@ -16,7 +16,7 @@ from transformers import BertForSequenceClassification
 
 from search.__main__ import run_stage
 from search.budget import Budget, uniform
-from search.config import Sensitivity, TraceLevel
+from search.config import NegativeCurvature, Sensitivity, TraceLevel
 from search.hawq import (FLOOR, Curvature, build_knapsack, curvature_floor, group_view, measure_curvature, quantization_errors, sensitivities,
                          to_architecture)
 from search.knapsack import Knapsack
@@ -97,6 +97,28 @@ def test_site_level_gives_every_group_its_sites_average_trace(tiny_cfg):
     assert np.allclose(ks_site.values[i], (pooled[:, None] * errors)[:, order].numpy())
     # group level: the negative group's pruning costs only the floor; site level: the site's average trace
     assert ks_group.values[i][0, 0] < 1e-2 * ks_site.values[i][0, 0]
+
+
+def test_a_site_with_a_negative_trace_is_pruned_for_free_unless_curvature_counts_by_magnitude(tiny_cfg):
+    """A whole matrix with a negative trace (a fine-tuned model away from a minimum): at the floor its
+    pruning costs nearly nothing, so a tight budget prunes it whole; by magnitude it costs what a positive
+    trace of that size would, and the budget is taken from the matrices that really are flat."""
+    model = _supernet(tiny_cfg)
+    template = Architecture.from_supernet(model)
+    curvature = _curvature(model)
+    curvature.estimate = {n: [1.0] * len(e) for n, e in curvature.estimate.items()}
+    name = next(n for n, s in sites(model) if s.kind.value == "encoder")
+    curvature.estimate[name] = [-50.0] * len(curvature.estimate[name])
+    lo, hi = build_knapsack(model, template, curvature, Budget("encoder", avg_bits=1.0)).bounds()
+    budget = Budget("encoder", avg_bits=lo + 0.3 * (hi - lo))
+    pruned = {}
+    for negative in NegativeCurvature:
+        ks = build_knapsack(model, template, curvature, budget, TraceLevel.site, negative)
+        i, chosen = ks.names.index(name), ks.allocate(budget.target)
+        bits = np.asarray(ks.bits[i])[chosen.choice[i]]
+        pruned[negative] = float(np.mean(bits == 0))
+        assert chosen.cost <= budget.target + 1e-9
+    assert pruned[NegativeCurvature.floor] == 1.0 and pruned[NegativeCurvature.absolute] == 0.0
 
 
 def _random_knapsack(seed: int) -> Knapsack:
