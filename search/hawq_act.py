@@ -26,6 +26,7 @@ from supernet.mixed import ActQuantizer
 from supernet.quantizers import CandidateKind, candidate_kind
 
 from .bilevel import task_loss
+from .config import NegativeCurvature
 from .hessian import Hessian, hutchinson
 from .knapsack import Knapsack
 
@@ -129,16 +130,20 @@ def _errors(aq: ActQuantizer, x: torch.Tensor) -> np.ndarray:
     return np.array(out)
 
 
-def activation_knapsack(supernet: nn.Module, measured: Mapping[str, tuple[float, list[float]]]) -> Knapsack:
-    """One 'group' per quantizer: Omega per candidate, priced at bits x input width (bits per token)."""
+def activation_knapsack(supernet: nn.Module, measured: Mapping[str, tuple[float, list[float]]],
+                        negative: NegativeCurvature = NegativeCurvature.floor) -> Knapsack:
+    """One 'group' per quantizer: Omega per candidate, priced at bits x input width (bits per token). A
+    negative trace counts as no loss, or by its magnitude with `NegativeCurvature.absolute` (as the weights'
+    curvature does in `search.hawq.build_knapsack`)."""
     names, bits, values, prices = [], [], [], []
     for act in activation_sites(supernet):
         trace, errs = measured[act.name]
+        curvature = abs(trace) if negative is NegativeCurvature.absolute else max(trace, 0.0)
         cands = act.quantizer.cands.bits
         order = sorted(range(len(cands)), key=lambda k: cands[k])
         names.append(act.name)
         bits.append(tuple(cands[k] for k in order))
-        values.append(np.array([[max(trace, 0.0) * errs[k] for k in order]]))  # [1, K]; negative trace: no loss
+        values.append(np.array([[curvature * errs[k] for k in order]]))  # [1, K]
         prices.append(np.array([float(cands[k] * act.in_features) for k in order]))
     return Knapsack(tuple(names), tuple(bits), tuple(values), tuple(prices), 0.0)
 

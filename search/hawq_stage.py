@@ -206,7 +206,7 @@ def run_hawq(
     arch = to_architecture(template, knapsack, chosen.choice)
     act_info = None
     if activations is not None:
-        act_knapsack = activation_knapsack(net, activations)
+        act_knapsack = activation_knapsack(net, activations, cfg.negative_curvature)
         width = activation_width(net)
         act_chosen = act_knapsack.allocate(cfg.a_avg_bits * width, cfg.solver_time_limit)
         arch = with_activation_bits(arch, net, act_knapsack, act_chosen.choice)

@@ -299,6 +299,20 @@ def test_activation_perturbation_differentiates_the_shared_input(batch):
     assert torch.allclose(grads[0], reference, rtol=1e-4, atol=1e-10) and reference.abs().max() > 1e-7
 
 
+def test_a_negative_activation_trace_counts_as_no_loss_or_by_its_magnitude(tiny_cfg):
+    """hawq.negative_curvature reaches the activation knapsack too: at the floor a negative trace makes every
+    candidate free, by magnitude it costs |trace| x the quantization error."""
+    from search.hawq_act import activation_knapsack, activation_sites
+
+    net = to_supernet(BertForSequenceClassification(tiny_cfg), SearchSpace(w_bits=[2, 4], groups=4, a_bits=[4, 8]))
+    acts = activation_sites(net)
+    measured = {a.name: (-2.0 if i == 0 else 1.0, [3.0, 1.0]) for i, a in enumerate(acts)}  # errors at 4, 8 bits
+    floor = activation_knapsack(net, measured)
+    absolute = activation_knapsack(net, measured, NegativeCurvature.absolute)
+    assert np.array_equal(floor.values[0], [[0.0, 0.0]]) and np.array_equal(absolute.values[0], [[6.0, 2.0]])
+    assert np.array_equal(floor.values[1], absolute.values[1]) and np.array_equal(floor.values[1], [[3.0, 1.0]])
+
+
 def test_hawq_allocates_activation_bits_within_their_budget(env, tmp_path):  # noqa: F811
     run_dir = tmp_path / "hawq_act"
     assert run_stage(_cfg(env, tmp_path, *HAWQ, "budget.avg_bits=3", "space.a_bits=[4,8]", "hawq.activations=true",
