@@ -34,11 +34,12 @@ try:
 except ImportError:  # Windows: no flock; runs there are not guarded against a second process
     fcntl = None
 
+from search.config import Config
 from search.errors import UserError
 from search.logger import NullLogger, RunLogger
 
 __all__ = [
-    "RunDir", "RESULTS", "changed_settings", "check_reusable", "previous_dir", "remove_if_empty", "replace_dir", "run_step",
+    "RunDir", "RESULTS", "changed_settings", "check_reusable", "schema_defaults", "previous_dir", "remove_if_empty", "replace_dir", "run_step",
     "temp_beside", "write_atomic", "write_text_atomic",
 ]
 
@@ -217,20 +218,32 @@ class RunDir:
 _BOOKKEEPING = {"log_every", "log_mass_every", "checkpoint_every", "eval_every", "teacher_cache"}
 
 
-def changed_settings(saved_yaml: str, current_yaml: str, sections: Sequence[str]) -> list[str]:
-    """`key: saved -> current` for every setting under `sections` (top-level config keys) that differs."""
+def changed_settings(saved_yaml: str, current_yaml: str, sections: Sequence[str],
+                     defaults_yaml: str | None = None) -> list[str]:
+    """`key: saved -> current` for every setting under `sections` (top-level config keys) that differs.
+
+    A key the saved config lacks (an option added after that run) counts as unchanged when the current
+    value is the option's default in `defaults_yaml`: the older run behaved as the default does."""
     def flat(tree: Any, prefix: str) -> dict[str, Any]:
         if isinstance(tree, Mapping):
             return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
         return {prefix: tree}
 
-    saved, current = (OmegaConf.to_container(OmegaConf.create(text or '{}')) for text in (saved_yaml, current_yaml))
+    saved, current, defaults = (OmegaConf.to_container(OmegaConf.create(text or '{}'))
+                                for text in (saved_yaml, current_yaml, defaults_yaml))
     out = []
     for section in sections:
         a, b = flat(saved.get(section), section), flat(current.get(section), section)
+        d = flat(defaults.get(section), section)
         out += [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k) and k.rsplit(".", 1)[-1] not in _BOOKKEEPING]
+                if a.get(k) != b.get(k) and k.rsplit(".", 1)[-1] not in _BOOKKEEPING
+                and not (k not in a and k in d and d[k] == b[k])]
     return out
+
+
+def schema_defaults() -> str:
+    """The config schema's defaults as YAML (enums by name, as a run's config.yaml writes them)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(Config))
 
 
 def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]],
@@ -245,7 +258,7 @@ def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]
         log.info("%s: done already (%s)", name, done)
         saved = child.path / "config.yaml"
         if settings and saved.is_file() and run._config_yaml is not None:
-            changed = changed_settings(saved.read_text(), run._config_yaml, settings)
+            changed = changed_settings(saved.read_text(), run._config_yaml, settings, schema_defaults())
             if changed:
                 log.warning("%s was run with other settings (%s%s); its result is reused: delete %s to rerun it",
                             name, "; ".join(changed[:4]), f"; and {len(changed) - 4} more" if len(changed) > 4 else "",

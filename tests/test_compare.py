@@ -17,7 +17,7 @@ from search.__main__ import run_stage
 from search.budget import uniform
 from search.compare import _reuse_uniform, uniform_bits
 from search.comparison import Kind, aggregate, collect, paired, verdict, write_comparison
-from search.rundir import RunDir, changed_settings
+from search.rundir import RunDir, changed_settings, schema_defaults
 from supernet import Architecture, SearchSpace, to_supernet
 
 from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
@@ -238,6 +238,18 @@ def test_changed_settings_name_what_decides_a_result_and_ignore_bookkeeping():
     assert changed_settings(saved, now, ["search"]) == ["search.arch_lr: 0.01 -> 0.05", "search.tau.end: 1.0 -> 0.2"]
     assert changed_settings(saved, saved, ["search", "qat"]) == []
     assert changed_settings(saved, "search: {arch_lr: 0.01, tau: {end: 1.0}}\n", ["search", "qat"]) == ["qat.lr: 2e-05 -> None"]
+
+
+def test_an_option_added_after_a_run_counts_as_changed_only_away_from_its_default():
+    # a run from before hawq.negative_curvature existed behaved as its default (floor) does
+    old = "hawq:\n  max_probes: 100\n"
+    defaults = schema_defaults()
+    assert "negative_curvature: floor" in defaults
+    same = "hawq:\n  max_probes: 100\n  negative_curvature: floor\n"
+    other = "hawq:\n  max_probes: 100\n  negative_curvature: absolute\n"
+    assert changed_settings(old, same, ["hawq"], defaults) == []
+    assert changed_settings(old, other, ["hawq"], defaults) == ["hawq.negative_curvature: None -> absolute"]
+    assert changed_settings(old, same, ["hawq"]) == ["hawq.negative_curvature: None -> floor"]  # no schema given
 
 
 def test_a_cell_step_depends_on_its_own_seed_not_on_what_ran_before_it(env, tmp_path):  # noqa: F811
