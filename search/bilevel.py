@@ -119,7 +119,8 @@ def finite_difference_hvp(
 
 
 class BilevelStep:
-    """One search step: (after warm-up) an architecture step on the architecture half, then a weight step."""
+    """One search step: (after warm-up) an architecture step on the architecture half, then a weight step
+    (none when the weight optimiser's lr is 0: the weights stay fixed)."""
 
     def __init__(
         self,
@@ -153,6 +154,9 @@ class BilevelStep:
         self.max_grad_norm, self.group_lasso_weight = max_grad_norm, group_lasso_weight
         self.relaxation, self.tau, self.total_steps = Relaxation(relaxation), tau, total_steps
         self.log_mass_every = log_mass_every
+        # lr 0: the weights stay where they are (the architecture is searched for the checkpoint's weights,
+        # which QAT starts from); the weight step would only cost time
+        self.train_weights = any(g["lr"] > 0 for g in weight_opt.param_groups)
 
     def __call__(self, batch: Batch, step: int) -> dict[str, float]:
         self.model.train()  # from_pretrained and evaluation leave it in eval mode: no dropout, no Gumbel noise
@@ -161,7 +165,8 @@ class BilevelStep:
         logs: dict[str, float] = {"temperature": tau}
         if step >= self.warmup_steps:
             logs.update(self.arch_step(next(self.arch_batches), batch))
-        logs.update(self.weight_step(batch))
+        if self.train_weights:
+            logs.update(self.weight_step(batch))
         if self.log_mass_every and step % self.log_mass_every == 0:
             logs.update(probability_mass(self.model))
         return logs

@@ -218,7 +218,7 @@ class SearchConfig:
 
     epochs: float = 1.0  # over the weights part
     batch_size: int = 32
-    lr: float = 2e-5  # weights (AdamW), linear warmup then decay
+    lr: float = 2e-5  # weights (AdamW), linear warmup then decay; 0: the weights stay at the checkpoint
     weight_decay: float = 0.01
     lr_warmup_ratio: float = 0.1
     # Adam, not the paper's SGD 0.1: measured on MiniLM-L6 (18,432 logits), a logit's gradient is ~1e-5
@@ -247,8 +247,10 @@ class SearchConfig:
     log_mass_every: int = 50  # steps between logs of the probability mass per candidate and site
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "lr", "arch_lr", "scale_lr", "tau_start", "tau_end", "epochs"):
+        for name in ("batch_size", "arch_lr", "scale_lr", "tau_start", "tau_end", "epochs"):
             _positive(f"search.{name}", getattr(self, name))
+        if self.lr < 0:
+            raise ValueError(f"search.lr={self.lr} is invalid; use a positive value, or 0 to keep the weights at the checkpoint")
         if not 0 < self.weight_fraction < 1:
             raise ValueError(f"search.weight_fraction={self.weight_fraction} must be between 0 and 1 (exclusive)")
         for name in ("arch_warmup_ratio", "lr_warmup_ratio"):

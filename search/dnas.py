@@ -96,8 +96,9 @@ def run_search(
     scheduler = linear_warmup(w_opt.optimizer, steps, cfg.lr_warmup_ratio)
     accelerator.register_for_checkpointing(scheduler)
     scope = budget.scope if budget is not None else budget_cfg.scope
-    log.info("searching %s on %s: %d steps, %d groups, candidates %s, budget %s", model.name_or_path, spec.name,
-             steps, template.n_groups(), list(space.w_bits), budget or f"none (lambda={cfg.size_weight})")
+    log.info("searching %s on %s: %d steps, %d groups, candidates %s, budget %s%s", model.name_or_path, spec.name,
+             steps, template.n_groups(), list(space.w_bits), budget or f"none (lambda={cfg.size_weight})",
+             "; weights fixed at the checkpoint (search.lr=0)" if cfg.lr == 0 else "")
 
     step_fn = BilevelStep(
         net, groups.weights, groups.arch + groups.scales, w_opt, u_opts, cycle(arch_loader),

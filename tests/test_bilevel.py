@@ -21,13 +21,13 @@ def _batches(n=6, seed=0):
     return out
 
 
-def _setup(cfg, size_weight=1.0, budget=None, second_order=False, warmup=0, steps=10):
+def _setup(cfg, size_weight=1.0, budget=None, second_order=False, warmup=0, steps=10, weight_lr=1e-3):
     torch.manual_seed(0)
     model = to_supernet(BertForSequenceClassification(cfg), SPACE).train()
     sets = param_sets(model)
     upper = sets.arch + sets.scales
     step = BilevelStep(
-        model, sets.weights, upper, torch.optim.AdamW(sets.weights, lr=1e-3),
+        model, sets.weights, upper, torch.optim.AdamW(sets.weights, lr=weight_lr),
         [torch.optim.SGD(sets.arch, lr=0.5), torch.optim.Adam(sets.scales, lr=1e-3)],
         cycle(_batches(seed=1)), SizeTerm(size_weight, budget), second_order=second_order,
         warmup_steps=warmup, total_steps=steps, tau=(2.0, 0.5),
@@ -55,6 +55,18 @@ def test_arch_step_moves_only_logits_and_scales_and_weight_step_only_weights(tin
     step.weight_step(batch)
     assert not any(_changed(sets.arch, a1)) and not any(_changed(sets.scales, s1))
     assert sum(_changed(sets.weights, w0)) > len(sets.weights) // 2
+
+
+def test_a_weight_lr_of_zero_keeps_the_weights_and_skips_their_step(tiny_cfg):
+    # search.lr=0: the architecture is searched for the checkpoint's weights, and no time goes to a weight step
+    model, sets, step = _setup(tiny_cfg, weight_lr=0.0)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    w0, a0 = _snapshot(sets.weights), _snapshot(sets.arch)
+    logs = step(_batches()[0], 0)
+    assert len(forwards) == 1 and "loss/weights" not in logs and "loss/arch_task" in logs
+    assert not any(_changed(sets.weights, w0))
+    assert all(_changed(sets.arch, a0))
 
 
 def test_warmup_steps_leave_the_architecture_alone(tiny_cfg):

@@ -96,12 +96,17 @@ def test_typo_or_wrong_type_fails_at_compose(override):
     ("max_steps=0", "max_steps"),
     ("finetune.warmup_ratio=1.5", "warmup_ratio"),
     ("eval.batch_size=0", "eval.batch_size"),
+    ("search.lr=-1e-5", "search.lr=-1e-05"),
 ])
 def test_bad_values_fail_in_to_config_with_one_line(override, needle):
     with pytest.raises(UserError) as info:
         to_config(_compose(override))
     message = str(info.value)
     assert needle in message and "\n" not in message
+
+
+def test_a_search_weight_lr_of_zero_is_allowed():
+    assert to_config(_compose("search.lr=0")).search.lr == 0
 
 
 def test_budget_takes_one_of_avg_bits_and_mb():
