@@ -55,7 +55,7 @@ def _eval(c: Config, run: RunDir) -> dict[str, Any]:
     return run_eval(
         c.model, c.task, c.eval, run,
         seed=c.seed, max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision,
-        cache_dir=c.cache_dir,
+        cache_dir=c.cache_dir, space=c.space,
     )
 
 

@@ -160,9 +160,13 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation, shared by every stage; `checkpoint` is what `stage=eval` loads (None: `model`)."""
+    """Evaluation, shared by every stage; `checkpoint` is what `stage=eval` loads (None: `model`), quantized
+    to `architecture` when that is set."""
 
     checkpoint: Optional[str] = None
+    # architecture.json: `stage=eval` quantizes the FP checkpoint to it (the supernet's initial steps, no
+    # QAT), which scores an allocation on the weights QAT starts from
+    architecture: Optional[str] = None
     splits: List[str] = field(default_factory=list)  # extra splits beside the dev split(s)
     batch_size: int = 64
 

@@ -29,10 +29,10 @@ from search.loop import make_accelerator
 from search.metrics import compute_metrics, ids_to_tags, postprocess_qa, squad_references
 from search.models import load_task_model, load_tokenizer
 from search.prepare import EvalSet, task_data
-from search.quantized import load_any_quantized
+from search.quantized import load_any_quantized, quantize
 from search.rundir import RunDir
 from search.tasks import TaskKind, TaskSpec, get_task
-from supernet import is_packed_dir, read_manifest
+from supernet import Architecture, SearchSpace, is_packed_dir, read_manifest
 
 __all__ = ["evaluate", "evaluate_sets", "main_metric_name", "scalars", "run_eval", "warn_one_class"]
 
@@ -196,6 +196,21 @@ def stage_metrics(stage: str, task: str, model: str, results: Mapping[str, Mappi
             "main_metric": results[split]["main_metric"], **extra, "splits": dict(results)}
 
 
+def _allocated(net: nn.Module, path: str, space: SearchSpace | None, source: str) -> tuple[nn.Module, dict[str, Any]]:
+    """`net` quantized in place to the architecture.json at `path`, with its exact sizes."""
+    try:
+        arch = Architecture.load(path)
+    except FileNotFoundError:
+        raise UserError(f"eval.architecture={path}: no such file; pass the architecture.json of a search or hawq run") from None
+    except ValueError as e:  # malformed JSON or values: the file is the user's
+        raise UserError(str(e)) from e
+    try:
+        quantize(net, arch, space or SearchSpace())
+    except ValueError as e:  # names the site where the architecture does not fit this model
+        raise UserError(f"{path} does not fit {source}: {e}") from e
+    return net, arch.summary()
+
+
 def run_eval(
     model: ModelConfig,
     task: TaskConfig,
@@ -206,8 +221,10 @@ def run_eval(
     max_eval_examples: int | None,
     mixed_precision: MixedPrecision,
     cache_dir: str | None,
+    space: SearchSpace | None = None,
 ) -> dict[str, Any]:
-    """The `eval` stage: evaluate `evaluation.checkpoint` (or `model`) and write metrics.json."""
+    """The `eval` stage: evaluate `evaluation.checkpoint` (or `model`), quantized to `evaluation.architecture`
+    (with `space`'s quantizers) when that is set, and write metrics.json."""
     source = evaluation.checkpoint or model.name_or_path
     # A checkpoint is always a local directory (a hub id goes into model.name_or_path).
     if evaluation.checkpoint is not None and not Path(evaluation.checkpoint).expanduser().is_dir():
@@ -223,6 +240,11 @@ def run_eval(
         sizes = arch.summary()
     else:
         net = load_task_model(source, spec.name)
+    if evaluation.architecture is not None:
+        if quantized is not None:
+            raise UserError(f"eval.architecture applies to an FP checkpoint, and {source} is quantized already; "
+                            f"pass a finetune run's checkpoint/ (or unset eval.architecture)")
+        net, sizes = _allocated(net, evaluation.architecture, space, source)
     tokenizer = load_tokenizer(source)  # after the model: a corrupt folder is reported as such
     _, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=False)
     accelerator = make_accelerator(mixed_precision, seed)
@@ -234,6 +256,8 @@ def run_eval(
         s.loader = accelerator.prepare(s.loader)
     results = evaluate_sets(net, sets, spec.name, accelerator)
     extra: dict[str, Any] = {"architecture": sizes} if sizes else {}
+    if evaluation.architecture is not None:
+        extra["architecture_file"] = evaluation.architecture
     if is_packed_dir(source):  # what the shipped folder takes on disk (checked against its manifest on load)
         extra["packed_size"] = read_manifest(source)["size"]
     metrics = stage_metrics("eval", spec.name, source, results, **extra)

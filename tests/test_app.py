@@ -139,6 +139,8 @@ BAD = {
     "bad space bits": (["space.w_bits=[3,33]"], "33"),
     "bad budget": (["budget.avg_bits=-1"], "budget.avg_bits"),
     "missing checkpoint": (["stage=eval", "eval.checkpoint=/nonexistent/checkpoint"], "eval.checkpoint"),
+    "missing eval architecture": (["stage=eval", "eval.architecture=/nonexistent/architecture.json"], "eval.architecture"),
+    "malformed eval architecture": (["stage=eval", "eval.architecture={bad}/SST-2/train.tsv"], "train.tsv"),
     "missing model dir": (["model.name_or_path=/nonexistent/model"], "model.name_or_path"),
     "compare with a budget": (["stage=compare", "budget.avg_bits=3"], "takes its budgets from compare.budgets"),
     "compare repeats a seed": (["stage=compare", "compare.seeds=[1,1]"], "repeats an entry"),

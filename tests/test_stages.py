@@ -58,6 +58,17 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path):  # noqa: 
     assert ev["main_metric"] == pytest.approx(qat["main_metric"])
     assert ev["architecture"]["encoder_mb"] == qat["architecture"]["encoder_mb"]
 
+    # eval.architecture scores the searched allocation on the FP checkpoint, before QAT; a quantized
+    # checkpoint is refused (it has an architecture already)
+    arch_eval = tmp_path / "eval_arch"
+    assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.architecture={run_dir / 'search' / 'architecture.json'}"),
+                     arch_eval) == 0
+    ae = _metrics(arch_eval)
+    assert ae["architecture"] == arch.summary() and ae["architecture_file"].endswith("architecture.json")
+    assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={run_dir / 'qat' / 'quantized'}",
+                          f"eval.architecture={run_dir / 'search' / 'architecture.json'}"), tmp_path / "eval_arch2") != 0
+    assert not (tmp_path / "eval_arch2").exists()
+
     # export packs the pipeline's QAT model; the folder predicts as the QAT model did and evaluates the same
     export_dir = tmp_path / "export"
     assert run_stage(_cfg(env, tmp_path, "stage=export", f"export.run_dir={run_dir}"), export_dir) == 0
