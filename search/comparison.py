@@ -208,22 +208,32 @@ def verdict(points: Sequence[Point]) -> list[str]:
 
 def paired(rows: Sequence[Row], before: Sequence[Row]) -> str:
     """How a change of settings moved each run: a markdown table of the runs (method, budget, seed) found in
-    both `before` and `rows`, their metrics and the difference, then the median difference per method and budget.
+    both `before` and `rows`, their metrics and the difference (also of every other metric both runs report,
+    such as SST-2's labelled test set), then the median differences per method and budget.
 
     Pairs share the seed, so the difference is the change's, not the spread between seeds.
     """
-    old = {(r.method, r.budget, r.seed): r.metric for r in before if r.method is not Kind.fp32}
-    pairs = sorted(((r.method.value, r.budget, r.seed), old[(r.method, r.budget, r.seed)], r.metric)
+    old = {(r.method, r.budget, r.seed): r for r in before if r.method is not Kind.fp32}
+    pairs = sorted(((r.method.value, r.budget, r.seed), old[(r.method, r.budget, r.seed)], r)
                    for r in rows if (r.method, r.budget, r.seed) in old)
     if not pairs:
         return "No run (method, budget, seed) is in both sets.\n"
-    lines = ["| method | budget (bits) | seed | before | after | change |", "|---|---|---|---|---|---|"]
-    lines += [f"| {m} | {b:g} | {s} | {x:.2f} | {y:.2f} | {y - x:+.2f} |" for (m, b, s), x, y in pairs]
-    by: dict[tuple[str, float], list[float]] = {}
+    shared = [k for k, _ in pairs[0][2].others if all(k in dict(x.others) and k in dict(y.others) for _, x, y in pairs)]
+
+    def changes(x: Row, y: Row) -> list[float]:
+        return [y.metric - x.metric] + [dict(y.others)[k] - dict(x.others)[k] for k in shared]
+
+    extra = "".join(f" {k}: change |" for k in shared)
+    lines = ["| method | budget (bits) | seed | before | after | change |" + extra, "|---|---|---|---|---|---|" + "---|" * len(shared)]
+    lines += [f"| {m} | {b:g} | {s} | {x.metric:.2f} | {y.metric:.2f} | " + " | ".join(f"{d:+.2f}" for d in changes(x, y)) + " |"
+              for (m, b, s), x, y in pairs]
+    by: dict[tuple[str, float], list[list[float]]] = {}
     for (m, b, _), x, y in pairs:
-        by.setdefault((m, b), []).append(y - x)
-    lines += ["", "| method | budget (bits) | pairs | median change |", "|---|---|---|---|"]
-    lines += [f"| {m} | {b:g} | {len(d)} | {statistics.median(d):+.2f} |" for (m, b), d in sorted(by.items())]
+        by.setdefault((m, b), []).append(changes(x, y))
+    lines += ["", "| method | budget (bits) | pairs | median change |" + "".join(f" {k}: median change |" for k in shared),
+              "|---|---|---|---|" + "---|" * len(shared)]
+    lines += [f"| {m} | {b:g} | {len(d)} | " + " | ".join(f"{statistics.median(col):+.2f}" for col in zip(*d)) + " |"
+              for (m, b), d in sorted(by.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -83,6 +83,24 @@ def test_paired_changes_match_runs_by_method_budget_and_seed(tmp_path):
     assert paired(collect([tmp_path / "new"]), []).startswith("No run")
 
 
+def test_paired_changes_cover_every_split_both_runs_report(tmp_path):
+    # a change judged on SST-2's dev set alone hides what it does on the labelled test set
+    def run(root: Path, dev: float, test: float) -> None:
+        path = root / "b2" / "s1" / "qat"
+        path.mkdir(parents=True)
+        splits = {k: {"metrics": {"accuracy": v}, "main_metric": {"name": "accuracy", "value": v}}
+                  for k, v in (("validation", dev), ("test_labeled", test))}
+        (path / "metrics.json").write_text(json.dumps({"split": "validation", "splits": splits,
+                                                       "main_metric": {"name": "accuracy", "value": dev}}))
+
+    run(tmp_path / "old", 86.0, 87.5)
+    run(tmp_path / "new", 87.0, 86.75)
+    table = paired(collect([tmp_path / "new"]), collect([tmp_path / "old"]))
+    assert "| method | budget (bits) | seed | before | after | change | test_labeled accuracy: change |" in table
+    assert "| searched | 2 | 1 | 86.00 | 87.00 | +1.00 | -0.75 |" in table
+    assert "| searched | 2 | 1 | +1.00 | -0.75 |" in table
+
+
 def test_the_fp32_reference_counts_once_across_multirun_jobs(tmp_path):
     for job in ("0", "1"):
         _tree(tmp_path / job, {("qat", 3, int(job)): 80.0 + int(job)})

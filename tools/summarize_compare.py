@@ -7,7 +7,8 @@ Reads every metrics.json below the given directories laid out as `fp32/`, `b<bud
 hawq_qat,uniform<bits>}/` (see search/comparison.py), takes the median and [min, max] over seeds per method
 and budget, and writes comparison.md, comparison.csv, runs.csv and pareto.png to --out (default: the first
 directory). Prints comparison.md. With `--before DIR [DIR ...]` (the same runs under other settings) it also
-prints, for every run found in both, the metric before and after and the median change per method and budget.
+prints, for every run found in both, the metric before and after and the change (and the change of every other
+metric both report, such as SST-2's labelled test set), and the median changes per method and budget.
 """
 from __future__ import annotations
 
