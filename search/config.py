@@ -183,6 +183,13 @@ class Method(_ValueStr):
 
 
 @dataclass
+class PipelineConfig:
+    """`stage=pipeline`: what runs beside the search's path."""
+
+    hawq: bool = False  # also HAWQ-V2 at the searched architecture's exact size (budget.match) + the same QAT
+
+
+@dataclass
 class CompareConfig:
     """`stage=compare`: every method at every budget (average bits per weight in `budget.scope`) and seed."""
 
@@ -393,6 +400,7 @@ class Config:
     qat: QatConfig = field(default_factory=QatConfig)
     hawq: HawqConfig = field(default_factory=HawqConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

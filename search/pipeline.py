@@ -1,4 +1,5 @@
-"""The `pipeline` stage: finetune -> search -> derive -> qat -> eval, in one command.
+"""The `pipeline` stage: finetune -> search -> derive -> qat -> eval, in one command; with `pipeline.hawq=true`
+also HAWQ-V2 at the searched architecture's exact size -> the same QAT (`hawq/`, `hawq_qat/`).
 
 Each step runs in its own sub-directory of the run directory (`finetune/`, `search/`, `qat/`): a step
 whose metrics.json exists is skipped, one with a train state resumes, so an interrupted pipeline
@@ -16,9 +17,10 @@ from typing import Any, Sequence
 from supernet import Architecture, to_supernet
 
 from .budget import Budget, site_candidates
-from .config import Config, ModelConfig
+from .config import BudgetConfig, Config, ModelConfig
 from .dnas import run_search
 from .finetune import finetune
+from .hawq_stage import run_hawq
 from .models import TASK_FILE, load_task_model
 from .qat import run_qat
 from .rundir import RunDir, run_step
@@ -78,6 +80,14 @@ def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
     qat_cfg = dataclasses.replace(c.qat, architecture=str(run.path / "search" / "architecture.json"))
     results["qat"] = run_step(run, "qat", lambda r, resume: run_qat(
         model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common))
+    if c.pipeline.hawq:  # the baseline at exactly the searched architecture's size, through the same QAT
+        match = BudgetConfig(match=str(run.path / "search" / "architecture.json"), scope=c.budget.scope)
+        results["hawq"] = run_step(run, "hawq", lambda r, resume: run_hawq(
+            model, c.task, c.space, c.hawq, match, c.eval, r, seed=c.seed, max_eval_examples=c.max_eval_examples,
+            mixed_precision=c.mixed_precision, cache_dir=c.cache_dir))
+        hawq_qat = dataclasses.replace(c.qat, architecture=str(run.path / "hawq" / "architecture.json"))
+        results["hawq_qat"] = run_step(run, "hawq_qat", lambda r, resume: run_qat(
+            model, c.task, c.space, hawq_qat, c.eval, r, resume=resume, **common))
 
     summary = {
         "stage": "pipeline",

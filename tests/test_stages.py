@@ -46,10 +46,18 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path):  # noqa: 
     summary = _metrics(run_dir)
     assert summary["stage"] == "pipeline" and summary["main_metric"] == qat["main_metric"]
 
-    # a second run with resume=true skips every finished step
+    # a second run with resume=true skips every finished step; with pipeline.hawq=true it adds HAWQ-V2 at
+    # exactly the searched architecture's size and the same QAT of it
     before = (run_dir / "qat" / "metrics.json").stat().st_mtime_ns
-    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "resume=true"), run_dir) == 0
+    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "resume=true", "pipeline.hawq=true",
+                          "hawq.max_probes=2"), run_dir) == 0
     assert (run_dir / "qat" / "metrics.json").stat().st_mtime_ns == before
+    hawq_arch = Architecture.load(run_dir / "hawq" / "architecture.json")
+    assert hawq_arch.size_bytes("encoder") <= arch.size_bytes("encoder")
+    assert hawq_arch.size_bytes("encoder") > 0.9 * arch.size_bytes("encoder")
+    hawq_qat = _metrics(run_dir / "hawq_qat")
+    assert hawq_qat["architecture"]["encoder_mb"] == pytest.approx(hawq_arch.summary()["encoder_mb"])
+    assert {"search", "qat", "hawq", "hawq_qat"} <= set(_metrics(run_dir)["steps"])
 
     # the eval stage evaluates what QAT wrote, and reports its exact size
     eval_dir = tmp_path / "eval"
