@@ -159,7 +159,9 @@ def _probe_batch(hessian: Hessian, views: Sequence[GroupView], max_probes: int, 
             before = sums[i] / (probe - 1)
             sums[i] += sample
             change = max(change, _change(before, sums[i] / probe))
-        log.debug("hutchinson probe %d: relative change %.3g", probe, change)
+        # a trace takes minutes on a CPU (hours for BERT-base over many batches): say how far it is
+        log.log(logging.INFO if probe % 10 == 0 else logging.DEBUG, "hutchinson probe %d/%d: relative change %.3g",
+                probe, max_probes, change)
         if change < tol:
             break
     return [torch.stack(column) for column in zip(*rows)]

@@ -46,6 +46,14 @@ def test_hutchinson_stops_at_the_tolerance():
     assert est.probes == 2 and est.changes == [0.0]  # exact from the first probe: no change, stop
 
 
+def test_a_long_trace_reports_its_progress(caplog):
+    w = torch.ones(3, requires_grad=True)
+    with caplog.at_level("INFO", logger="search.hessian"):
+        hutchinson(Hessian([lambda: (w**2).sum()], [w]), [_groups(3)], max_probes=20, tol=0.0)
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "INFO"] == [
+        "hutchinson probe 10/20", "hutchinson probe 20/20"]
+
+
 def test_group_traces_add_up_to_the_site_and_the_model():
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny_config(num_hidden_layers=1)).double().eval()
