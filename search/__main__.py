@@ -79,7 +79,7 @@ def _hawq(c: Config, run: RunDir) -> dict[str, Any]:
     return run_hawq(
         c.model, c.task, c.space, c.hawq, c.budget, c.eval, run,
         seed=c.seed, max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision,
-        cache_dir=c.cache_dir,
+        cache_dir=c.cache_dir, progress_bar=c.progress_bar,
     )
 
 

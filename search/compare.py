@@ -79,7 +79,8 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
                        else BudgetConfig(avg_bits=budget, scope=c.budget.scope))
         run_step(run, f"{cell}/hawq", lambda r, resume: run_hawq(
             model, c.task, c.space, c.hawq, hawq_budget, c.eval, r, seed=seed,
-            max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision, cache_dir=c.cache_dir), _HAWQ)
+            max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision, cache_dir=c.cache_dir,
+            progress_bar=c.progress_bar), _HAWQ)
         _qat(c, run, f"{cell}/hawq_qat", model, run.path / cell / "hawq" / "architecture.json", seed, _HAWQ + ("qat",))
     if Method.uniform in methods:
         bits = uniform_bits(budget)

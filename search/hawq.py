@@ -103,7 +103,7 @@ def _fp_weights(fp_model: nn.Module, supernet: nn.Module) -> tuple[list[str], li
 
 
 def measure_curvature(fp_model: nn.Module, supernet: nn.Module, batches: Iterable[Batch], kind: Sensitivity, *,
-                      max_probes: int, tol: float, seed: int,
+                      max_probes: int, tol: float, seed: int, progress: bool = False,
                       loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = task_loss) -> Curvature:
     """The curvature of `fp_model`'s loss (mean over `batches`) at every site of `supernet`.
 
@@ -122,7 +122,7 @@ def measure_curvature(fp_model: nn.Module, supernet: nn.Module, batches: Iterabl
     start = time.perf_counter()
     hessian = Hessian(losses, params)
     if kind is Sensitivity.trace:
-        est = hutchinson(hessian, views, max_probes=max_probes, tol=tol, seed=seed)
+        est = hutchinson(hessian, views, max_probes=max_probes, tol=tol, seed=seed, progress=progress)
         stderr = {n: [None if math.isnan(x) else x for x in s.tolist()] for n, s in zip(names, est.stderr())}  # JSON has no NaN
         curvature = Curvature(kind, {n: m.tolist() for n, m in zip(names, est.mean())}, stderr, est.probes,
                               changes=est.changes, running=est.running().tolist())

@@ -150,7 +150,7 @@ def _resolve_budget(budget_cfg: BudgetConfig, template: Architecture) -> Budget:
 def run_hawq(
     model: ModelConfig, task: TaskConfig, space: SearchSpace, cfg: HawqConfig, budget_cfg: BudgetConfig,
     evaluation: EvalConfig, run: RunDir, *, seed: int, max_eval_examples: int | None = None,
-    mixed_precision: MixedPrecision = MixedPrecision.fp32, cache_dir: str | None = None,
+    mixed_precision: MixedPrecision = MixedPrecision.fp32, cache_dir: str | None = None, progress_bar: bool = True,
 ) -> dict[str, Any]:
     """HAWQ-V2 of the fine-tuned `model` under the budget; writes architecture.json and metrics.json."""
     spec = get_task(task.name)
@@ -187,7 +187,8 @@ def run_hawq(
     cached = curvature is not None
     if curvature is None:
         fp.to(accelerator.device)
-        curvature = measure_curvature(fp, net, batches, cfg.sensitivity, max_probes=cfg.max_probes, tol=cfg.tol, seed=seed)
+        curvature = measure_curvature(fp, net, batches, cfg.sensitivity, max_probes=cfg.max_probes, tol=cfg.tol, seed=seed,
+                                       progress=progress_bar and run.main_process)
         if run.main_process:
             save_curvature(cache_dir, key, curvature)
     activations = None

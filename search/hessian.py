@@ -18,7 +18,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+import sys
+
 import torch
+from tqdm.auto import tqdm
 
 __all__ = ["Hessian", "TraceEstimate", "hutchinson", "rademacher", "top_eigenvalues"]
 
@@ -107,7 +110,7 @@ class TraceEstimate:
 
 
 def hutchinson(hessian: Hessian, views: Sequence[GroupView], *, max_probes: int = 100, tol: float = 1e-2,
-               seed: int = 0) -> TraceEstimate:
+               seed: int = 0, progress: bool = False) -> TraceEstimate:
     """Hutchinson estimates of the trace of every group's diagonal block of H.
 
     Stops after `max_probes`, or once for every parameter the estimates moved by less than `tol`
@@ -124,12 +127,17 @@ def hutchinson(hessian: Hessian, views: Sequence[GroupView], *, max_probes: int 
         raise ValueError(f"max_probes={max_probes} must be at least 1")
     generator = torch.Generator().manual_seed(seed)
     samples: list[torch.Tensor] = []  # per parameter, [P, G]: the sum over batches so far
+    # one tick per Hessian-vector product: the first batch may stop early, the others take as many probes
+    bar = tqdm(total=max_probes * len(hessian.losses), desc="hutchinson", unit="hvp",
+               disable=not (progress and sys.stderr.isatty()))
     for batch in hessian.per_batch():
         if not samples:
-            samples = _probe_batch(batch, views, max_probes, tol, generator)
+            samples = _probe_batch(batch, views, max_probes, tol, generator, bar.update)
+            bar.total = len(samples[0]) * len(hessian.losses)
         else:
-            samples = [s + t for s, t in zip(samples, _probe_batch(batch, views, len(samples[0]), 0.0, generator))]
+            samples = [s + t for s, t in zip(samples, _probe_batch(batch, views, len(samples[0]), 0.0, generator, bar.update))]
         del batch  # its gradient graph goes before the next batch's is built
+    bar.close()
     samples = [s / len(hessian.losses) for s in samples]
     estimate = TraceEstimate(samples)
     running = [s.cumsum(0) / torch.arange(1, len(s) + 1, dtype=s.dtype)[:, None] for s in samples]
@@ -143,7 +151,7 @@ def _change(before: torch.Tensor, now: torch.Tensor) -> float:
 
 
 def _probe_batch(hessian: Hessian, views: Sequence[GroupView], max_probes: int, tol: float,
-                 generator: torch.Generator) -> list[torch.Tensor]:
+                 generator: torch.Generator, tick: Callable[[], object] = lambda: None) -> list[torch.Tensor]:
     """Per parameter, [P, G] samples v_g^T (H v)_g of P <= max_probes probes; stops early once the
     estimates move by less than `tol` (see `hutchinson`)."""
     rows: list[list[torch.Tensor]] = []  # per probe, per parameter, [G]
@@ -151,6 +159,7 @@ def _probe_batch(hessian: Hessian, views: Sequence[GroupView], max_probes: int, 
     for probe in range(1, max_probes + 1):
         v = [rademacher(p, generator) for p in hessian.params]
         rows.append([view(vi * hvi).sum(1).detach().double().cpu() for vi, hvi, view in zip(v, hessian.product(v), views)])
+        tick()
         if probe == 1:
             sums = [sample.clone() for sample in rows[0]]
             continue

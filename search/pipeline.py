@@ -84,7 +84,7 @@ def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
         match = BudgetConfig(match=str(run.path / "search" / "architecture.json"), scope=c.budget.scope)
         results["hawq"] = run_step(run, "hawq", lambda r, resume: run_hawq(
             model, c.task, c.space, c.hawq, match, c.eval, r, seed=c.seed, max_eval_examples=c.max_eval_examples,
-            mixed_precision=c.mixed_precision, cache_dir=c.cache_dir))
+            mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, progress_bar=c.progress_bar))
         hawq_qat = dataclasses.replace(c.qat, architecture=str(run.path / "hawq" / "architecture.json"))
         results["hawq_qat"] = run_step(run, "hawq_qat", lambda r, resume: run_qat(
             model, c.task, c.space, hawq_qat, c.eval, r, resume=resume, **common))

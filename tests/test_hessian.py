@@ -1,6 +1,9 @@
 """Hessian-vector products, Hutchinson traces and power iteration against explicit Hessians: exact on a
 diagonal quadratic, unbiased within the standard error on a dense one, groups that add up to their
 site and to the whole model, a top eigenvalue equal to eigvalsh's."""
+import io
+import sys
+
 import pytest
 import torch
 from transformers import BertForSequenceClassification
@@ -52,6 +55,20 @@ def test_a_long_trace_reports_its_progress(caplog):
         hutchinson(Hessian([lambda: (w**2).sum()], [w]), [_groups(3)], max_probes=20, tol=0.0)
     assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "INFO"] == [
         "hutchinson probe 10/20", "hutchinson probe 20/20"]
+
+
+def test_a_trace_on_a_terminal_shows_a_bar_over_every_product(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    w = torch.ones(3, requires_grad=True)
+    hessian = Hessian([lambda: (w**2).sum(), lambda: (w**4).sum()], [w])
+    for progress, shown in ((True, "hutchinson: 100%"), (False, "")):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        hutchinson(hessian, [_groups(3)], max_probes=4, tol=0.0, progress=progress)
+        out = sys.stderr.getvalue()
+        assert (shown in out and "8/8" in out) if progress else out == ""
 
 
 def test_group_traces_add_up_to_the_site_and_the_model():
