@@ -29,10 +29,10 @@ from search.loop import make_accelerator
 from search.metrics import compute_metrics, ids_to_tags, postprocess_qa, squad_references
 from search.models import load_task_model, load_tokenizer
 from search.prepare import EvalSet, task_data
-from search.quantized import load_any_quantized, quantize
+from search.quantized import load_any_quantized, load_architecture, quantize_user_model
 from search.rundir import RunDir
 from search.tasks import TaskKind, TaskSpec, get_task
-from supernet import Architecture, SearchSpace, is_packed_dir, read_manifest
+from supernet import SearchSpace, is_packed_dir, read_manifest
 
 __all__ = ["evaluate", "evaluate_sets", "main_metric_name", "scalars", "run_eval", "warn_one_class"]
 
@@ -196,21 +196,6 @@ def stage_metrics(stage: str, task: str, model: str, results: Mapping[str, Mappi
             "main_metric": results[split]["main_metric"], **extra, "splits": dict(results)}
 
 
-def _allocated(net: nn.Module, path: str, space: SearchSpace | None, source: str) -> tuple[nn.Module, dict[str, Any]]:
-    """`net` quantized in place to the architecture.json at `path`, with its exact sizes."""
-    try:
-        arch = Architecture.load(path)
-    except FileNotFoundError:
-        raise UserError(f"eval.architecture={path}: no such file; pass the architecture.json of a search or hawq run") from None
-    except ValueError as e:  # malformed JSON or values: the file is the user's
-        raise UserError(str(e)) from e
-    try:
-        quantize(net, arch, space or SearchSpace())
-    except ValueError as e:  # names the site where the architecture does not fit this model
-        raise UserError(f"{path} does not fit {source}: {e}") from e
-    return net, arch.summary()
-
-
 def run_eval(
     model: ModelConfig,
     task: TaskConfig,
@@ -244,7 +229,9 @@ def run_eval(
         if quantized is not None:
             raise UserError(f"eval.architecture applies to an FP checkpoint, and {source} is quantized already; "
                             f"pass a finetune run's checkpoint/ (or unset eval.architecture)")
-        net, sizes = _allocated(net, evaluation.architecture, space, source)
+        arch = load_architecture(evaluation.architecture, "eval.architecture")
+        quantize_user_model(net, arch, space or SearchSpace(), evaluation.architecture, source)
+        sizes = arch.summary()
     tokenizer = load_tokenizer(source)  # after the model: a corrupt folder is reported as such
     _, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=False)
     accelerator = make_accelerator(mixed_precision, seed)

@@ -31,7 +31,7 @@ from .freezing import OscillationFreezer
 from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
 from .models import load_task_model, load_tokenizer
 from .prepare import TRAIN, task_data
-from .quantized import QUANTIZED_DIR, quantize, save_quantized, space_for
+from .quantized import QUANTIZED_DIR, load_architecture, quantize_user_model, save_quantized, space_for
 from .rundir import RunDir
 from .tasks import TaskKind, get_task
 from .teacher import TeacherTable, cacheable, teacher_table, with_index
@@ -144,18 +144,12 @@ def run_qat(
     if architecture is None:
         if cfg.architecture is None:
             raise UserError("qat.architecture is not set; pass the architecture.json a search or hawq run wrote")
-        try:
-            architecture = Architecture.load(cfg.architecture)
-        except ValueError as e:  # malformed JSON or values: the file is the user's
-            raise UserError(str(e)) from e
+        architecture = load_architecture(cfg.architecture, "qat.architecture")
     tokenizer = load_tokenizer(model.name_or_path)
     tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
     net = load_task_model(model.name_or_path, spec.name)
     qspace = space_for(architecture, space)
-    try:
-        quantize(net, architecture, space)
-    except ValueError as e:  # names the site where the architecture does not fit this model
-        raise UserError(f"{cfg.architecture or 'the architecture'} does not fit {model.name_or_path}: {e}") from e
+    quantize_user_model(net, architecture, space, cfg.architecture or "the architecture", model.name_or_path)
     teacher = load_task_model(model.name_or_path, spec.name).eval() if cfg.kd_weight > 0 or cfg.hidden_weight > 0 else None
     use_table = teacher is not None and cfg.teacher_cache and cacheable(spec.kind, cfg.hidden_weight)
     train_set = with_index(tokenized[TRAIN]) if use_table else tokenized[TRAIN]

@@ -57,6 +57,24 @@ def quantize(model: nn.Module, arch: Architecture, base: SearchSpace) -> nn.Modu
     return arch.apply(model)
 
 
+def load_architecture(path: str, option: str) -> Architecture:
+    """The architecture.json the user named in `option`; a missing or malformed file is a UserError."""
+    try:
+        return Architecture.load(path)
+    except FileNotFoundError:
+        raise UserError(f"{option}={path}: no such file; pass the architecture.json of a search or hawq run") from None
+    except ValueError as e:  # malformed JSON or values: the file is the user's
+        raise UserError(str(e)) from e
+
+
+def quantize_user_model(model: nn.Module, arch: Architecture, base: SearchSpace, arch_name: str, source: str) -> nn.Module:
+    """`quantize`, with an architecture that does not fit the model (it names the site) as a UserError."""
+    try:
+        return quantize(model, arch, base)
+    except ValueError as e:
+        raise UserError(f"{arch_name} does not fit {source}: {e}") from e
+
+
 def save_quantized(model: nn.Module, arch: Architecture, space: SearchSpace, tokenizer: Any, task: str,
                    target: Path) -> Path:
     """Write the QAT'd model atomically: supernet state, architecture, space, HF config, tokenizer."""
