@@ -20,7 +20,6 @@ comparison.md, comparison.csv, runs.csv, pareto.png, logged to the tracker at th
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import shutil
@@ -35,9 +34,7 @@ from .config import BudgetConfig, Config, EvalConfig, Method
 from .dnas import run_search
 from .errors import UserError
 from .evaluate import run_eval
-from .hawq_stage import run_hawq
-from .pipeline import check_budgets_up_front, common_args, fine_tuned_model
-from .qat import run_qat
+from .pipeline import check_budgets_up_front, common_args, fine_tuned_model, hawq_steps, qat_step
 from .rundir import RunDir, replace_dir, run_step, temp_beside
 
 __all__ = ["run_compare", "uniform_bits"]
@@ -55,13 +52,6 @@ _COMMON = ("model", "task", "space")
 _SEARCH, _HAWQ, _QAT = _COMMON + ("search",), _COMMON + ("hawq",), _COMMON + ("qat",)
 
 
-def _qat(c: Config, run: RunDir, name: str, model: Any, architecture: Path, seed: int,
-         settings: tuple[str, ...]) -> dict[str, Any]:
-    qat_cfg = dataclasses.replace(c.qat, architecture=str(architecture))
-    return run_step(run, name, lambda r, resume: run_qat(
-        model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common_args(c, seed=seed)), settings)
-
-
 def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed: int) -> None:
     """Every method at one budget and seed."""
     cell = budget_dir(budget, seed)
@@ -72,16 +62,12 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
         run_step(run, f"{cell}/search", lambda r, resume: run_search(
             model, c.task, c.space, c.search, BudgetConfig(avg_bits=budget, scope=c.budget.scope), c.eval, r,
             resume=resume, **common), _SEARCH)
-        _qat(c, run, f"{cell}/qat", model, searched, seed, _SEARCH + ("qat",))
+        qat_step(c, run, f"{cell}/qat", model, searched, seed, _SEARCH + ("qat",))
     if Method.hawq in methods:
         # at the searched architecture's exact size when there is one; else at the budget itself
         hawq_budget = (BudgetConfig(match=str(searched), scope=c.budget.scope) if searched.is_file()
                        else BudgetConfig(avg_bits=budget, scope=c.budget.scope))
-        run_step(run, f"{cell}/hawq", lambda r, resume: run_hawq(
-            model, c.task, c.space, c.hawq, hawq_budget, c.eval, r, seed=seed,
-            max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision, cache_dir=c.cache_dir,
-            progress_bar=c.progress_bar), _HAWQ)
-        _qat(c, run, f"{cell}/hawq_qat", model, run.path / cell / "hawq" / "architecture.json", seed, _HAWQ + ("qat",))
+        hawq_steps(c, run, f"{cell}/", model, hawq_budget, seed, (_HAWQ, _HAWQ + ("qat",)))
     if Method.uniform in methods:
         bits = uniform_bits(budget)
         path = run.path / cell / f"uniform{bits}.json"
@@ -89,7 +75,7 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
             template = Architecture.load(searched) if searched.is_file() else skeleton
             uniform(template, bits).save(path)
         _reuse_uniform(run, f"{cell}/uniform{bits}", path, seed)
-        _qat(c, run, f"{cell}/uniform{bits}", model, path, seed, _QAT)
+        qat_step(c, run, f"{cell}/uniform{bits}", model, path, seed, _QAT)
 
 
 def _reuse_uniform(run: RunDir, step: str, arch: Path, seed: int) -> None:

@@ -26,7 +26,7 @@ from .qat import run_qat
 from .rundir import RunDir, run_step
 from .tasks import get_task
 
-__all__ = ["run_pipeline", "finetuned_on", "fine_tuned_model", "common_args", "check_budgets_up_front"]
+__all__ = ["run_pipeline", "hawq_steps", "qat_step", "finetuned_on", "fine_tuned_model", "common_args", "check_budgets_up_front"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,25 @@ def fine_tuned_model(c: Config, run: RunDir, results: dict[str, Any]) -> ModelCo
     return ModelConfig(name_or_path=str(run.path / "finetune" / "checkpoint"))
 
 
+def qat_step(c: Config, run: RunDir, name: str, model: ModelConfig, architecture: Path, seed: int,
+             settings: Sequence[str] = ()) -> dict[str, Any]:
+    """The QAT of `architecture` into `run/name` (see `run_step` for `settings`)."""
+    qat_cfg = dataclasses.replace(c.qat, architecture=str(architecture))
+    return run_step(run, name, lambda r, resume: run_qat(
+        model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common_args(c, seed=seed)), settings)
+
+
+def hawq_steps(c: Config, run: RunDir, prefix: str, model: ModelConfig, budget: BudgetConfig, seed: int,
+               settings: tuple[Sequence[str], Sequence[str]] = ((), ())) -> tuple[dict[str, Any], dict[str, Any]]:
+    """HAWQ-V2 under `budget` into `run/<prefix>hawq`, then the QAT of its architecture into `<prefix>hawq_qat`;
+    `settings` are the config sections each step's result depends on (see `run_step`)."""
+    hawq = run_step(run, f"{prefix}hawq", lambda r, resume: run_hawq(
+        model, c.task, c.space, c.hawq, budget, c.eval, r, seed=seed, max_eval_examples=c.max_eval_examples,
+        mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, progress_bar=c.progress_bar), settings[0])
+    return hawq, qat_step(c, run, f"{prefix}hawq_qat", model, run.path / f"{prefix}hawq" / "architecture.json", seed,
+                          settings[1])
+
+
 def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
     """Run every step into `run`'s sub-directories; returns (and writes) the summary."""
     spec = get_task(c.task.name)
@@ -77,17 +96,10 @@ def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
     model = fine_tuned_model(c, run, results)
     results["search"] = run_step(run, "search", lambda r, resume: run_search(
         model, c.task, c.space, c.search, c.budget, c.eval, r, resume=resume, **common))
-    qat_cfg = dataclasses.replace(c.qat, architecture=str(run.path / "search" / "architecture.json"))
-    results["qat"] = run_step(run, "qat", lambda r, resume: run_qat(
-        model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common))
+    results["qat"] = qat_step(c, run, "qat", model, run.path / "search" / "architecture.json", c.seed)
     if c.pipeline.hawq:  # the baseline at exactly the searched architecture's size, through the same QAT
         match = BudgetConfig(match=str(run.path / "search" / "architecture.json"), scope=c.budget.scope)
-        results["hawq"] = run_step(run, "hawq", lambda r, resume: run_hawq(
-            model, c.task, c.space, c.hawq, match, c.eval, r, seed=c.seed, max_eval_examples=c.max_eval_examples,
-            mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, progress_bar=c.progress_bar))
-        hawq_qat = dataclasses.replace(c.qat, architecture=str(run.path / "hawq" / "architecture.json"))
-        results["hawq_qat"] = run_step(run, "hawq_qat", lambda r, resume: run_qat(
-            model, c.task, c.space, hawq_qat, c.eval, r, resume=resume, **common))
+        results["hawq"], results["hawq_qat"] = hawq_steps(c, run, "", model, match, c.seed)
 
     summary = {
         "stage": "pipeline",
