@@ -15,10 +15,9 @@ the parameters.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
-
-import sys
 
 import torch
 from tqdm.auto import tqdm

@@ -20,6 +20,7 @@ rename): an interrupted run never leaves a half-written metrics.json or checkpoi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -241,6 +242,7 @@ def changed_settings(saved_yaml: str, current_yaml: str, sections: Sequence[str]
     return out
 
 
+@functools.cache
 def schema_defaults() -> str:
     """The config schema's defaults as YAML (enums by name, as a run's config.yaml writes them)."""
     return OmegaConf.to_yaml(OmegaConf.structured(Config))
