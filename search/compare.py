@@ -62,7 +62,7 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
         run_step(run, f"{cell}/search", lambda r, resume: run_search(
             model, c.task, c.space, c.search, BudgetConfig(avg_bits=budget, scope=c.budget.scope), c.eval, r,
             resume=resume, **common), _SEARCH)
-        qat_step(c, run, f"{cell}/qat", model, searched, seed, _SEARCH + ("qat",))
+        qat_step(c, run, f"{cell}/qat", model, searched, seed, _SEARCH + ("qat",), searched=True)
     if Method.hawq in methods:
         # at the searched architecture's exact size when there is one; else at the budget itself
         hawq_budget = (BudgetConfig(match=str(searched), scope=c.budget.scope) if searched.is_file()

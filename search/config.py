@@ -47,6 +47,7 @@ __all__ = [
     "ArchOptimizer",
     "SearchConfig",
     "QatConfig",
+    "QatInit",
     "Sensitivity",
     "TraceLevel",
     "HawqConfig",
@@ -273,12 +274,20 @@ class SearchConfig:
             raise ValueError("search.size_weight and search.group_lasso must be >= 0")
 
 
+class QatInit(_ValueStr):
+    """Where QAT's weights and LSQ steps start."""
+
+    checkpoint = "checkpoint"  # the FP checkpoint, steps initialised from its weights (every method)
+    supernet = "supernet"  # the final supernet of the search that wrote qat.architecture (searched method only)
+
+
 @dataclass
 class QatConfig:
     """Quantization-aware training of one fixed Architecture (LSQ steps train with the weights), with
     optional distillation from the FP model and oscillation dampening (Nagel et al., ICML 2022)."""
 
     architecture: Optional[str] = None  # architecture.json (a search or hawq run's, or hand-written)
+    init: QatInit = QatInit.checkpoint  # supernet: start from the weights and steps the search trained
     epochs: float = 3.0
     batch_size: int = 32
     lr: float = 1e-4  # a quantised model has further to go than a fine-tuning run: 2e-5 did not recover 1.5 bits

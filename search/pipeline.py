@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from supernet import Architecture, to_supernet
 
 from .budget import Budget, site_candidates
-from .config import BudgetConfig, Config, ModelConfig
+from .config import BudgetConfig, Config, ModelConfig, QatInit
 from .dnas import run_search
 from .finetune import finetune
 from .hawq_stage import run_hawq
@@ -67,9 +67,11 @@ def fine_tuned_model(c: Config, run: RunDir, results: dict[str, Any]) -> ModelCo
 
 
 def qat_step(c: Config, run: RunDir, name: str, model: ModelConfig, architecture: Path, seed: int,
-             settings: Sequence[str] = ()) -> dict[str, Any]:
-    """The QAT of `architecture` into `run/name` (see `run_step` for `settings`)."""
-    qat_cfg = dataclasses.replace(c.qat, architecture=str(architecture))
+             settings: Sequence[str] = (), searched: bool = False) -> dict[str, Any]:
+    """The QAT of `architecture` into `run/name` (see `run_step` for `settings`); `qat.init=supernet` applies
+    only to a `searched` architecture: the baselines have no supernet and start from the checkpoint."""
+    init = c.qat.init if searched else QatInit.checkpoint
+    qat_cfg = dataclasses.replace(c.qat, architecture=str(architecture), init=init)
     return run_step(run, name, lambda r, resume: run_qat(
         model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common_args(c, seed=seed)), settings)
 
@@ -96,7 +98,7 @@ def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
     model = fine_tuned_model(c, run, results)
     results["search"] = run_step(run, "search", lambda r, resume: run_search(
         model, c.task, c.space, c.search, c.budget, c.eval, r, resume=resume, **common))
-    results["qat"] = qat_step(c, run, "qat", model, run.path / "search" / "architecture.json", c.seed)
+    results["qat"] = qat_step(c, run, "qat", model, run.path / "search" / "architecture.json", c.seed, searched=True)
     if c.pipeline.hawq:  # the baseline at exactly the searched architecture's size, through the same QAT
         match = BudgetConfig(match=str(run.path / "search" / "architecture.json"), scope=c.budget.scope)
         results["hawq"], results["hawq_qat"] = hawq_steps(c, run, "", model, match, c.seed)

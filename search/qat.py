@@ -7,23 +7,30 @@ oscillation dampening and iterative weight freezing (Nagel et al., ICML 2022: pu
 its quantized value; freeze the weights whose code keeps flipping, search/freezing.py). Logits distillation
 reads the teacher's outputs from a table computed once per training set (search/teacher.py) unless
 `qat.teacher_cache=false` or the task needs the live teacher.
+With `qat.init=supernet` the weights and LSQ steps start where the search that wrote `qat.architecture` left
+them (its run directory's final train state), not at the FP checkpoint: the supernet's weights have adapted
+to the allocation during the search, the FP weights have not (BENCHMARKS.md). The teacher is the FP model.
 Pruned groups output exact zeros throughout. The result is `<run_dir>/quantized/` (search/quantized.py),
 what evaluation and export rebuild the quantized model from.
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+from safetensors.torch import load_model
 from torch import nn
 
-from supernet import Architecture, SearchSpace, param_sets, sites
+from supernet import ActQuantizer, Architecture, SearchSpace, WeightQuantizer, param_sets, sites, to_supernet
 
-from .config import EvalConfig, MixedPrecision, ModelConfig, QatConfig, TaskConfig
+from .config import EvalConfig, MixedPrecision, ModelConfig, QatConfig, QatInit, TaskConfig
 from .data import INDEX, make_loader
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
@@ -131,6 +138,56 @@ def qat_step(model: nn.Module, teacher: nn.Module | TeacherTable | None, optimiz
 
 
 
+SUPERNET_STATE = Path("train_state") / "model.safetensors"  # a search run's final supernet
+
+
+def search_supernet(search_dir: Path, option: str) -> tuple[SearchSpace, Path]:
+    """The space and the final supernet weights of the search run in `search_dir`; a UserError naming
+    `option` when the folder holds no finished search."""
+    metrics, state = search_dir / "metrics.json", search_dir / SUPERNET_STATE
+    stage = json.loads(metrics.read_text()).get("stage") if metrics.is_file() else None
+    if stage != "search" or not state.is_file() or not (search_dir / "config.yaml").is_file():
+        raise UserError(f"qat.init=supernet needs {option} to be the architecture.json of a finished search run, "
+                        f"and {search_dir} holds no search's {SUPERNET_STATE}; use qat.init=checkpoint")
+    section = OmegaConf.load(search_dir / "config.yaml").get("space")
+    space = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchSpace), section or {}))
+    return space, state
+
+
+@torch.no_grad()
+def inherit_supernet(net: nn.Module, name_or_path: str, task: str, search_dir: Path, option: str) -> None:
+    """Copy into the quantized model `net` the search's final weights and, per group, the LSQ step of the
+    candidate its architecture fixed (activation steps likewise): QAT then starts from the model the search
+    evaluated, not from the FP checkpoint."""
+    space, state = search_supernet(search_dir, option)
+    ref = to_supernet(load_task_model(name_or_path, task), space)
+    missing, unexpected = load_model(ref, str(state), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{state} does not fit {name_or_path} ({len(missing)} missing, {len(unexpected)} unexpected "
+                        f"tensors, e.g. {(missing or unexpected)[:2]}); pass the search run of this checkpoint")
+    src = dict(ref.named_modules())
+    for name, module in net.named_modules():
+        other = src.get(name)
+        if other is None or type(other) is not type(module):
+            raise UserError(f"{state} has no {type(module).__name__} {name!r}; pass the search run of {name_or_path}")
+        if isinstance(module, (WeightQuantizer, ActQuantizer)):
+            try:
+                cols = [other.cands.bits.index(b) for b in module.cands.bits]
+            except ValueError:
+                raise UserError(f"{name}: the search offered bits {list(other.cands.bits)}, the architecture uses "
+                                f"{list(module.cands.bits)}; pass the search run that wrote {option}") from None
+            module.step.copy_(other.step[:, cols])
+            if getattr(module, "offset", None) is not None:
+                module.offset.copy_(other.offset[:, cols])
+            if isinstance(module, ActQuantizer):
+                module.initialized.copy_(other.initialized)
+                module._refresh()
+            continue
+        for pname, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            tensor.copy_(getattr(other, pname))
+    log.info("QAT starts from the weights and LSQ steps of the search in %s", search_dir)
+
+
 def run_qat(
     model: ModelConfig, task: TaskConfig, space: SearchSpace, cfg: QatConfig, evaluation: EvalConfig, run: RunDir,
     *, seed: int, max_steps: int | None = None, max_eval_examples: int | None = None,
@@ -150,6 +207,10 @@ def run_qat(
     net = load_task_model(model.name_or_path, spec.name)
     qspace = space_for(architecture, space)
     quantize_user_model(net, architecture, space, cfg.architecture or "the architecture", model.name_or_path)
+    if cfg.init is QatInit.supernet:
+        if cfg.architecture is None:
+            raise UserError("qat.init=supernet needs qat.architecture: the architecture.json of a search run")
+        inherit_supernet(net, model.name_or_path, spec.name, Path(cfg.architecture).parent, "qat.architecture")
     teacher = load_task_model(model.name_or_path, spec.name).eval() if cfg.kd_weight > 0 or cfg.hidden_weight > 0 else None
     use_table = teacher is not None and cfg.teacher_cache and cacheable(spec.kind, cfg.hidden_weight)
     train_set = with_index(tokenized[TRAIN]) if use_table else tokenized[TRAIN]
@@ -190,7 +251,7 @@ def run_qat(
         save_quantized(accelerator.unwrap_model(net), architecture, qspace, tokenizer, spec.name, run.path / QUANTIZED_DIR)
         architecture.save(run.path / "architecture.json")
     metrics = stage_metrics("qat", spec.name, model.name_or_path, results, architecture=summary,
-                            architecture_file=cfg.architecture, train=result.summary(),
+                            architecture_file=cfg.architecture, init=str(cfg.init), train=result.summary(),
                             quantized=str(run.path / QUANTIZED_DIR))
     run.write_json("metrics.json", metrics)
     run.logger.summary({"architecture": summary, "eval": results, "train": metrics["train"]})

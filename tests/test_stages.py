@@ -30,7 +30,8 @@ def _metrics(run_dir: Path) -> dict:
 
 def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path):  # noqa: F811
     run_dir = tmp_path / "pipe"
-    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "search.size_weight=5"), run_dir) == 0
+    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "search.size_weight=5",
+                          "qat.init=supernet"), run_dir) == 0
     for step in ("finetune", "search", "qat"):
         assert (run_dir / step / "metrics.json").is_file(), step
     arch = Architecture.load(run_dir / "search" / "architecture.json")
@@ -41,6 +42,7 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path):  # noqa: 
     assert 2.5 < search["derive"]["final"] <= 3.0  # filled up to the budget, not left far below it
     assert search["train"]["steps"] == 3  # 20 examples in the weights half, batches of 8, one epoch
     qat = _metrics(run_dir / "qat")
+    assert qat["init"] == "supernet"  # from the search's weights; HAWQ-V2's QAT below has no supernet
     assert qat["architecture"]["encoder_avg_bits"] == pytest.approx(arch.avg_bits("encoder"), abs=1e-3)
     assert (run_dir / "qat" / "quantized" / "model.safetensors").is_file()
     summary = _metrics(run_dir)
@@ -50,12 +52,13 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path):  # noqa: 
     # exactly the searched architecture's size and the same QAT of it
     before = (run_dir / "qat" / "metrics.json").stat().st_mtime_ns
     assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "resume=true", "pipeline.hawq=true",
-                          "hawq.max_probes=2"), run_dir) == 0
+                          "hawq.max_probes=2", "qat.init=supernet"), run_dir) == 0
     assert (run_dir / "qat" / "metrics.json").stat().st_mtime_ns == before
     hawq_arch = Architecture.load(run_dir / "hawq" / "architecture.json")
     assert hawq_arch.size_bytes("encoder") <= arch.size_bytes("encoder")
     assert hawq_arch.size_bytes("encoder") > 0.9 * arch.size_bytes("encoder")
     hawq_qat = _metrics(run_dir / "hawq_qat")
+    assert hawq_qat["init"] == "checkpoint"
     assert hawq_qat["architecture"]["encoder_mb"] == pytest.approx(hawq_arch.summary()["encoder_mb"])
     assert {"search", "qat", "hawq", "hawq_qat"} <= set(_metrics(run_dir)["steps"])
 
@@ -163,3 +166,44 @@ def test_pipeline_checks_the_budget_before_fine_tuning(env, tmp_path, capsys):  
 def test_qat_needs_an_architecture(env, tmp_path, capsys):  # noqa: F811
     assert run_stage(_cfg(env, tmp_path, "stage=qat"), tmp_path / "q") != 0
     assert "qat.architecture is not set" in capsys.readouterr().err
+
+
+def test_qat_init_supernet_starts_from_the_model_the_search_evaluated(env, tmp_path):  # noqa: F811
+    from safetensors.torch import load_model
+    import torch
+
+    from search.models import load_task_model
+    from search.qat import SUPERNET_STATE, inherit_supernet, search_supernet
+    from search.quantized import quantize
+    from supernet import SearchSpace, to_supernet
+
+    search_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "search.lr=1e-3"), search_dir) == 0
+    arch = Architecture.load(search_dir / "architecture.json")
+    space, state = search_supernet(search_dir, "qat.architecture")
+    assert space.groups == 4 and state == search_dir / SUPERNET_STATE
+    # the search's derived model: its final supernet with the architecture fixed
+    ref = to_supernet(load_task_model(str(env["model"]), "sst2"), space)
+    load_model(ref, str(state), strict=False)
+    arch.apply(ref)
+    # the QAT model: the architecture's own candidates only, weights and steps inherited
+    net = quantize(load_task_model(str(env["model"]), "sst2"), arch, SearchSpace())
+    fresh = {k: v.clone() for k, v in net.state_dict().items()}
+    inherit_supernet(net, str(env["model"]), "sst2", search_dir, "qat.architecture")
+    moved = [k for k, v in net.state_dict().items() if not torch.equal(v, fresh[k])]
+    assert any(k.endswith("query.weight") for k in moved) and any(k.endswith(".step") for k in moved)
+    ids = torch.randint(5, 90, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(input_ids=ids).logits, ref.eval()(input_ids=ids).logits, atol=1e-6)
+
+
+def test_qat_init_supernet_needs_a_search_run(env, tmp_path, capsys):  # noqa: F811
+    search_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3"), search_dir) == 0
+    hand = tmp_path / "hand" / "architecture.json"
+    hand.parent.mkdir()
+    hand.write_text((search_dir / "architecture.json").read_text())  # the same allocation, but no search beside it
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={hand}", "qat.init=supernet"), tmp_path / "q") != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "no search's train_state/model.safetensors" in err
+    assert not (tmp_path / "q").exists()
