@@ -127,7 +127,7 @@ def measure_curvature(fp_model: nn.Module, supernet: nn.Module, batches: Iterabl
         curvature = Curvature(kind, {n: m.tolist() for n, m in zip(names, est.mean())}, stderr, est.probes,
                               changes=est.changes, running=est.running().tolist())
     else:
-        eig = top_eigenvalues(hessian, max_iter=max_probes, tol=tol, seed=seed)
+        eig = top_eigenvalues(hessian, max_iter=max_probes, tol=tol, seed=seed, progress=progress)
         curvature = Curvature(kind, {n: [value] * view(p).shape[0] for n, p, view, (value, _) in zip(names, params, views, eig)},
                               probes=max(it for _, it in eig))
     curvature.seconds = time.perf_counter() - start

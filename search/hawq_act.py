@@ -84,8 +84,8 @@ def _inputs(fp_model: nn.Module, acts: Sequence[ActSite], batch: Batch, perturb:
 
 
 def activation_traces(fp_model: nn.Module, supernet: nn.Module, batches: Iterable[Batch], *, max_probes: int,
-                      tol: float, seed: int, loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = task_loss
-                      ) -> dict[str, tuple[float, list[float]]]:
+                      tol: float, seed: int, loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = task_loss,
+                      progress: bool = False) -> dict[str, tuple[float, list[float]]]:
     """Per quantizer (named by its first site): (mean trace per element, squared errors per candidate), both
     averaged over `batches`. `fp_model` is the unconverted model (eval mode, eager attention, as for weights)."""
     acts = activation_sites(supernet)
@@ -104,7 +104,8 @@ def activation_traces(fp_model: nn.Module, supernet: nn.Module, batches: Iterabl
             _, xs = _inputs(fp_model, acts, batch, None, loss_fn)
         es = [torch.zeros_like(x, requires_grad=True) for x in xs]
         hessian = Hessian([lambda: _inputs(fp_model, acts, batch, es, loss_fn)[0]], es)
-        est = hutchinson(hessian, [lambda t: t.reshape(1, -1)] * len(es), max_probes=max_probes, tol=tol, seed=seed + n)
+        est = hutchinson(hessian, [lambda t: t.reshape(1, -1)] * len(es), max_probes=max_probes, tol=tol, seed=seed + n,
+                         progress=progress, desc=f"activation traces, batch {n + 1}")
         traces += np.array([float(m[0]) / x.numel() for m, x in zip(est.mean(), xs)])  # [1] -> per element
         for i, (act, x) in enumerate(zip(acts, xs)):
             errors[i] += _errors(act.quantizer, x)

@@ -196,7 +196,8 @@ def run_hawq(
         act_key = {**key, "activations": True}
         activations = _load_cached(cache_dir, act_key)
         if activations is None:
-            activations = activation_traces(fp, net, batches, max_probes=cfg.max_probes, tol=cfg.tol, seed=seed)
+            activations = activation_traces(fp, net, batches, max_probes=cfg.max_probes, tol=cfg.tol, seed=seed,
+                                            progress=progress_bar and run.main_process)
             if run.main_process:
                 _save_cached(cache_dir, act_key, activations)
     del fp

@@ -109,7 +109,7 @@ class TraceEstimate:
 
 
 def hutchinson(hessian: Hessian, views: Sequence[GroupView], *, max_probes: int = 100, tol: float = 1e-2,
-               seed: int = 0, progress: bool = False) -> TraceEstimate:
+               seed: int = 0, progress: bool = False, desc: str = "hutchinson") -> TraceEstimate:
     """Hutchinson estimates of the trace of every group's diagonal block of H.
 
     Stops after `max_probes`, or once for every parameter the estimates moved by less than `tol`
@@ -127,7 +127,7 @@ def hutchinson(hessian: Hessian, views: Sequence[GroupView], *, max_probes: int 
     generator = torch.Generator().manual_seed(seed)
     samples: list[torch.Tensor] = []  # per parameter, [P, G]: the sum over batches so far
     # one tick per Hessian-vector product: the first batch may stop early, the others take as many probes
-    bar = tqdm(total=max_probes * len(hessian.losses), desc="hutchinson", unit="hvp",
+    bar = tqdm(total=max_probes * len(hessian.losses), desc=desc, unit="hvp",
                disable=not (progress and sys.stderr.isatty()))
     for batch in hessian.per_batch():
         if not samples:
@@ -175,13 +175,15 @@ def _probe_batch(hessian: Hessian, views: Sequence[GroupView], max_probes: int, 
     return [torch.stack(column) for column in zip(*rows)]
 
 
-def top_eigenvalues(hessian: Hessian, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0
-                    ) -> list[tuple[float, int]]:
+def top_eigenvalues(hessian: Hessian, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0,
+                    progress: bool = False) -> list[tuple[float, int]]:
     """(eigenvalue of largest magnitude, iterations) of each parameter's diagonal block, by power
-    iteration; stops when the Rayleigh quotient changes by less than `tol` relative to its size."""
+    iteration; stops when the Rayleigh quotient changes by less than `tol` relative to its size. With
+    `progress` (and stderr a terminal), a bar over the parameters."""
     generator = torch.Generator().manual_seed(seed)
     out = []
-    for i, p in enumerate(hessian.params):
+    bar = tqdm(hessian.params, desc="top eigenvalue", unit="site", disable=not (progress and sys.stderr.isatty()))
+    for i, p in enumerate(bar):
         v = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
         v /= v.norm()
         value, it = 0.0, 0
@@ -198,4 +200,7 @@ def top_eigenvalues(hessian: Hessian, *, max_iter: int = 100, tol: float = 1e-3,
             if done:
                 break
         out.append((value, it))
+        bar.set_postfix(iterations=it)
+        log.log(logging.INFO if (i + 1) % 10 == 0 else logging.DEBUG, "top eigenvalue of site %d/%d: %d power iterations",
+                i + 1, len(hessian.params), it)
     return out

@@ -69,6 +69,26 @@ def test_a_trace_on_a_terminal_shows_a_bar_over_every_product(monkeypatch):
         hutchinson(hessian, [_groups(3)], max_probes=4, tol=0.0, progress=progress)
         out = sys.stderr.getvalue()
         assert (shown in out and "8/8" in out) if progress else out == ""
+    monkeypatch.setattr(sys, "stderr", Terminal())  # the activation traces name their bar
+    hutchinson(hessian, [_groups(3)], max_probes=2, tol=0.0, progress=True, desc="activation traces, batch 1")
+    assert "activation traces, batch 1: 100%" in sys.stderr.getvalue()
+
+
+def test_top_eigenvalues_report_their_progress(monkeypatch, caplog):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    ws = [torch.ones(3, requires_grad=True) for _ in range(10)]
+    hessian = Hessian([lambda: sum((w**2).sum() for w in ws)], ws)
+    for progress in (True, False):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        with caplog.at_level("INFO", logger="search.hessian"):
+            top_eigenvalues(hessian, max_iter=5, progress=progress)
+        out = sys.stderr.getvalue()
+        assert ("top eigenvalue: 100%" in out and "10/10" in out) if progress else out == ""
+    assert [r.getMessage() for r in caplog.records if r.levelname == "INFO"][-1] == \
+        "top eigenvalue of site 10/10: 2 power iterations"
 
 
 def test_group_traces_add_up_to_the_site_and_the_model():
