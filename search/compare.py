@@ -30,7 +30,7 @@ from supernet import Architecture
 
 from .budget import Budget, uniform
 from .comparison import Row, budget_dir, collect, write_comparison
-from .config import BudgetConfig, Config, EvalConfig, Method
+from .config import BudgetConfig, Config, EvalConfig, Method, QatInit
 from .dnas import run_search
 from .errors import UserError
 from .evaluate import run_eval
@@ -99,6 +99,8 @@ def _reuse_uniform(run: RunDir, step: str, arch: Path, seed: int) -> None:
 def _summary(run: RunDir, c: Config, model: Any) -> tuple[list[Row], dict[str, Path]]:
     rows = collect([run.path])
     title = f"{c.task.name}: {Path(model.name_or_path).name}, space w_bits={c.space.w_bits}, groups={c.space.groups}"
+    if c.qat.init is QatInit.supernet:  # the table compares methods: say that one of them starts elsewhere
+        title += "; searched QAT starts from the search's supernet, the baselines from the checkpoint"
     _, paths = write_comparison(rows, run.path, title)
     return rows, paths
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,15 @@ def test_compare_runs_every_method_at_equal_size_and_resumes(env, tmp_path):  # 
     assert {line.split(" was run")[0].rsplit(" - ", 1)[-1] for line in warned} == {
         f"{cell}/{step}" for cell in ("b3/s1", "b2/s1") for step in ("search", "qat")}
     assert all("search.arch_lr: " in line and " -> 0.3" in line for line in warned)
+
+    # qat.init=supernet: the searched architecture's QAT starts from the search's weights, the baselines'
+    # from the checkpoint (they have no supernet), and the table says so
+    for step in ("qat", "hawq_qat"):
+        shutil.rmtree(run_dir / "b2/s1" / step)
+    assert run_stage(_cfg(env, tmp_path, *overrides, "resume=true", "qat.init=supernet"), run_dir) == 0
+    assert [json.loads((run_dir / "b2/s1" / step / "metrics.json").read_text())["init"]
+            for step in ("qat", "hawq_qat", "uniform2")] == ["supernet", "checkpoint", "checkpoint"]
+    assert "searched QAT starts from the search's supernet" in (run_dir / "comparison.md").read_text().splitlines()[0]
 
 
 def test_uniform_qat_of_another_budget_with_the_same_architecture_and_seed_is_reused(tmp_path, tiny_cfg):
