@@ -27,7 +27,8 @@ from supernet import MIB, Architecture
 from .config import Method
 from .rundir import write_atomic, write_text_atomic
 
-__all__ = ["Kind", "Row", "Point", "collect", "aggregate", "write_comparison", "budget_dir", "verdict"]
+__all__ = ["Kind", "Row", "Point", "collect", "aggregate", "write_comparison", "budget_dir", "verdict", "target_met",
+           "standings"]
 
 
 class Kind(str, Enum):
@@ -179,9 +180,20 @@ def _find(points: Sequence[Point], method: Kind, budget: float | None) -> Point 
     return next((p for p in points if p.method is method and p.budget == budget), None)
 
 
+def target_met(points: Sequence[Point], budget: float) -> bool | None:
+    """Issue #6's target at `budget`: the searched median at least HAWQ-V2's at <= 4 bits; at <= 2.5 bits at
+    least 1 point above HAWQ-V2's and further above uniform QAT's. None when there is nothing to judge."""
+    s, hawq, uni = (_find(points, k, budget) for k in (Kind.searched, Kind.hawq, Kind.uniform))
+    if s is None or hawq is None or budget > 4:
+        return None
+    if budget <= 2.5:
+        return s.median >= hawq.median + 1 and (uni is None or uni.median < hawq.median)
+    return s.median >= hawq.median
+
+
 def verdict(points: Sequence[Point]) -> list[str]:
     """Plain sentences: at each budget, how the searched model's median compares with each baseline, and
-    whether the target (>= HAWQ-V2 at <= 4 bits; +1 point over HAWQ-V2 and more over uniform at <= 2.5) holds."""
+    whether the target (`target_met`) holds."""
     lines = []
     for budget in sorted({p.budget for p in points if p.budget is not None}, reverse=True):
         s = _find(points, Kind.searched, budget)
@@ -194,16 +206,41 @@ def verdict(points: Sequence[Point]) -> list[str]:
                 delta = s.median - b.median
                 word = "above" if delta > 0 else ("below" if delta < 0 else "equal to")
                 parts.append(f"{abs(delta):.2f} points {word} {base.value}" if delta else f"equal to {base.value}")
-        hawq, uni = _find(points, Kind.hawq, budget), _find(points, Kind.uniform, budget)
-        target = None
-        if hawq is not None and budget <= 2.5:
-            target = s.median >= hawq.median + 1 and (uni is None or uni.median < hawq.median)
-        elif hawq is not None and budget <= 4:
-            target = s.median >= hawq.median
+        target = target_met(points, budget)
         met = "" if target is None else (" - target met" if target else " - **target not met**")
         lines.append(f"- {budget:g} bits ({s.seeds} seed{'s' * (s.seeds != 1)}): searched {s.metric_name} "
                      f"{s.median:.2f}, {'; '.join(parts) or 'no baseline'}{met}.")
     return lines
+
+
+STANDINGS_COLUMNS = ["task", "budget (bits)", "FP32", "searched", "HAWQ-V2", "uniform", "searched - HAWQ-V2",
+                     "searched - uniform", "target", "seeds"]
+
+
+def standings(tasks: Sequence[tuple[str, Sequence[Point]]]) -> str:
+    """One markdown table over several tasks' comparisons: per task and budget the median metric of FP32 and of
+    every method, the searched model's lead over each baseline (negative: it loses) and issue #6's target."""
+    lines = ["| " + " | ".join(STANDINGS_COLUMNS) + " |", "|" + "---|" * len(STANDINGS_COLUMNS)]
+    for task, points in tasks:
+        fp = _find(points, Kind.fp32, None)
+        for budget in sorted({p.budget for p in points if p.budget is not None}, reverse=True):
+            found = {k: _find(points, k, budget) for k in (Kind.searched, Kind.hawq, Kind.uniform)}
+            s = found[Kind.searched]
+
+            def cell(p: Point | None) -> str:
+                return "-" if p is None else f"{p.median:.2f}"
+
+            def lead(base: Point | None) -> str:
+                return "-" if s is None or base is None else f"{s.median - base.median:+.2f}"
+
+            target = target_met(points, budget)
+            name = next(p.metric_name for p in points)
+            seeds = sorted({p.seeds for p in found.values() if p is not None})
+            lines.append("| " + " | ".join([
+                f"{task} ({name})", f"{budget:g}", cell(fp), *(cell(p) for p in found.values()),
+                lead(found[Kind.hawq]), lead(found[Kind.uniform]),
+                "-" if target is None else ("met" if target else "**not met**"), "/".join(map(str, seeds))]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def paired(rows: Sequence[Row], before: Sequence[Row]) -> str:

@@ -151,6 +151,24 @@ def test_summary_tool_merges_multirun_jobs(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: no such directory")
 
 
+def test_standings_tool_puts_every_task_budget_and_lead_in_one_table(tmp_path):
+    _tree(tmp_path / "a1", {("qat", 2, 1): 82.0, ("hawq_qat", 2, 1): 80.5, ("uniform2", 2, 1): 79.0})
+    _tree(tmp_path / "a2", {("qat", 2, 2): 84.0, ("hawq_qat", 2, 2): 80.5, ("uniform2", 2, 2): 79.0})
+    _tree(tmp_path / "b", {("qat", 4, 1): 70.0, ("hawq_qat", 4, 1): 71.0, ("qat", 2, 1): 60.0})
+    tool = [sys.executable, "tools/standings.py"]
+    out = subprocess.run([*tool, f"T1={tmp_path}/a*", f"T2={tmp_path}/b"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0].startswith("| task | budget (bits) | FP32 | searched | HAWQ-V2 | uniform |")
+    assert out[2:] == [
+        "| T1 (f1) | 2 | 85.00 | 83.00 | 80.50 | 79.00 | +2.50 | +4.00 | met | 2 |",  # medians over both dirs
+        "| T2 (f1) | 4 | 85.00 | 70.00 | 71.00 | - | -1.00 | - | **not met** | 1 |",
+        "| T2 (f1) | 2 | 85.00 | 60.00 | - | - | - | - | - | 1 |",
+    ]
+    for bad, message in ((f"T1{tmp_path}", "is not NAME=GLOB"), (f"T3={tmp_path}/none*", "no finished comparison runs")):
+        run = subprocess.run([*tool, bad], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr and run.stderr.count("\n") == 1
+
+
 def test_uniform_bits_never_gives_the_baseline_less_room():
     assert [uniform_bits(b) for b in (8, 4, 3, 2.5, 2, 1.5, 1)] == [8, 4, 3, 3, 2, 2, 2]
 

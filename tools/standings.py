@@ -1,0 +1,43 @@
+"""Where the search stands against the baselines, over several tasks: one generated markdown table.
+
+    python tools/standings.py 'SST-2=runs/bench/compare/sst2_s4[234]_[ab]' 'MRPC=runs/bench/compare/mrpc_v3_s4*' ...
+
+Each argument is NAME=GLOB[,GLOB...]: the comparison directories of one task (laid out as `stage=compare`
+writes them; see search/comparison.py). Per task and budget it prints the median metric of FP32, the searched
+model, HAWQ-V2 and uniform QAT over the seeds found, the searched model's lead over each baseline (negative
+where it loses) and whether issue #6's target holds (>= HAWQ-V2 at <= 4 bits; at <= 2.5 bits +1 point over
+HAWQ-V2 and more over uniform).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+
+from search.comparison import aggregate, collect, standings
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("tasks", nargs="+", metavar="NAME=GLOB[,GLOB...]")
+    args = p.parse_args()
+    tasks = []
+    for spec in args.tasks:
+        name, sep, patterns = spec.partition("=")
+        if not sep or not name or not patterns:
+            print(f"error: {spec!r} is not NAME=GLOB[,GLOB...]; e.g. 'SST-2=runs/compare/sst2_*'", file=sys.stderr)
+            return 2
+        dirs = sorted({Path(d) for pat in patterns.split(",") for d in glob.glob(pat) if Path(d).is_dir()})
+        rows = collect(dirs)
+        if not rows:
+            print(f"error: {name}: no finished comparison runs in {patterns} (expected fp32/ or "
+                  f"b<budget>/s<seed>/<qat|hawq_qat|uniformN>/metrics.json)", file=sys.stderr)
+            return 2
+        tasks.append((name, aggregate(rows)))
+    print(standings(tasks), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
