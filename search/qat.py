@@ -9,7 +9,8 @@ reads the teacher's outputs from a table computed once per training set (search/
 `qat.teacher_cache=false` or the task needs the live teacher.
 With `qat.init=supernet` the weights and LSQ steps start where the search that wrote `qat.architecture` left
 them (its run directory's final train state), not at the FP checkpoint: the supernet's weights have adapted
-to the allocation during the search, the FP weights have not (BENCHMARKS.md). The teacher is the FP model.
+to the allocation during the search, the FP weights have not. The teacher is the FP model. (On SST-2 the head
+start did not survive QAT: BENCHMARKS.md; hence not the default.)
 Pruned groups output exact zeros throughout. The result is `<run_dir>/quantized/` (search/quantized.py),
 what evaluation and export rebuild the quantized model from.
 """
@@ -32,7 +33,7 @@ from supernet import ActQuantizer, Architecture, SearchSpace, WeightQuantizer, p
 
 from .config import EvalConfig, MixedPrecision, ModelConfig, QatConfig, QatInit, TaskConfig
 from .data import INDEX, make_loader
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluate import evaluate_sets, scalars, stage_metrics
 from .freezing import OscillationFreezer
 from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
@@ -137,7 +138,6 @@ def qat_step(model: nn.Module, teacher: nn.Module | TeacherTable | None, optimiz
     return step
 
 
-
 SUPERNET_STATE = Path("train_state") / "model.safetensors"  # a search run's final supernet
 
 
@@ -149,8 +149,12 @@ def search_supernet(search_dir: Path, option: str) -> tuple[SearchSpace, Path]:
     if stage != "search" or not state.is_file() or not (search_dir / "config.yaml").is_file():
         raise UserError(f"qat.init=supernet needs {option} to be the architecture.json of a finished search run, "
                         f"and {search_dir} holds no search's {SUPERNET_STATE}; use qat.init=checkpoint")
-    section = OmegaConf.load(search_dir / "config.yaml").get("space")
-    space = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchSpace), section or {}))
+    try:
+        section = OmegaConf.load(search_dir / "config.yaml").get("space")
+        space = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchSpace), section or {}))
+    except Exception as e:  # omegaconf's own errors, or SearchSpace's validation: the file is not this version's
+        raise UserError(f"{search_dir / 'config.yaml'}: its space section cannot be read ({first_line(e)}); "
+                        f"use qat.init=checkpoint or re-run the search") from e
     return space, state
 
 

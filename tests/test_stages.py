@@ -207,3 +207,14 @@ def test_qat_init_supernet_needs_a_search_run(env, tmp_path, capsys):  # noqa: F
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "no search's train_state/model.safetensors" in err
     assert not (tmp_path / "q").exists()
+    # a search run whose config.yaml this version cannot read (an option it does not know)
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(search_dir, odd)
+    (odd / "config.yaml").write_text("space:\n  w_bits: [0, 2, 4, 8]\n  a_future_option: 1\n")
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={odd / 'architecture.json'}",
+                          "qat.init=supernet"), tmp_path / "q2") != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "its space section cannot be read" in err and "a_future_option" in err
+    assert not (tmp_path / "q2").exists()
