@@ -154,9 +154,12 @@ def pareto(points: Sequence["Point"], path: str | Path, title: str = "") -> Path
         y = [p.median for p in pts]
         err = [[p.median - p.low for p in pts], [p.high - p.median for p in pts]]
         ax.errorbar(x, y, yerr=err, color=color, marker=marker, ms=5, lw=1.2, capsize=3, label=method.value)
+        # one label per point: uniform QAT at 1.5 and 2 bits is the same model, so "2b, 1.5b", not two overprinted
+        labels: dict[tuple[float, float], list[str]] = {}
         for p in pts:
-            ax.annotate(f"{p.budget:g}b", (p.encoder_mb, p.median), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7, color=color)
+            labels.setdefault((p.encoder_mb, p.median), []).append(f"{p.budget:g}b")
+        for xy, names in labels.items():
+            ax.annotate(", ".join(names), xy, textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
     fp = next((p for p in points if p.method is Kind.fp32), None)
     if fp is not None:
         ax.axhline(fp.median, ls="--", lw=1, color="black", label=f"FP32 ({fp.median:.2f})")
