@@ -28,7 +28,7 @@ from .config import Method
 from .rundir import write_atomic, write_text_atomic
 
 __all__ = ["Kind", "Row", "Point", "collect", "aggregate", "write_comparison", "budget_dir", "verdict", "target_met",
-           "standings"]
+           "standings", "LAYOUT"]
 
 
 class Kind(str, Enum):
@@ -44,6 +44,10 @@ class Kind(str, Enum):
 _CHILDREN = {"qat": Kind.searched, "hawq_qat": Kind.hawq}
 _UNIFORM = re.compile(r"uniform(\d+)$")
 _CELL = re.compile(r"b([0-9.]+)$"), re.compile(r"s(\d+)$")
+
+
+# what `collect` looks for, in the words of an error that found none
+LAYOUT = "fp32/ or b<budget>/s<seed>/<qat|hawq_qat|uniformN>/metrics.json"
 
 
 def budget_dir(budget: float, seed: int) -> str:
@@ -220,25 +224,22 @@ STANDINGS_COLUMNS = ["task", "budget (bits)", "FP32", "searched", "HAWQ-V2", "un
 def standings(tasks: Sequence[tuple[str, Sequence[Point]]]) -> str:
     """One markdown table over several tasks' comparisons: per task and budget the median metric of FP32 and of
     every method, the searched model's lead over each baseline (negative: it loses) and issue #6's target."""
+
+    def cell(p: Point | None) -> str:
+        return "-" if p is None else f"{p.median:.2f}"
+
+    def lead(s: Point | None, base: Point | None) -> str:
+        return "-" if s is None or base is None else f"{s.median - base.median:+.2f}"
+
     lines = ["| " + " | ".join(STANDINGS_COLUMNS) + " |", "|" + "---|" * len(STANDINGS_COLUMNS)]
     for task, points in tasks:
-        fp = _find(points, Kind.fp32, None)
+        fp, name = _find(points, Kind.fp32, None), next(p.metric_name for p in points)
         for budget in sorted({p.budget for p in points if p.budget is not None}, reverse=True):
-            found = {k: _find(points, k, budget) for k in (Kind.searched, Kind.hawq, Kind.uniform)}
-            s = found[Kind.searched]
-
-            def cell(p: Point | None) -> str:
-                return "-" if p is None else f"{p.median:.2f}"
-
-            def lead(base: Point | None) -> str:
-                return "-" if s is None or base is None else f"{s.median - base.median:+.2f}"
-
+            s, hawq, uni = (_find(points, k, budget) for k in (Kind.searched, Kind.hawq, Kind.uniform))
             target = target_met(points, budget)
-            name = next(p.metric_name for p in points)
-            seeds = sorted({p.seeds for p in found.values() if p is not None})
+            seeds = sorted({p.seeds for p in (s, hawq, uni) if p is not None})
             lines.append("| " + " | ".join([
-                f"{task} ({name})", f"{budget:g}", cell(fp), *(cell(p) for p in found.values()),
-                lead(found[Kind.hawq]), lead(found[Kind.uniform]),
+                f"{task} ({name})", f"{budget:g}", cell(fp), cell(s), cell(hawq), cell(uni), lead(s, hawq), lead(s, uni),
                 "-" if target is None else ("met" if target else "**not met**"), "/".join(map(str, seeds))]) + " |")
     return "\n".join(lines) + "\n"
 

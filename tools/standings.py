@@ -15,7 +15,7 @@ import glob
 import sys
 from pathlib import Path
 
-from search.comparison import aggregate, collect, standings
+from search.comparison import LAYOUT, aggregate, collect, standings
 
 
 def main() -> int:
@@ -31,8 +31,7 @@ def main() -> int:
         dirs = sorted({Path(d) for pat in patterns.split(",") for d in glob.glob(pat) if Path(d).is_dir()})
         rows = collect(dirs)
         if not rows:
-            print(f"error: {name}: no finished comparison runs in {patterns} (expected fp32/ or "
-                  f"b<budget>/s<seed>/<qat|hawq_qat|uniformN>/metrics.json)", file=sys.stderr)
+            print(f"error: {name}: no finished comparison runs in {patterns} (expected {LAYOUT})", file=sys.stderr)
             return 2
         tasks.append((name, aggregate(rows)))
     print(standings(tasks), end="")

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from search.comparison import collect, paired, write_comparison
+from search.comparison import LAYOUT, collect, paired, write_comparison
 
 
 def main() -> int:
@@ -33,8 +33,8 @@ def main() -> int:
         return 2
     rows = collect(args.roots)
     if not rows:
-        print(f"error: no finished comparison runs below {', '.join(map(str, args.roots))} (expected fp32/ or "
-              f"b<budget>/s<seed>/<qat|hawq_qat|uniformN>/metrics.json)", file=sys.stderr)
+        print(f"error: no finished comparison runs below {', '.join(map(str, args.roots))} (expected {LAYOUT})",
+              file=sys.stderr)
         return 2
     out = args.out or args.roots[0]
     _, paths = write_comparison(rows, out, args.title or " + ".join(str(r) for r in args.roots))
