@@ -77,6 +77,15 @@ class Row:
 
 
 def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Row:
+    """The row of one run's metrics.json; a file that cannot be read as one is a ValueError naming it."""
+    try:
+        return _read_row(path, method, budget, seed)
+    except (KeyError, TypeError, ValueError) as e:  # truncated, or not a finished stage's metrics.json
+        raise ValueError(f"{path} is not a finished run's metrics.json ({type(e).__name__}: {e}); "
+                         f"re-run that step or move the file out of the way") from e
+
+
+def _read_row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Row:
     m = json.loads(path.read_text())
     arch = m.get("architecture") or {}
     main = m["main_metric"]["name"]

@@ -149,6 +149,10 @@ def test_summary_tool_merges_multirun_jobs(tmp_path):
     bad = subprocess.run([sys.executable, "tools/summarize_compare.py", str(tmp_path / "nothing")], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: no such directory")
+    (tmp_path / "multi" / "1" / "b2" / "s2" / "qat" / "metrics.json").write_text('{"main_metric": null}')
+    for args in ([str(tmp_path / "multi")], [str(tmp_path / "multi" / "0"), "--before", str(tmp_path / "multi" / "1")]):
+        bad = subprocess.run([sys.executable, "tools/summarize_compare.py", *args], cwd=ROOT, capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "s2/qat/metrics.json is not a finished run's" in bad.stderr
 
 
 def test_standings_tool_puts_every_task_budget_and_lead_in_one_table(tmp_path):
@@ -164,7 +168,10 @@ def test_standings_tool_puts_every_task_budget_and_lead_in_one_table(tmp_path):
         "| T2 (f1) | 4 | 85.00 | 70.00 | 71.00 | - | -1.00 | - | **not met** | 1 |",
         "| T2 (f1) | 2 | 85.00 | 60.00 | - | - | - | - | - | 1 |",
     ]
-    for bad, message in ((f"T1{tmp_path}", "is not NAME=GLOB"), (f"T3={tmp_path}/none*", "no finished comparison runs")):
+    _metrics(tmp_path / "c" / "b2" / "s1" / "qat", 80.0)
+    (tmp_path / "c" / "b2" / "s1" / "qat" / "metrics.json").write_text("{}")  # in the layout, not a finished run's
+    for bad, message in ((f"T1{tmp_path}", "is not NAME=GLOB"), (f"T3={tmp_path}/none*", "no finished comparison runs"),
+                         (f"T4={tmp_path}/c", "c/b2/s1/qat/metrics.json is not a finished run's metrics.json")):
         run = subprocess.run([*tool, bad], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode == 2 and message in run.stderr and run.stderr.count("\n") == 1
 

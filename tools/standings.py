@@ -29,7 +29,11 @@ def main() -> int:
             print(f"error: {spec!r} is not NAME=GLOB[,GLOB...]; e.g. 'SST-2=runs/compare/sst2_*'", file=sys.stderr)
             return 2
         dirs = sorted({Path(d) for pat in patterns.split(",") for d in glob.glob(pat) if Path(d).is_dir()})
-        rows = collect(dirs)
+        try:
+            rows = collect(dirs)
+        except ValueError as e:  # a metrics.json in the layout that is not a finished run's
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if not rows:
             print(f"error: {name}: no finished comparison runs in {patterns} (expected {LAYOUT})", file=sys.stderr)
             return 2

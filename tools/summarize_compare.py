@@ -31,7 +31,11 @@ def main() -> int:
     if missing:
         print(f"error: no such directory: {', '.join(missing)}", file=sys.stderr)
         return 2
-    rows = collect(args.roots)
+    try:
+        rows, before = collect(args.roots), collect(args.before)
+    except ValueError as e:  # a metrics.json in the layout that is not a finished run's
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not rows:
         print(f"error: no finished comparison runs below {', '.join(map(str, args.roots))} (expected {LAYOUT})",
               file=sys.stderr)
@@ -40,7 +44,7 @@ def main() -> int:
     _, paths = write_comparison(rows, out, args.title or " + ".join(str(r) for r in args.roots))
     print(paths["comparison.md"].read_text())
     if args.before:
-        print(paired(rows, collect(args.before)))
+        print(paired(rows, before))
     return 0
 
 
