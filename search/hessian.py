@@ -15,12 +15,12 @@ the parameters.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
+
+from search.progress import progress_bar
 
 __all__ = ["Hessian", "TraceEstimate", "hutchinson", "rademacher", "top_eigenvalues"]
 
@@ -127,8 +127,7 @@ def hutchinson(hessian: Hessian, views: Sequence[GroupView], *, max_probes: int 
     generator = torch.Generator().manual_seed(seed)
     samples: list[torch.Tensor] = []  # per parameter, [P, G]: the sum over batches so far
     # one tick per Hessian-vector product: the first batch may stop early, the others take as many probes
-    bar = tqdm(total=max_probes * len(hessian.losses), desc=desc, unit="hvp",
-               disable=not (progress and sys.stderr.isatty()))
+    bar = progress_bar(total=max_probes * len(hessian.losses), desc=desc, unit="hvp", progress=progress)
     for batch in hessian.per_batch():
         if not samples:
             samples = _probe_batch(batch, views, max_probes, tol, generator, bar.update)
@@ -182,7 +181,7 @@ def top_eigenvalues(hessian: Hessian, *, max_iter: int = 100, tol: float = 1e-3,
     `progress` (and stderr a terminal), a bar over the parameters."""
     generator = torch.Generator().manual_seed(seed)
     out = []
-    bar = tqdm(hessian.params, desc="top eigenvalue", unit="site", disable=not (progress and sys.stderr.isatty()))
+    bar = progress_bar(hessian.params, desc="top eigenvalue", unit="site", progress=progress)
     for i, p in enumerate(bar):
         v = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
         v /= v.norm()

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from search.config import MixedPrecision
+from search.progress import progress_bar
 from search.rundir import previous_dir, replace_dir
 
 __all__ = [
@@ -50,6 +49,7 @@ __all__ = [
     "train",
     "save_train_state",
     "load_train_state",
+    "saved_train_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,10 +153,16 @@ def save_train_state(accelerator: Accelerator, state_dir: Path, step: int) -> No
     log.info("saved train state at step %d to %s", step, state_dir)
 
 
+def saved_train_state(state_dir: Path) -> Path | None:
+    """The train state a resume would restore from `state_dir` (or its interrupted replacement), if any."""
+    found = previous_dir(state_dir)
+    return found if found is not None and (found / _STATE_FILE).is_file() else None
+
+
 def load_train_state(accelerator: Accelerator, state_dir: Path) -> int | None:
     """Restore the latest train state under `state_dir`; its step, or None when there is none."""
-    found = previous_dir(state_dir)
-    if found is None or not (found / _STATE_FILE).is_file():
+    found = saved_train_state(state_dir)
+    if found is None:
         return None
     accelerator.load_state(str(found))
     step = int(json.loads((found / _STATE_FILE).read_text())["step"])
@@ -197,10 +203,8 @@ def train(
             log.warning("resume=true but no train state in %s; starting from step 0", state_dir)
         step = restored or 0
     start_step, examples, last_eval = step, 0, None
-    bar = tqdm(
-        total=steps, initial=step, desc=desc, dynamic_ncols=True,
-        disable=not (progress and sys.stderr.isatty() and accelerator.is_local_main_process),
-    )
+    bar = progress_bar(total=steps, initial=step, desc=desc, dynamic_ncols=True, progress=progress,
+                       main=accelerator.is_local_main_process)
     start = time.perf_counter()
     while step < steps:
         epoch, offset = divmod(step, steps_per_epoch)

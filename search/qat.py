@@ -36,7 +36,7 @@ from .data import INDEX, make_loader
 from .errors import UserError, first_line
 from .evaluate import evaluate_sets, scalars, stage_metrics
 from .freezing import OscillationFreezer
-from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
+from .loop import decay_groups, linear_warmup, make_accelerator, saved_train_state, total_steps, train
 from .models import load_task_model, load_tokenizer
 from .prepare import TRAIN, task_data
 from .quantized import QUANTIZED_DIR, load_architecture, quantize_user_model, save_quantized, space_for
@@ -214,7 +214,10 @@ def run_qat(
     if cfg.init is QatInit.supernet:
         if cfg.architecture is None:
             raise UserError("qat.init=supernet needs qat.architecture: the architecture.json of a search run")
-        inherit_supernet(net, model.name_or_path, spec.name, Path(cfg.architecture).parent, "qat.architecture")
+        if resume and saved_train_state(run.train_state) is not None:  # it replaces the start anyway
+            log.info("qat.init=supernet: resuming from %s, so the search's weights are not loaded", run.train_state)
+        else:
+            inherit_supernet(net, model.name_or_path, spec.name, Path(cfg.architecture).parent, "qat.architecture")
     teacher = load_task_model(model.name_or_path, spec.name).eval() if cfg.kd_weight > 0 or cfg.hidden_weight > 0 else None
     use_table = teacher is not None and cfg.teacher_cache and cacheable(spec.kind, cfg.hidden_weight)
     train_set = with_index(tokenized[TRAIN]) if use_table else tokenized[TRAIN]

@@ -258,15 +258,24 @@ def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]
     done = child.path / "metrics.json"
     if done.is_file():
         log.info("%s: done already (%s)", name, done)
-        saved = child.path / "config.yaml"
-        if settings and saved.is_file() and run._config_yaml is not None:
-            changed = changed_settings(saved.read_text(), run._config_yaml, settings, schema_defaults())
-            if changed:
-                log.warning("%s was run with other settings (%s%s); its result is reused: delete %s to rerun it",
-                            name, "; ".join(changed[:4]), f"; and {len(changed) - 4} more" if len(changed) > 4 else "",
-                            child.path)
+        _warn_changed(run, child, name, settings, "was run with other settings", "its result is reused")
         return json.loads(done.read_text())
     resume = (child.path / "train_state").exists()
     log.info("%s%s", name, " (resuming)" if resume else "")
+    if resume:  # before `child` opens and writes this run's config.yaml over the one the train state came from
+        _warn_changed(run, child, name, settings, "started with other settings",
+                      "it resumes from its train state, which has them")
     with child:
         return fn(child, resume)
+
+
+def _warn_changed(run: RunDir, child: RunDir, name: str, settings: Sequence[str], what: str, then: str) -> None:
+    """Warn that step `name` in `child` ran (or began) under other `settings` than `run` has now."""
+    saved = child.path / "config.yaml"
+    if not settings or not saved.is_file() or run._config_yaml is None:
+        return
+    changed = changed_settings(saved.read_text(), run._config_yaml, settings, schema_defaults())
+    if changed:
+        more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+        log.warning("%s %s (%s%s); %s: delete %s to rerun it", name, what, "; ".join(changed[:4]), more, then,
+                    child.path)

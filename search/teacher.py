@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import INDEX, MODEL_COLUMNS, make_loader
+from .progress import progress_bar
 from .rundir import write_atomic
 from .tasks import TaskKind
 
@@ -91,7 +91,7 @@ def compute(teacher: nn.Module, ds: Dataset, tokenizer: Any, kind: TaskKind, bat
     teacher.eval()
     loader = make_loader(ds, tokenizer, batch_size, shuffle=False, seed=0)
     rows: list[torch.Tensor] = []
-    for batch in tqdm(loader, desc="teacher outputs", disable=not progress):
+    for batch in progress_bar(loader, desc="teacher outputs", progress=progress):
         batch = {k: v.to(device) for k, v in batch.items() if k in _INPUTS}
         logits = teacher(**batch).logits.float().cpu()
         if kind is TaskKind.TOKEN_CLASSIFICATION:

@@ -5,7 +5,7 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 from search.bilevel import BilevelStep, SizeTerm, cycle, finite_difference_hvp, group_lasso, probability_mass, temperature
-from search.budget import Budget, Penalty
+from search.budget import Budget
 from search.derive import derive
 from supernet import Scope, SearchSpace, expected_size, param_sets, to_supernet
 

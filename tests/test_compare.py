@@ -18,7 +18,7 @@ from search.__main__ import run_stage
 from search.budget import uniform
 from search.compare import _reuse_uniform, uniform_bits
 from search.comparison import Kind, aggregate, collect, paired, verdict, write_comparison
-from search.rundir import RunDir, changed_settings, schema_defaults
+from search.rundir import RunDir, changed_settings, run_step, schema_defaults
 from supernet import Architecture, SearchSpace, to_supernet
 
 from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
@@ -291,6 +291,18 @@ def test_changed_settings_name_what_decides_a_result_and_ignore_bookkeeping():
     assert changed_settings(saved, now, ["search"]) == ["search.arch_lr: 0.01 -> 0.05", "search.tau.end: 1.0 -> 0.2"]
     assert changed_settings(saved, saved, ["search", "qat"]) == []
     assert changed_settings(saved, "search: {arch_lr: 0.01, tau: {end: 1.0}}\n", ["search", "qat"]) == ["qat.lr: 2e-05 -> None"]
+
+
+def test_a_step_resumed_under_other_settings_says_its_train_state_has_the_old_ones(tmp_path, caplog):
+    old, now = "qat:\n  lr: 2e-5\n", "qat:\n  lr: 1e-4\n"
+    RunDir(tmp_path / "run", old).child("b2/qat").open()  # an interrupted step: its config and a train state
+    (tmp_path / "run" / "b2/qat" / "train_state").mkdir()
+    seen = []
+    with caplog.at_level("WARNING", logger="search.rundir"):
+        run_step(RunDir(tmp_path / "run", now), "b2/qat", lambda r, resume: seen.append(resume) or {}, ("qat",))
+    assert seen == [True]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("b2/qat started with other settings (qat.lr: 2e-05 -> 0.0001); it resumes from")
 
 
 def test_an_option_added_after_a_run_counts_as_changed_only_away_from_its_default():

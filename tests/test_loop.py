@@ -175,3 +175,20 @@ def test_evaluate_ner_ignores_padding_labels():
     metrics = evaluate(model, DataLoader(rows, batch_size=4), "conll03")
     assert set(metrics) == {"f1", "precision", "recall"}
     assert all(0.0 <= v <= 100.0 for v in metrics.values())
+
+
+def test_progress_bars_show_only_on_the_main_process_of_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from search.progress import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, progress, main, shown in ((Terminal(), True, True, True), (io.StringIO(), True, True, False),
+                                          (Terminal(), False, True, False), (Terminal(), True, False, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert list(progress_bar(range(3), desc="work", progress=progress, main=main)) == [0, 1, 2]
+        assert ("work: 100%" in stream.getvalue()) == shown

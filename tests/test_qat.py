@@ -1,5 +1,4 @@
 """QAT of a fixed architecture: space from the architecture, pruned groups stay zero, KD, save/load."""
-import dataclasses
 
 import pytest
 import torch

@@ -197,6 +197,18 @@ def test_qat_init_supernet_starts_from_the_model_the_search_evaluated(env, tmp_p
         assert torch.allclose(net.eval()(input_ids=ids).logits, ref.eval()(input_ids=ids).logits, atol=1e-6)
 
 
+def test_a_resumed_qat_init_supernet_continues_from_its_own_train_state(env, tmp_path):  # noqa: F811
+    search_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3"), search_dir) == 0
+    qat = [f"qat.architecture={search_dir / 'architecture.json'}", "qat.init=supernet"]
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", "max_steps=2", *qat), tmp_path / "q") == 0
+    # the train state replaces the start, so the search's supernet is not needed (nor loaded) any more
+    (search_dir / "train_state" / "model.safetensors").unlink()
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", "max_steps=4", "resume=true", *qat), tmp_path / "q") == 0
+    m = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert m["train"]["start_step"] == 2 and m["train"]["steps"] == 4 and m["init"] == "supernet"
+
+
 def test_qat_init_supernet_needs_a_search_run(env, tmp_path, capsys):  # noqa: F811
     search_dir = tmp_path / "s"
     assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3"), search_dir) == 0

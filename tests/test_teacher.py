@@ -17,7 +17,7 @@ from search.qat import distillation_loss, qat_optimizer, qat_step
 from search.quantized import quantize
 from search.tasks import TaskKind
 from search.teacher import TeacherTable, cacheable, teacher_table, with_index
-from supernet import Architecture, SearchSpace, sites, to_supernet
+from supernet import Architecture, SearchSpace, to_supernet
 
 SPACE = SearchSpace(w_bits=[2, 4, 8], groups=4, a_bits=[8])
 
