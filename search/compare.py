@@ -34,7 +34,8 @@ from .config import BudgetConfig, Config, EvalConfig, Method, QatInit
 from .dnas import run_search
 from .errors import UserError
 from .evaluate import run_eval
-from .pipeline import check_budgets_up_front, common_args, fine_tuned_model, hawq_steps, qat_step
+from .pipeline import check_budgets_up_front, common_args, fine_tuned_model, hawq_steps, kept_state, qat_step
+from .qat import SUPERNET_STATE
 from .rundir import RunDir, replace_dir, run_step, temp_beside
 
 __all__ = ["run_compare", "uniform_bits"]
@@ -61,7 +62,7 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
     if Method.searched in methods:
         run_step(run, f"{cell}/search", lambda r, resume: run_search(
             model, c.task, c.space, c.search, BudgetConfig(avg_bits=budget, scope=c.budget.scope), c.eval, r,
-            resume=resume, **common), _SEARCH)
+            resume=resume, **common), _SEARCH, keep=kept_state(c, SUPERNET_STATE.name))
         qat_step(c, run, f"{cell}/qat", model, searched, seed, _SEARCH + ("qat",), searched=True)
     if Method.hawq in methods:
         # at the searched architecture's exact size when there is one; else at the budget itself

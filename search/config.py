@@ -399,6 +399,9 @@ class Config:
     resume: bool = False  # continue the interrupted run in hydra.run.dir from its train_state/
     mixed_precision: MixedPrecision = MixedPrecision.fp32
     progress_bar: bool = True  # also off whenever stderr is not a terminal
+    # compare/pipeline: keep a finished step's whole train_state/ (optimiser state is ~2x the model, and a
+    # finished step is never resumed there); false keeps only a search's final weights (for qat.init=supernet)
+    keep_train_state: bool = False
     cache_dir: Optional[str] = "${oc.env:MPQ_CACHE,'~/.cache/bert-mpq'}"  # tokenised data; null: none
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

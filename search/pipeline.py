@@ -22,11 +22,12 @@ from .dnas import run_search
 from .finetune import finetune
 from .hawq_stage import run_hawq
 from .models import TASK_FILE, load_task_model
-from .qat import run_qat
+from .qat import SUPERNET_STATE, run_qat
 from .rundir import RunDir, run_step
 from .tasks import get_task
 
-__all__ = ["run_pipeline", "hawq_steps", "qat_step", "finetuned_on", "fine_tuned_model", "common_args", "check_budgets_up_front"]
+__all__ = ["run_pipeline", "hawq_steps", "qat_step", "finetuned_on", "fine_tuned_model", "common_args", "check_budgets_up_front",
+           "kept_state"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ def common_args(c: Config, **override: Any) -> dict[str, Any]:
     return {**args, **override}
 
 
+def kept_state(c: Config, *names: str) -> tuple[str, ...] | None:
+    """`run_step`'s `keep` for a step of `c`: all of a finished step's train state with `keep_train_state`,
+    else only the files `names` (a search's final weights, which `qat.init=supernet` starts from)."""
+    return None if c.keep_train_state else names
+
+
 def fine_tuned_model(c: Config, run: RunDir, results: dict[str, Any]) -> ModelConfig:
     """`c.model` when it is fine-tuned on the task already, else the checkpoint of a `finetune/` step of `run`."""
     checkpoint = c.model.name_or_path
@@ -62,7 +69,7 @@ def fine_tuned_model(c: Config, run: RunDir, results: dict[str, Any]) -> ModelCo
         log.info("%s is fine-tuned on %s already; no finetune step", checkpoint, c.task.name)
         return c.model
     results["finetune"] = run_step(run, "finetune", lambda r, resume: finetune(
-        c.model, c.task, c.finetune, c.eval, r, resume=resume, **common_args(c)))
+        c.model, c.task, c.finetune, c.eval, r, resume=resume, **common_args(c)), keep=kept_state(c))
     return ModelConfig(name_or_path=str(run.path / "finetune" / "checkpoint"))
 
 
@@ -73,7 +80,8 @@ def qat_step(c: Config, run: RunDir, name: str, model: ModelConfig, architecture
     init = c.qat.init if searched else QatInit.checkpoint
     qat_cfg = dataclasses.replace(c.qat, architecture=str(architecture), init=init)
     return run_step(run, name, lambda r, resume: run_qat(
-        model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common_args(c, seed=seed)), settings)
+        model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common_args(c, seed=seed)), settings,
+        keep=kept_state(c))
 
 
 def hawq_steps(c: Config, run: RunDir, prefix: str, model: ModelConfig, budget: BudgetConfig, seed: int,
@@ -97,7 +105,8 @@ def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
     results: dict[str, Any] = {}
     model = fine_tuned_model(c, run, results)
     results["search"] = run_step(run, "search", lambda r, resume: run_search(
-        model, c.task, c.space, c.search, c.budget, c.eval, r, resume=resume, **common))
+        model, c.task, c.space, c.search, c.budget, c.eval, r, resume=resume, **common),
+        keep=kept_state(c, SUPERNET_STATE.name))
     results["qat"] = qat_step(c, run, "qat", model, run.path / "search" / "architecture.json", c.seed, searched=True)
     if c.pipeline.hawq:  # the baseline at exactly the searched architecture's size, through the same QAT
         match = BudgetConfig(match=str(run.path / "search" / "architecture.json"), scope=c.budget.scope)

@@ -249,11 +249,12 @@ def schema_defaults() -> str:
 
 
 def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]],
-             settings: Sequence[str] = ()) -> dict[str, Any]:
+             settings: Sequence[str] = (), keep: Sequence[str] | None = None) -> dict[str, Any]:
     """One step of a multi-stage run in `run/name`: skipped when its metrics.json exists (that result is
     returned), resumed when it holds a train state, else run; `fn(child, resume)` runs it. A finished
     step whose config.yaml differs from this run's under `settings` (top-level sections that decide its
-    result) is still reused, with a warning that names the differences."""
+    result) is still reused, with a warning that names the differences. With `keep` (file names), the
+    step's train_state/ is cut down to those files once it has finished: it is never resumed again."""
     child = run.child(name)
     done = child.path / "metrics.json"
     if done.is_file():
@@ -266,7 +267,20 @@ def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]
         _warn_changed(run, child, name, settings, "started with other settings",
                       "it resumes from its train state, which has them")
     with child:
-        return fn(child, resume)
+        result = fn(child, resume)
+    if keep is not None and child.main_process:
+        drop_train_state(child.train_state, keep)
+    return result
+
+
+def drop_train_state(state_dir: Path, keep: Sequence[str] = ()) -> None:
+    """Delete `state_dir` (a finished step's train state) but for the files named in `keep`."""
+    if not state_dir.is_dir():
+        return
+    for entry in state_dir.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    remove_if_empty(state_dir)
 
 
 def _warn_changed(run: RunDir, child: RunDir, name: str, settings: Sequence[str], what: str, then: str) -> None:

@@ -204,6 +204,11 @@ def test_compare_runs_every_method_at_equal_size_and_resumes(env, tmp_path):  # 
     assert (run_dir / "pareto.png").is_file()
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["stage"] == "compare" and summary["runs"] == 7
+    # a finished step is never resumed: its optimiser state goes; a search keeps the weights QAT can start from
+    for cell in ("b3/s1", "b2/s1"):
+        assert [f.name for f in (run_dir / cell / "search" / "train_state").iterdir()] == ["model.safetensors"]
+        for step in ("qat", "hawq_qat"):
+            assert not (run_dir / cell / step / "train_state").exists() and (run_dir / cell / step / "quantized").is_dir()
 
     # interrupted halfway: a missing result is redone, everything finished is kept
     (run_dir / "b2/s1/hawq_qat/metrics.json").unlink()

@@ -47,13 +47,17 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path):  # noqa: 
     assert (run_dir / "qat" / "quantized" / "model.safetensors").is_file()
     summary = _metrics(run_dir)
     assert summary["stage"] == "pipeline" and summary["main_metric"] == qat["main_metric"]
+    # finished steps are never resumed: their train state goes but for the search's final weights
+    assert [f.name for f in (run_dir / "search" / "train_state").iterdir()] == ["model.safetensors"]
+    assert not (run_dir / "finetune" / "train_state").exists() and not (run_dir / "qat" / "train_state").exists()
 
     # a second run with resume=true skips every finished step; with pipeline.hawq=true it adds HAWQ-V2 at
     # exactly the searched architecture's size and the same QAT of it
     before = (run_dir / "qat" / "metrics.json").stat().st_mtime_ns
     assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "resume=true", "pipeline.hawq=true",
-                          "hawq.max_probes=2", "qat.init=supernet"), run_dir) == 0
+                          "hawq.max_probes=2", "qat.init=supernet", "keep_train_state=true"), run_dir) == 0
     assert (run_dir / "qat" / "metrics.json").stat().st_mtime_ns == before
+    assert (run_dir / "hawq_qat" / "train_state" / "optimizer.bin").is_file()  # kept when asked
     hawq_arch = Architecture.load(run_dir / "hawq" / "architecture.json")
     assert hawq_arch.size_bytes("encoder") <= arch.size_bytes("encoder")
     assert hawq_arch.size_bytes("encoder") > 0.9 * arch.size_bytes("encoder")
