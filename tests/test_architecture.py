@@ -164,3 +164,31 @@ def test_qkv_share_one_input_quantizer_and_must_agree(tiny_cfg):
                        arch.other_params)
     with pytest.raises(ValueError, match="share one input quantizer"):
         bad.apply(_supernet(tiny_cfg))
+
+
+def test_arch_agreement_tool_tells_a_repeated_allocation_from_a_shuffled_one(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def arch(*sites_bits):
+        return Architecture(tuple((f"bert.encoder.layer.{i}.output.dense",
+                                   SiteArch(SiteKind.ENCODER, bits, group_numel=30, rows_per_group=3, in_features=10, bias=True))
+                                  for i, bits in enumerate(sites_bits)), other_params=0)
+
+    a = arch((0, 2, 4, 8), (2, 2, 2, 2))
+    paths = {name: x.save(tmp_path / name / "architecture.json") for name, x in (
+        ("a", a), ("same", a), ("shuffled", arch((8, 4, 2, 0), (2, 2, 2, 2))))}
+    tool = [sys.executable, "tools/arch_agreement.py"]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([*tool, *map(str, paths.values()), "--sites"], cwd=root, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    # same histograms per site, so chance is (4 groups x 4/16 + 4 x 1) / 8 groups = 0.625; the copy agrees on all 8
+    # groups, the shuffle on the 4 of site 1 only; the site means (3.5, 2) repeat in both
+    assert "| a | same | 1.000 | 0.625 | +0.375 | +1.00 |" in out
+    assert "| a | shuffled | 0.500 | 0.625 | -0.125 | +1.00 |" in out
+    assert "| bert.encoder.layer.1.output.dense | 2.00 (0%) | 2.00 (0%) | 2.00 (0%) |" in out
+    assert "| bert.encoder.layer.0.output.dense | 3.50 (25%) | 3.50 (25%) | 3.50 (25%) |" in out
+    for bad, says in (([str(paths["a"])], "two or more"), ([str(paths["a"]), str(tmp_path / "none.json")], "does not exist")):
+        run = subprocess.run([*tool, *bad], cwd=root, capture_output=True, text=True)
+        assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith("error:") and says in run.stderr
