@@ -35,7 +35,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from search.config import MixedPrecision
 from search.progress import progress_bar
-from search.rundir import previous_dir, replace_dir
+from search.rundir import STATE_FILE, replace_dir, saved_train_state
 
 __all__ = [
     "StepFn",
@@ -49,14 +49,12 @@ __all__ = [
     "train",
     "save_train_state",
     "load_train_state",
-    "saved_train_state",
 ]
 
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[Any, int], Mapping[str, float]]  # (batch, index of this step from 0) -> scalars
 LogFn = Callable[[Mapping[str, float], int], None]  # (metrics, completed steps)
-_STATE_FILE = "loop.json"
 
 
 @dataclass
@@ -147,16 +145,10 @@ def save_train_state(accelerator: Accelerator, state_dir: Path, step: int) -> No
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / _STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
         replace_dir(tmp, state_dir)
     accelerator.wait_for_everyone()
     log.info("saved train state at step %d to %s", step, state_dir)
-
-
-def saved_train_state(state_dir: Path) -> Path | None:
-    """The train state a resume would restore from `state_dir` (or its interrupted replacement), if any."""
-    found = previous_dir(state_dir)
-    return found if found is not None and (found / _STATE_FILE).is_file() else None
 
 
 def load_train_state(accelerator: Accelerator, state_dir: Path) -> int | None:
@@ -165,7 +157,7 @@ def load_train_state(accelerator: Accelerator, state_dir: Path) -> int | None:
     if found is None:
         return None
     accelerator.load_state(str(found))
-    step = int(json.loads((found / _STATE_FILE).read_text())["step"])
+    step = int(json.loads((found / STATE_FILE).read_text())["step"])
     log.info("resumed from %s at step %d", found, step)
     return step
 

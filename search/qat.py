@@ -36,11 +36,11 @@ from .data import INDEX, make_loader
 from .errors import UserError, first_line
 from .evaluate import evaluate_sets, scalars, stage_metrics
 from .freezing import OscillationFreezer
-from .loop import decay_groups, linear_warmup, make_accelerator, saved_train_state, total_steps, train
+from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
 from .models import load_task_model, load_tokenizer
 from .prepare import TRAIN, task_data
 from .quantized import QUANTIZED_DIR, load_architecture, quantize_user_model, save_quantized, space_for
-from .rundir import RunDir
+from .rundir import RunDir, saved_train_state
 from .tasks import TaskKind, get_task
 from .teacher import TeacherTable, cacheable, teacher_table, with_index
 

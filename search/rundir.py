@@ -40,7 +40,7 @@ from search.errors import UserError
 from search.logger import NullLogger, RunLogger
 
 __all__ = [
-    "RunDir", "RESULTS", "changed_settings", "check_reusable", "schema_defaults", "previous_dir", "remove_if_empty", "replace_dir", "run_step",
+    "RunDir", "RESULTS", "changed_settings", "check_reusable", "schema_defaults", "previous_dir", "remove_if_empty", "replace_dir", "run_step", "saved_train_state", "STATE_FILE",
     "temp_beside", "write_atomic", "write_text_atomic",
 ]
 
@@ -88,6 +88,16 @@ def previous_dir(target: Path) -> Path | None:
         if path.is_dir():
             return path
     return None
+
+
+STATE_FILE = "loop.json"  # in a train state: the step it was saved at (search/loop.py writes it)
+
+
+def saved_train_state(state_dir: Path) -> Path | None:
+    """The train state a resume would restore from `state_dir` (or its interrupted replacement), if any: a
+    folder whose STATE_FILE says its step, not what `drop_train_state` left of a finished one."""
+    found = previous_dir(state_dir)
+    return found if found is not None and (found / STATE_FILE).is_file() else None
 
 
 def check_reusable(path: Path, resume: bool) -> None:
@@ -261,7 +271,7 @@ def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]
         log.info("%s: done already (%s)", name, done)
         _warn_changed(run, child, name, settings, "was run with other settings", "its result is reused")
         return json.loads(done.read_text())
-    resume = (child.path / "train_state").exists()
+    resume = saved_train_state(child.train_state) is not None
     log.info("%s%s", name, " (resuming)" if resume else "")
     if resume:  # before `child` opens and writes this run's config.yaml over the one the train state came from
         _warn_changed(run, child, name, settings, "started with other settings",

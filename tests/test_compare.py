@@ -18,7 +18,7 @@ from search.__main__ import run_stage
 from search.budget import uniform
 from search.compare import _reuse_uniform, uniform_bits
 from search.comparison import Kind, aggregate, collect, paired, verdict, write_comparison
-from search.rundir import RunDir, changed_settings, run_step, schema_defaults
+from search.rundir import STATE_FILE, RunDir, changed_settings, run_step, schema_defaults
 from supernet import Architecture, SearchSpace, to_supernet
 
 from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
@@ -302,12 +302,26 @@ def test_a_step_resumed_under_other_settings_says_its_train_state_has_the_old_on
     old, now = "qat:\n  lr: 2e-5\n", "qat:\n  lr: 1e-4\n"
     RunDir(tmp_path / "run", old).child("b2/qat").open()  # an interrupted step: its config and a train state
     (tmp_path / "run" / "b2/qat" / "train_state").mkdir()
+    (tmp_path / "run" / "b2/qat" / "train_state" / STATE_FILE).write_text('{"step": 3}\n')
     seen = []
     with caplog.at_level("WARNING", logger="search.rundir"):
         run_step(RunDir(tmp_path / "run", now), "b2/qat", lambda r, resume: seen.append(resume) or {}, ("qat",))
     assert seen == [True]
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith("b2/qat started with other settings (qat.lr: 2e-05 -> 0.0001); it resumes from")
+
+
+def test_what_a_finished_step_keeps_of_its_train_state_is_not_resumed(tmp_path, caplog):
+    # a search whose metrics.json was deleted keeps only its final weights: it runs again from the start
+    state = tmp_path / "run" / "b2/search" / "train_state"
+    state.mkdir(parents=True)
+    (state / "model.safetensors").write_bytes(b"weights")
+    seen = []
+    with caplog.at_level("WARNING", logger="search.rundir"):
+        run_step(RunDir(tmp_path / "run", "search: {}\n"), "b2/search", lambda r, resume: seen.append(resume) or {},
+                 ("search",), keep=("model.safetensors",))
+    assert seen == [False] and not caplog.records
+    assert [f.name for f in state.iterdir()] == ["model.safetensors"]
 
 
 def test_an_option_added_after_a_run_counts_as_changed_only_away_from_its_default():

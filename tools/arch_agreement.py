@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from supernet import Architecture
-from supernet.space import SiteKind
+from supernet import Architecture, SiteKind
 
 
 def encoder_bits(arch: Architecture) -> dict[str, np.ndarray]:
