@@ -148,6 +148,56 @@ class Budget:
         return ratio
 
 
+def start_probs(bits: list[int], level: float, floor: float) -> torch.Tensor:
+    """[K] probabilities over the sorted candidate `bits` with mean near `level`: the mass on the two candidates
+    that bracket it (linear interpolation), `floor` on each of the others so that none starts out of reach."""
+    p = torch.full((len(bits),), floor, dtype=torch.float64)
+    if level <= bits[0]:
+        p[0] += 1
+    elif level >= bits[-1]:
+        p[-1] += 1
+    else:
+        i = max(k for k, b in enumerate(bits) if b <= level)
+        w = (level - bits[i]) / (bits[i + 1] - bits[i])
+        p[i] += 1 - w
+        p[i + 1] += w
+    return p / p.sum()
+
+
+def start_at_budget(model: nn.Module, budget: Budget, template: Architecture, tau: float, floor: float = 0.01) -> float:
+    """Set the logits of every searched weight site so that the search starts at the budget's uniform point:
+    every group holds the same probabilities, on the candidates around one common precision `level`, found by
+    bisection so that the expected size (linear in the probabilities: `group_prices`) equals the budget. At
+    the budget 2 with {0,2,4,8} each group starts at 2 bits with probability 0.97; at 3 halfway between 2 and
+    4. The logits are tau * log p, so the first step's softmax at temperature `tau` gives p. Returns `level`."""
+    cands = site_candidates(model)
+    prices, constant = budget.group_prices(template, cands)
+
+    def measure(level: float) -> float:
+        total = constant
+        for name, site in template:
+            bits, price = prices[name]
+            total += len(site.bits) * float(start_probs(bits, level, floor) @ price)
+        return total
+
+    lo = min(min(c) for c in cands.values())
+    hi = max(max(c) for c in cands.values())
+    for _ in range(60):  # measure is non-decreasing in level
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if measure(mid) < budget.target else (lo, mid)
+    level = lo
+    with torch.no_grad():
+        for _, site in sites(model):
+            wq = site.wq
+            if not wq.searchable:
+                continue
+            bits = sorted(wq.cands.bits)
+            p = start_probs(bits, level, floor)
+            row = torch.stack([p[bits.index(b)] for b in wq.cands.bits]).log() * tau  # [K], in wq's candidate order
+            wq.alpha.copy_(row.to(wq.alpha).expand_as(wq.alpha))
+    return level
+
+
 def site_candidates(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Candidate bits of every site of a supernet, as `check_reachable` and `group_prices` take them."""
     return {name: site.wq.cands.bits for name, site in sites(model)}

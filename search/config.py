@@ -223,6 +223,13 @@ class ArchOptimizer(_ValueStr):
     adam = "adam"  # DARTS's choice (betas 0.5, 0.999)
 
 
+class AlphaInit(_ValueStr):
+    """Where the search's architecture logits start."""
+
+    equal = "equal"  # logits 0: every candidate equally likely (DARTS); the expected size starts above most budgets
+    budget = "budget"  # every group at the budget's uniform precision (search.budget.start_at_budget)
+
+
 @dataclass
 class SearchConfig:
     """Bilevel DARTS search (arXiv:1806.09055; AQ-BERT arXiv:2112.14938): weights on one part of the
@@ -246,6 +253,7 @@ class SearchConfig:
     arch_warmup_ratio: float = 0.1  # share of steps before the architecture starts moving
     second_order: bool = False  # DARTS unrolled step (finite-difference Hessian-vector product)
     relaxation: supernet.Relaxation = supernet.Relaxation.SOFTMAX
+    alpha_init: AlphaInit = AlphaInit.equal
     tau_start: float = 1.0  # temperature, annealed exponentially to tau_end
     tau_end: float = 0.2
     size_weight: float = 1.0  # lambda of the size penalty

@@ -20,8 +20,8 @@ from accelerate.utils import set_seed
 from supernet import Architecture, SearchSpace, param_sets, sites, to_supernet
 
 from .bilevel import BilevelStep, SizeTerm, cycle
-from .budget import Budget, Penalty, site_candidates
-from .config import ArchOptimizer, BudgetConfig, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
+from .budget import Budget, Penalty, site_candidates, start_at_budget
+from .config import AlphaInit, ArchOptimizer, BudgetConfig, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
 from .data import make_loader, split_for_search
 from .derive import candidate_probs, derive
 from .errors import UserError
@@ -69,6 +69,9 @@ def run_search(
     if budget is None and cfg.penalty is not Penalty.linear:
         raise UserError(f"search.penalty={cfg.penalty.value} needs a target: set budget.avg_bits, budget.mb or budget.match, "
                         f"or use search.penalty=linear with search.size_weight")
+    if budget is None and cfg.alpha_init is AlphaInit.budget:
+        raise UserError("search.alpha_init=budget starts the search at the budget: set budget.avg_bits, budget.mb or "
+                        "budget.match, or use search.alpha_init=equal")
     tokenizer = load_tokenizer(model.name_or_path)
     tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
     weight_part, arch_part = split_for_search(tokenized[TRAIN], cfg.weight_fraction, seed)
@@ -80,6 +83,9 @@ def run_search(
     template = Architecture.from_supernet(net, space.scale_bits)
     if budget is not None:
         budget.check_reachable(template, site_candidates(net))
+        if cfg.alpha_init is AlphaInit.budget:
+            level = start_at_budget(net, budget, template, cfg.tau_start)
+            log.info("search.alpha_init=budget: every group starts around %.3g bits, the budget's uniform point", level)
     weight_loader = make_loader(weight_part, tokenizer, cfg.batch_size, shuffle=True, seed=seed)
     arch_loader = make_loader(arch_part, tokenizer, cfg.batch_size, shuffle=True, seed=seed + 1)
     accelerator = make_accelerator(mixed_precision, seed)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from search.budget import Budget, Penalty, uniform
+from search.budget import Budget, Penalty, start_at_budget, start_probs, uniform
 from search.derive import derive
 from supernet import Architecture, Scope, SearchSpace, expected_size, sites, to_supernet
 
@@ -123,3 +123,30 @@ def test_the_report_says_how_decided_the_search_was_and_warns_when_it_was_not(ti
         arch, report = derive(model, Budget(avg_bits=4.0))
     assert report.median_top_prob > 0.99 and report.decided_share == 1.0 and "has not decided" not in caplog.text
     assert report.argmax == pytest.approx(4.0) and report.upgraded_groups == report.downgraded_groups == 0
+
+
+@pytest.mark.parametrize("kw, level", [(dict(avg_bits=2.0), 2.0), (dict(avg_bits=3.0), 3.0), (dict(avg_bits=1.5), 1.5),
+                                       (dict(mb=0.002), None), ("total", None)])
+def test_the_search_can_start_at_the_budget(tiny_cfg, kw, level):
+    model = _supernet(tiny_cfg)
+    # the total size of uniform 4-bit (embeddings, biases and LayerNorm included) as a budget in MiB
+    budget = Budget.matching(uniform(Architecture.from_supernet(model), 4), "total") if kw == "total" else Budget(**kw)
+    got = start_at_budget(model, budget, Architecture.from_supernet(model), tau=2.0)
+    for _, site in sites(model):
+        site.wq.tau = 2.0  # the first step's temperature
+    assert float(budget.measure(expected_size(model, budget.scope)).detach()) == pytest.approx(budget.target, rel=1e-6)
+    if level is not None:  # the floor on the other candidates moves the level a little off the budget
+        assert got == pytest.approx(level, abs=0.15)
+    probs = [s.wq.probs() for _, s in sites(model) if s.wq.searchable]
+    assert all(torch.allclose(p, probs[0][:1].expand_as(p)) for p in probs)  # every group starts the same
+    if kw == dict(avg_bits=2.0):  # nearly all on 2 bits; 0 bits a little above the floor pays for the floors above 2
+        p = probs[0][0].tolist()
+        assert p[1] > 0.9 and p[0] > p[2] == pytest.approx(p[3], abs=1e-6) == pytest.approx(0.01 / 1.04, rel=1e-6)
+
+
+def test_start_probs_interpolate_between_the_bracketing_candidates():
+    assert start_probs([0, 2, 4, 8], 3.0, 0.0).tolist() == [0, 0.5, 0.5, 0]
+    assert start_probs([0, 2, 4, 8], 6.0, 0.0).tolist() == [0, 0, 0.5, 0.5]
+    assert start_probs([2, 4], 1.0, 0.0).tolist() == [1, 0]
+    assert start_probs([2, 4], 9.0, 0.0).tolist() == [0, 1]
+    assert float(start_probs([0, 2, 4, 8], 2.5, 0.01).sum()) == pytest.approx(1)

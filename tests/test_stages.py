@@ -151,6 +151,7 @@ def test_qat_of_a_hand_written_uniform_architecture(env, tmp_path):  # noqa: F81
     (["budget.avg_bits=9"], "at or above the largest size"),
     (["budget.avg_bits=3", "space.w_bits=[4]"], "nothing to search"),
     ([], "needs a target"),
+    (["search.penalty=linear", "search.alpha_init=budget"], "starts the search at the budget"),
 ])
 def test_impossible_search_settings_fail_at_start_up(env, tmp_path, capsys, overrides, message):  # noqa: F811
     run_dir = tmp_path / "bad"
@@ -158,6 +159,15 @@ def test_impossible_search_settings_fail_at_start_up(env, tmp_path, capsys, over
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and message in err
     assert not run_dir.exists()
+
+
+def test_a_search_started_at_the_budget_that_does_not_move_derives_the_uniform_architecture(env, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=2", "search.alpha_init=budget",
+                          "search.arch_lr=1e-9", "search.lr=0"), run_dir) == 0
+    arch = Architecture.load(run_dir / "architecture.json")
+    encoder = [s for _, s in arch if s.kind.value == "encoder"]
+    assert encoder and all(set(s.bits) == {2} for s in encoder)
 
 
 def test_pipeline_checks_the_budget_before_fine_tuning(env, tmp_path, capsys):  # noqa: F811
