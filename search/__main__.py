@@ -34,7 +34,7 @@ from search.hawq_stage import run_hawq
 from search.logger import make_logger
 from search.pipeline import run_pipeline
 from search.qat import run_qat
-from search.rundir import RunDir, check_reusable, remove_if_empty
+from search.rundir import RunDir, check_reusable, remove_if_empty, warn_resumed_changes
 
 __all__ = ["CONF_DIR", "STAGES", "check_group_choices", "run_stage", "main"]
 
@@ -102,6 +102,16 @@ STAGES: dict[Stage, Callable[[Config, RunDir], dict[str, Any]]] = {
 }
 
 
+# what decides a stage's result when it runs alone: resuming its train state under other values warns
+# (compare and pipeline check each of their steps themselves)
+RESUME_SETTINGS: dict[Stage, tuple[str, ...]] = {
+    Stage.finetune: ("model", "task", "finetune"),
+    Stage.search: ("model", "task", "space", "search", "budget"),
+    Stage.qat: ("model", "task", "space", "qat"),
+    Stage.hawq: ("model", "task", "space", "hawq", "budget"),
+}
+
+
 def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
     """`group=option` overrides must name a file of the group (hydra's own message is a screenful)."""
     groups = {p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"}
@@ -127,6 +137,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
             logger_factory=lambda: make_logger(config.logger, run_dir, resolved),
         )
+        if config.resume:
+            warn_resumed_changes(run, RESUME_SETTINGS.get(config.stage, ()))
         with run:
             stage(config, run)
     except USER_ERRORS as e:

@@ -41,6 +41,7 @@ from search.logger import NullLogger, RunLogger
 
 __all__ = [
     "RunDir", "RESULTS", "changed_settings", "check_reusable", "schema_defaults", "previous_dir", "remove_if_empty", "replace_dir", "run_step", "saved_train_state", "STATE_FILE",
+    "warn_resumed_changes",
     "temp_beside", "write_atomic", "write_text_atomic",
 ]
 
@@ -281,6 +282,14 @@ def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]
     if keep is not None and child.main_process:
         drop_train_state(child.train_state, keep)
     return result
+
+
+def warn_resumed_changes(run: RunDir, settings: Sequence[str]) -> None:
+    """A stage run alone with resume=true: warn when the train state it resumes from was written under other
+    `settings` (top-level sections) than this run has. Call before `run` opens, which writes the new config.yaml."""
+    if settings and saved_train_state(run.train_state) is not None:
+        _warn_changed(run, run, run.path.name, settings, "started with other settings",
+                      "it resumes from its train state, which has them")
 
 
 def drop_train_state(state_dir: Path, keep: Sequence[str] = ()) -> None:

@@ -170,6 +170,18 @@ def test_a_search_started_at_the_budget_that_does_not_move_derives_the_uniform_a
     assert encoder and all(set(s.bits) == {2} for s in encoder)
 
 
+def test_a_stage_resumed_alone_under_other_settings_says_its_train_state_has_the_old_ones(env, tmp_path, caplog):  # noqa: F811
+    run_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3"), run_dir) == 0
+    with caplog.at_level("WARNING", logger="search.rundir"):
+        assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "max_steps=6", "resume=true"), run_dir) == 0
+        assert not [r for r in caplog.records if r.name == "search.rundir"]  # more steps alone change nothing it had
+        assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "max_steps=8", "search.arch_lr=0.01",
+                              "resume=true"), run_dir) == 0
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "search.rundir" and r.levelname == "WARNING"]
+    assert warning.startswith("s started with other settings (search.arch_lr: 0.05 -> 0.01); it resumes from")
+
+
 def test_pipeline_checks_the_budget_before_fine_tuning(env, tmp_path, capsys):  # noqa: F811
     run_dir = tmp_path / "bad_pipe"
     assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=0.5", "space.w_bits=[2,4]"), run_dir) != 0
