@@ -138,7 +138,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
             logger_factory=lambda: make_logger(config.logger, run_dir, resolved),
         )
         if config.resume:
-            warn_resumed_changes(run, RESUME_SETTINGS.get(config.stage, ()))
+            warn_resumed_changes(run, f"stage={config.stage}", RESUME_SETTINGS.get(config.stage, ()))
         with run:
             stage(config, run)
     except USER_ERRORS as e:

@@ -168,7 +168,7 @@ def start_at_budget(model: nn.Module, budget: Budget, template: Architecture, ta
     """Set the logits of every searched weight site so that the search starts at the budget's uniform point:
     every group holds the same probabilities, on the candidates around one common precision `level`, found by
     bisection so that the expected size (linear in the probabilities: `group_prices`) equals the budget. At
-    the budget 2 with {0,2,4,8} each group starts at 2 bits with probability 0.97; at 3 halfway between 2 and
+    the budget 2 with {0,2,4,8} each group starts at 2 bits with probability 0.94; at 3 halfway between 2 and
     4. The logits are tau * log p, so the first step's softmax at temperature `tau` gives p. Returns `level`."""
     cands = site_candidates(model)
     prices, constant = budget.group_prices(template, cands)

@@ -284,11 +284,11 @@ def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]
     return result
 
 
-def warn_resumed_changes(run: RunDir, settings: Sequence[str]) -> None:
-    """A stage run alone with resume=true: warn when the train state it resumes from was written under other
+def warn_resumed_changes(run: RunDir, name: str, settings: Sequence[str]) -> None:
+    """Stage `name` run alone with resume=true: warn when the train state it resumes from was written under other
     `settings` (top-level sections) than this run has. Call before `run` opens, which writes the new config.yaml."""
     if settings and saved_train_state(run.train_state) is not None:
-        _warn_changed(run, run, run.path.name, settings, "started with other settings",
+        _warn_changed(run, run, name, settings, "started with other settings",
                       "it resumes from its train state, which has them")
 
 

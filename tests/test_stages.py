@@ -179,7 +179,7 @@ def test_a_stage_resumed_alone_under_other_settings_says_its_train_state_has_the
         assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "max_steps=8", "search.arch_lr=0.01",
                               "resume=true"), run_dir) == 0
     [warning] = [r.getMessage() for r in caplog.records if r.name == "search.rundir" and r.levelname == "WARNING"]
-    assert warning.startswith("s started with other settings (search.arch_lr: 0.05 -> 0.01); it resumes from")
+    assert warning.startswith("stage=search started with other settings (search.arch_lr: 0.05 -> 0.01); it resumes from")
 
 
 def test_pipeline_checks_the_budget_before_fine_tuning(env, tmp_path, capsys):  # noqa: F811
