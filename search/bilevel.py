@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from supernet import Relaxation, Scope, expected_bitops, expected_size, set_relaxation, sites
+from supernet.quantizers import group_errors
 
 from .budget import Budget, Penalty
 
@@ -60,6 +61,47 @@ class SizeTerm:
             logs.update({"size/expected_gbops": gbops.item(), "loss/bitops": over.item()})
             total = total + self.bitops_weight * over
         return total, logs
+
+
+class CurvatureTerm:
+    """A second-order price on every candidate of every searched group, added to the architecture loss:
+    weight * sum_g sum_k p_gk * Omega_gk with Omega_gk = 1/2 sum_i F_i (Q_k(w_i) - w_i)^2, the loss that
+    switching group g wholly to candidate k adds to second order (OBD's diagonal; FIT, arXiv:2210.08502).
+
+    The softmax mixture's own gradient only sees the first-order change of switching a candidate, and at a
+    fine-tuned minimum that is near zero, so the size penalty meets no resistance where it prunes: a pruned
+    group's cost, 1/2 w^T H w, is second order. F is the empirical Fisher of one example: B times an
+    exponential average (`decay`) of the squared gradient of the architecture batches (B examples), taken
+    from the architecture step's own backward. Omega is a constant per step (no gradient to the weights or
+    the steps), so the term moves only the logits.
+    """
+
+    def __init__(self, model: nn.Module, weight: float, decay: float = 0.95) -> None:
+        self.weight, self.decay = weight, decay
+        self.sites = [site for _, site in sites(model) if site.wq.searchable]
+        self.params = [site.weight for site in self.sites]
+        self.fisher = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, grads: Sequence[torch.Tensor | None], batch_size: int, loss_scale: float = 1.0) -> None:
+        """Fold one batch's gradients of the sites' weights (aligned with `params`) into the Fisher."""
+        factor = (1 - self.decay) * batch_size / loss_scale**2
+        for f, g in zip(self.fisher, grads):
+            if g is not None:
+                f.mul_(self.decay).add_(g.float().pow(2), alpha=factor)
+        self.updates += 1
+
+    def __call__(self) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros((), device=self.fisher[0].device) if self.fisher else torch.zeros(())
+        if not self.updates or self.weight == 0:
+            return total, {}
+        unbias = 1 - self.decay**self.updates  # the average started at zero
+        for site, f in zip(self.sites, self.fisher):
+            omega = group_errors(site.to_groups(site.weight.float()), site.wq.step, site.wq.cands.bits,
+                                 site.to_groups(f)) * (0.5 / unbias)  # [G, K]
+            total = total + (site.wq.mean_probs() * omega.to(site.wq.alpha.dtype)).sum()
+        return self.weight * total, {"loss/curvature": total.item()}
 
 
 def group_lasso(model: nn.Module) -> torch.Tensor:
@@ -144,6 +186,8 @@ class BilevelStep:
         tau: tuple[float, float] = (1.0, 1.0),
         total_steps: int = 1,
         log_mass_every: int = 50,
+        curvature: CurvatureTerm | None = None,
+        loss_scale: Callable[[], float] | None = None,
     ) -> None:
         self.model, self.weights, self.upper = model, list(weights), list(upper)
         self.weight_opt, self.upper_opts, self.weight_scheduler = weight_opt, list(upper_opts), weight_scheduler
@@ -154,6 +198,8 @@ class BilevelStep:
         self.max_grad_norm, self.group_lasso_weight = max_grad_norm, group_lasso_weight
         self.relaxation, self.tau, self.total_steps = Relaxation(relaxation), tau, total_steps
         self.log_mass_every = log_mass_every
+        self.curvature = curvature
+        self.loss_scale = loss_scale or (lambda: 1.0)  # fp16's gradient scaler, which the Fisher must undo
         # lr 0: the weights stay where they are (the architecture is searched for the checkpoint's weights,
         # which QAT starts from); the weight step would only cost time
         self.train_weights = any(g["lr"] > 0 for g in weight_opt.param_groups)
@@ -190,12 +236,28 @@ class BilevelStep:
             loss, size_logs = self._unrolled_grads(arch_batch, train_batch)
         else:
             task = self.loss_fn(self.model, arch_batch)
-            size, size_logs = self.size_term(self.model)
-            self.backward(task + size, inputs=self.upper)
+            size, size_logs = self._size_terms()
+            fisher = self.curvature.params if self.curvature is not None else []
+            self.backward(task + size, inputs=self.upper + fisher)
+            if self.curvature is not None:
+                self._update_fisher([p.grad for p in fisher], arch_batch, self.loss_scale())
+                for p in fisher:
+                    p.grad = None  # the weight step takes its own gradients
             loss = task.item()
         for opt in self.upper_opts:  # logits and steps may have optimisers of their own
             opt.step()
         return {"loss/arch_task": loss, **size_logs}
+
+    def _size_terms(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """The size penalty, plus the curvature term when there is one."""
+        size, logs = self.size_term(self.model)
+        if self.curvature is None:
+            return size, logs
+        curv, curv_logs = self.curvature()
+        return size + curv, {**logs, **curv_logs}
+
+    def _update_fisher(self, grads: Sequence[torch.Tensor | None], batch: Batch, loss_scale: float = 1.0) -> None:
+        self.curvature.update(grads, len(next(iter(batch.values()))), loss_scale)
 
     def _unrolled_grads(self, arch_batch: Batch, train_batch: Batch) -> tuple[float, dict[str, float]]:
         """DARTS eq. 7-8: grads of L_val(w', a) with w' one virtual SGD step ahead, minus xi * HVP."""
@@ -206,10 +268,13 @@ class BilevelStep:
                 if g is not None:
                     w.sub_(g, alpha=self.xi)
         task = self.loss_fn(self.model, arch_batch)
-        size, size_logs = self.size_term(self.model)
+        size, size_logs = self._size_terms()
         grads = torch.autograd.grad(task + size, self.upper + self.weights, allow_unused=True)
         d_upper = [torch.zeros_like(u) if g is None else g for u, g in zip(self.upper, grads[: len(self.upper)])]
         d_w = [torch.zeros_like(w) if g is None else g for w, g in zip(self.weights, grads[len(self.upper):])]
+        if self.curvature is not None:  # the Fisher at w', where the architecture is judged
+            by_id = {id(w): g for w, g in zip(self.weights, d_w)}
+            self._update_fisher([by_id.get(id(p)) for p in self.curvature.params], arch_batch)
         with torch.no_grad():
             for w, b in zip(self.weights, backup):
                 w.copy_(b)

@@ -259,6 +259,9 @@ class SearchConfig:
     size_weight: float = 1.0  # lambda of the size penalty
     penalty: Penalty = Penalty.log_ratio  # how the expected size meets budget.* (linear: no budget needed)
     group_lasso: float = 0.0  # weight of the group-lasso term pushing groups toward 0 bits
+    # weight of the second-order price of each candidate (empirical Fisher x squared quantization error;
+    # bilevel.CurvatureTerm): 0 leaves it out, 1 is the loss's own second-order Taylor term
+    curvature_weight: float = 0.0
     bitops_target: Optional[float] = None  # GBOPs per token (bits_w x bits_a x MACs); a penalty above it
     bitops_weight: float = 1.0  # weight of that penalty (with bitops_target set)
     max_grad_norm: float = 1.0
@@ -278,8 +281,8 @@ class SearchConfig:
                 raise ValueError(f"search.{name}={getattr(self, name)} must be in [0, 1)")
         if self.bitops_target is not None:
             _positive("search.bitops_target", self.bitops_target)
-        if self.size_weight < 0 or self.group_lasso < 0:
-            raise ValueError("search.size_weight and search.group_lasso must be >= 0")
+        if self.size_weight < 0 or self.group_lasso < 0 or self.curvature_weight < 0:
+            raise ValueError("search.size_weight, search.group_lasso and search.curvature_weight must be >= 0")
 
 
 class QatInit(_ValueStr):

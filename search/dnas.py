@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 
 from supernet import Architecture, SearchSpace, param_sets, sites, to_supernet
 
-from .bilevel import BilevelStep, SizeTerm, cycle
+from .bilevel import BilevelStep, CurvatureTerm, SizeTerm, cycle
 from .budget import Budget, Penalty, site_candidates, start_at_budget
 from .config import AlphaInit, ArchOptimizer, BudgetConfig, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
 from .data import make_loader, split_for_search
@@ -113,6 +113,8 @@ def run_search(
         warmup_steps=int(cfg.arch_warmup_ratio * steps), second_order=cfg.second_order,
         max_grad_norm=cfg.max_grad_norm, group_lasso_weight=cfg.group_lasso, relaxation=cfg.relaxation,
         tau=(cfg.tau_start, cfg.tau_end), total_steps=steps, log_mass_every=cfg.log_mass_every,
+        curvature=CurvatureTerm(net, cfg.curvature_weight) if cfg.curvature_weight > 0 else None,
+        loss_scale=lambda: accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0,
     )
     result = train(step_fn, weight_loader, accelerator, steps, log_fn=run.log, state_dir=run.train_state,
                    checkpoint_every=cfg.checkpoint_every, resume=resume, log_every=cfg.log_every,

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from supernet import Architecture, MixedEmbedding, MixedLinear, QuantMode, lsq_fake_quant, qrange, sites
-from supernet.quantizers import CandidateKind, candidate_kind, float_value
+from supernet import Architecture, MixedEmbedding, MixedLinear, sites
+from supernet.quantizers import group_errors
 
 from .bilevel import task_loss
 from .budget import Budget
@@ -136,31 +136,10 @@ def measure_curvature(fp_model: nn.Module, supernet: nn.Module, batches: Iterabl
     return curvature
 
 
-def _zero(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    return w.pow(2).sum(1)
-
-
-def _float(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    return (float_value(w, bits) - w).pow(2).sum(1)  # zero at 32 bits, half-precision rounding at 16
-
-
-def _int(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    qmin, qmax = qrange(bits, QuantMode.SYMMETRIC)
-    return (lsq_fake_quant(w, step[:, None], qmin, qmax) - w).pow(2).sum(1)  # step [G] -> [G, 1]
-
-
-_ERRORS: dict[CandidateKind, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
-    CandidateKind.ZERO: _zero, CandidateKind.FLOAT: _float, CandidateKind.INT: _int,
-}
-
-
-@torch.no_grad()
 def quantization_errors(grouped: torch.Tensor, steps: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
     """[G, K] ||Q_b(W_g) - W_g||^2 of a weight's groups `grouped` [G, n] at each candidate, with the
-    quantizer's steps [G, K] (unused by the zero and float candidates)."""
-    w = grouped.detach().double()
-    cols = [_ERRORS[candidate_kind(b)](w, steps[:, k].detach().double(), b) for k, b in enumerate(bits)]
-    return torch.stack(cols, 1).cpu()
+    quantizer's steps [G, K] (unused by the zero and float candidates); in float64, on the CPU."""
+    return group_errors(grouped.detach().double(), steps.detach().double(), bits).cpu()
 
 
 FLOOR = 1e-3  # a non-positive curvature counts as this fraction of the median positive one

@@ -353,3 +353,26 @@ def init_step(
         best_step = torch.where(better, step, best_step)
         best_offset = torch.where(better, offset, best_offset)
     return best_step, best_offset
+
+
+@torch.no_grad()
+def group_errors(grouped: torch.Tensor, steps: torch.Tensor, bits: tuple[int, ...] | list[int],
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[G, K] squared error sum_i w_i (Q_k(x_i) - x_i)^2 of each group of `grouped` [G, n] at each candidate
+    bit-width, with the symmetric weight quantizer's steps [G, K] (unused by the zero and float candidates)
+    and optional per-element factors `weight` [G, n] (1 when None). A pruned group's error is its whole
+    weight, a float one's its rounding (none at 32 bits). In the dtype of `grouped`."""
+    x = grouped.detach()
+    cols = []
+    for k, b in enumerate(bits):
+        kind = candidate_kind(b)
+        if kind is CandidateKind.ZERO:
+            err = x
+        elif kind is CandidateKind.FLOAT:
+            err = float_value(x, b) - x
+        else:
+            step = steps[:, k : k + 1].detach().to(x.dtype).clamp_min(MIN_STEP)  # [G, 1]
+            err = int_codes(x, step, b) * step - x
+        sq = err.pow(2)
+        cols.append((sq if weight is None else sq * weight).sum(1))
+    return torch.stack(cols, 1)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from transformers import BertForSequenceClassification
 
-from search.bilevel import BilevelStep, SizeTerm, cycle, finite_difference_hvp, group_lasso, probability_mass, temperature
+from search.bilevel import BilevelStep, CurvatureTerm, SizeTerm, cycle, finite_difference_hvp, group_lasso, probability_mass, temperature
 from search.budget import Budget
 from search.derive import derive
 from supernet import Scope, SearchSpace, expected_size, param_sets, to_supernet
@@ -21,7 +21,7 @@ def _batches(n=6, seed=0):
     return out
 
 
-def _setup(cfg, size_weight=1.0, budget=None, second_order=False, warmup=0, steps=10, weight_lr=1e-3):
+def _setup(cfg, size_weight=1.0, budget=None, second_order=False, warmup=0, steps=10, weight_lr=1e-3, curvature=None):
     torch.manual_seed(0)
     model = to_supernet(BertForSequenceClassification(cfg), SPACE).train()
     sets = param_sets(model)
@@ -31,6 +31,7 @@ def _setup(cfg, size_weight=1.0, budget=None, second_order=False, warmup=0, step
         [torch.optim.SGD(sets.arch, lr=0.5), torch.optim.Adam(sets.scales, lr=1e-3)],
         cycle(_batches(seed=1)), SizeTerm(size_weight, budget), second_order=second_order,
         warmup_steps=warmup, total_steps=steps, tau=(2.0, 0.5),
+        curvature=None if curvature is None else CurvatureTerm(model, curvature, decay=0.5),
     )
     return model, sets, step
 
@@ -159,3 +160,64 @@ def test_a_bit_operations_target_pulls_expected_bitops_down_and_is_free_below_it
         loss.backward()
         opt.step()
     assert logs["size/expected_gbops"] < 0.8 * start
+
+
+def _searched_sites(model):
+    return [s for _, s in __import__("supernet").sites(model) if s.wq.searchable]
+
+
+def test_the_curvature_term_folds_the_architecture_batch_fisher_and_moves_only_logits_and_scales(tiny_cfg):
+    for second_order in (False, True):
+        model, sets, step = _setup(tiny_cfg, curvature=1.0, second_order=second_order)
+        batch = next(cycle(_batches(seed=1)))  # the batch the architecture step draws first
+        site = _searched_sites(model)[0]
+        grad = torch.autograd.grad(model(**batch).loss, site.weight)[0] if not second_order else None
+        w0, a0 = _snapshot(sets.weights), _snapshot(sets.arch)
+        step.arch_step(next(step.arch_batches), _batches()[0])
+        curv = step.curvature
+        assert curv.updates == 1 and all(p.grad is None for p in curv.params)
+        assert all(torch.allclose(p, b, atol=1e-6) for p, b in zip(sets.weights, w0))
+        assert all(_changed(sets.arch, a0))
+        assert all(f.sum() > 0 for f in curv.fisher)
+        if grad is not None:  # B (1 - decay) g^2 after one batch of B = 4 examples
+            assert torch.allclose(curv.fisher[0], 4 * 0.5 * grad.pow(2), rtol=1e-4, atol=1e-12)
+
+
+def test_the_curvature_term_is_half_the_fisher_weighted_squared_error_of_every_candidate(tiny_cfg):
+    from supernet import lsq_fake_quant, qrange, QuantMode
+
+    torch.manual_seed(0)
+    model = to_supernet(BertForSequenceClassification(tiny_cfg), SPACE).train()
+    term = CurvatureTerm(model, weight=3.0, decay=0.9)
+    assert term()[0].item() == 0  # no gradient seen yet: no price
+    grads = [torch.rand_like(p) for p in term.params]
+    term.update(grads, batch_size=2)
+    total = 0.0
+    for site, g in zip(term.sites, grads):
+        w = site.to_groups(site.weight.detach())
+        fisher = site.to_groups(2 * g.pow(2))  # unbiased: the one batch's B g^2
+        p = torch.softmax(site.wq.alpha.detach() / site.wq.tau, -1)
+        for k, b in enumerate(site.wq.cands.bits):
+            if b == 0:
+                q = torch.zeros_like(w)
+            else:
+                qmin, qmax = qrange(b, QuantMode.SYMMETRIC)
+                q = lsq_fake_quant(w, site.wq.step.detach()[:, k : k + 1], qmin, qmax)
+            total += (p[:, k] * 0.5 * (fisher * (q - w).pow(2)).sum(1)).sum().item()
+    value, logs = term()
+    assert abs(value.item() - 3.0 * total) < 1e-4 * abs(3.0 * total)
+    assert abs(logs["loss/curvature"] - total) < 1e-4 * total
+
+
+def test_the_curvature_price_pushes_every_group_off_pruning_and_toward_its_finest_candidate(tiny_cfg):
+    # the gradient of sum_k p_k Omega_k on logit k is p_k (Omega_k - mean Omega) / tau: pruning loses the whole
+    # weight (the largest Omega), 8 bits the least; the size penalty is what pushes the other way
+    torch.manual_seed(0)
+    model = to_supernet(BertForSequenceClassification(tiny_cfg), SPACE).train()
+    term = CurvatureTerm(model, weight=1.0)
+    term.update([torch.rand_like(p) for p in term.params], batch_size=4)
+    term()[0].backward()
+    for site in term.sites:
+        grad, bits = site.wq.alpha.grad, site.wq.cands.bits
+        assert (grad[:, bits.index(0)] > 0).all() and (grad[:, bits.index(8)] < 0).all()
+        assert (grad.argmin(-1) == bits.index(8)).all() and (grad.argmax(-1) == bits.index(0)).all()

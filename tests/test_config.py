@@ -97,6 +97,7 @@ def test_typo_or_wrong_type_fails_at_compose(override):
     ("finetune.warmup_ratio=1.5", "warmup_ratio"),
     ("eval.batch_size=0", "eval.batch_size"),
     ("search.lr=-1e-5", "search.lr=-1e-05"),
+    ("search.curvature_weight=-1", "search.curvature_weight"),
 ])
 def test_bad_values_fail_in_to_config_with_one_line(override, needle):
     with pytest.raises(UserError) as info:

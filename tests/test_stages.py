@@ -170,6 +170,17 @@ def test_a_search_started_at_the_budget_that_does_not_move_derives_the_uniform_a
     assert encoder and all(set(s.bits) == {2} for s in encoder)
 
 
+def test_a_search_with_the_curvature_price_runs_and_logs_it(env, tmp_path, caplog):  # noqa: F811
+    run_dir = tmp_path / "s"
+    with caplog.at_level("INFO", logger="search.loop"):
+        assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "search.curvature_weight=1",
+                              "search.log_every=1"), run_dir) == 0
+    steps = [r.getMessage() for r in caplog.records if r.name == "search.loop" and r.getMessage().startswith("step ")]
+    assert len(steps) == 3 and "loss/curvature" not in steps[0]  # no Fisher before the first architecture step
+    assert all("loss/curvature" in m for m in steps[1:])
+    assert Architecture.load(run_dir / "architecture.json").n_groups() > 0
+
+
 def test_a_stage_resumed_alone_under_other_settings_says_its_train_state_has_the_old_ones(env, tmp_path, caplog):  # noqa: F811
     run_dir = tmp_path / "s"
     assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3"), run_dir) == 0

@@ -6,7 +6,8 @@ metrics.json, and `../qat/metrics.json` when a QAT of it sits beside it, as stag
 stage=pipeline lay them out) this prints, as a markdown table: the logit optimiser and temperatures, the
 median probability of each searched group's top candidate and the share of groups at >= 0.9, the
 argmax architecture's size against the budget, how many groups derivation moved, pruned groups, and the
-metric before and after QAT.
+metric before and after QAT. `--choices` adds the start (search.alpha_init), the curvature weight and the
+number of encoder groups at each bit-width of the derived architecture.
 
     python tools/search_decidedness.py runs/bench/compare/mrpc/b3/s42/search runs/bench/compare/mrpc_v2/b3/s42/search
 """
@@ -14,15 +15,28 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from search.derive import DECIDED, decidedness
+from supernet import Architecture, SiteKind
 
 
-def row(run: Path) -> str:
+def choices(run: Path, cfg: dict) -> str:
+    """The start, the curvature weight and "groups at b1 / b2 / ... bits: n1 / n2 / ..." of the derived architecture."""
+    counts: Counter[int] = Counter()
+    for _, site in Architecture.load(run / "architecture.json"):
+        if site.kind is SiteKind.ENCODER:
+            counts.update(site.bits)
+    bits = sorted(counts)
+    return (f" {cfg.get('alpha_init', 'equal')} | {cfg.get('curvature_weight', 0.0):g} | "
+            f"{' / '.join(map(str, bits))}: {' / '.join(str(counts[b]) for b in bits)} |")
+
+
+def row(run: Path, with_choices: bool = False) -> str:
     for name in ("config.yaml", "alphas.json", "metrics.json"):
         if not (run / name).is_file():
             raise SystemExit(f"{run / name} is missing: give search run directories (stage=search or a compare cell's search/)")
@@ -38,18 +52,21 @@ def row(run: Path) -> str:
     return (f"| `{run}` | {cfg['arch_optimizer']} {cfg['arch_lr']:g} | {cfg['tau_start']:g} -> {cfg['tau_end']:g} | "
             f"{cfg['epochs']:g} | {median:.2f} | {100 * share:.0f}% | "
             f"{d['argmax']:.3f} / {d['target']:g} {d['unit']} | {d['upgraded_groups'] + d['downgraded_groups']} | "
-            f"{arch['pruned_groups']} of {searched} | {main['name']} {main['value']:.2f} | {qat} |")
+            f"{arch['pruned_groups']} of {searched} | {main['name']} {main['value']:.2f} | {qat} |"
+            + (choices(run, cfg) if with_choices else ""))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="search run directories")
+    p.add_argument("--choices", action="store_true", help="add the start, curvature weight and groups per bit-width")
     args = p.parse_args()
+    extra = " start | curvature weight | encoder groups per bit-width |" if args.choices else ""
     print(f"| search run | logits | temperature | epochs | median top probability | groups decided (>= {DECIDED}) | "
-          "argmax / budget | groups moved by derivation | pruned groups | derived, before QAT | after QAT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"argmax / budget | groups moved by derivation | pruned groups | derived, before QAT | after QAT |{extra}")
+    print("|---" * (11 + 3 * args.choices) + "|")
     for run in args.runs:
-        print(row(run))
+        print(row(run, args.choices))
 
 
 if __name__ == "__main__":
