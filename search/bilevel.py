@@ -238,6 +238,8 @@ class BilevelStep:
             task = self.loss_fn(self.model, arch_batch)
             size, size_logs = self._size_terms()
             fisher = self.curvature.params if self.curvature is not None else []
+            for p in fisher:
+                p.grad = None  # the last weight step leaves its gradients there, and backward would add to them
             self.backward(task + size, inputs=self.upper + fisher)
             if self.curvature is not None:
                 self._update_fisher([p.grad for p in fisher], arch_batch, self.loss_scale())
