@@ -23,6 +23,7 @@ from supernet import Relaxation, Scope, expected_bitops, expected_size, set_rela
 from supernet.quantizers import group_errors
 
 from .budget import Budget, Penalty
+from .loop import batch_size
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -259,7 +260,7 @@ class BilevelStep:
         return size + curv, {**logs, **curv_logs}
 
     def _update_fisher(self, grads: Sequence[torch.Tensor | None], batch: Batch, loss_scale: float = 1.0) -> None:
-        self.curvature.update(grads, len(next(iter(batch.values()))), loss_scale)
+        self.curvature.update(grads, batch_size(batch), loss_scale)
 
     def _unrolled_grads(self, arch_batch: Batch, train_batch: Batch) -> tuple[float, dict[str, float]]:
         """DARTS eq. 7-8: grads of L_val(w', a) with w' one virtual SGD step ahead, minus xi * HVP."""

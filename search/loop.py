@@ -38,6 +38,7 @@ from search.progress import progress_bar
 from search.rundir import STATE_FILE, replace_dir, saved_train_state
 
 __all__ = [
+    "batch_size",
     "StepFn",
     "LogFn",
     "LoopResult",
@@ -206,7 +207,7 @@ def train(
         for batch in batches:
             metrics = dict(step_fn(batch, step))
             step += 1
-            examples += _batch_size(batch) * accelerator.num_processes
+            examples += batch_size(batch) * accelerator.num_processes
             metrics["epoch"] = step / steps_per_epoch
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr")})
@@ -232,7 +233,8 @@ def train(
     return LoopResult(step, start_step, step / steps_per_epoch, wall, examples, last_eval)
 
 
-def _batch_size(batch: Any) -> int:
+def batch_size(batch: Any) -> int:
+    """Examples in a batch: the first dimension of its first tensor with one (0 when there is none)."""
     values = batch.values() if isinstance(batch, Mapping) else batch
     for value in values:
         if isinstance(value, torch.Tensor) and value.ndim > 0:

@@ -7,7 +7,7 @@ from transformers import BertForSequenceClassification
 from search.bilevel import BilevelStep, CurvatureTerm, SizeTerm, cycle, finite_difference_hvp, group_lasso, probability_mass, temperature
 from search.budget import Budget
 from search.derive import derive
-from supernet import Scope, SearchSpace, expected_size, param_sets, to_supernet
+from supernet import Scope, SearchSpace, expected_size, param_sets, sites, to_supernet
 
 SPACE = SearchSpace(w_bits=[0, 2, 4, 8], groups=4, a_bits=[8], embedding_bits=[8], embedding_groups=4)
 
@@ -163,7 +163,7 @@ def test_a_bit_operations_target_pulls_expected_bitops_down_and_is_free_below_it
 
 
 def _searched_sites(model):
-    return [s for _, s in __import__("supernet").sites(model) if s.wq.searchable]
+    return [s for _, s in sites(model) if s.wq.searchable]
 
 
 def test_the_curvature_term_folds_the_architecture_batch_fisher_and_moves_only_logits_and_scales(tiny_cfg):
