@@ -100,7 +100,7 @@ class CurvatureTerm:
         unbias = 1 - self.decay**self.updates  # the average started at zero
         for site, f in zip(self.sites, self.fisher):
             omega = group_errors(site.to_groups(site.weight.float()), site.wq.step, site.wq.cands.bits,
-                                 site.to_groups(f)) * (0.5 / unbias)  # [G, K]
+                                 site.to_groups(f), site.wq.cands.mode) * (0.5 / unbias)  # [G, K]
             total = total + (site.wq.mean_probs() * omega.to(site.wq.alpha.dtype)).sum()
         return self.weight * total, {"loss/curvature": total.item()}
 

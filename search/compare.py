@@ -9,7 +9,7 @@ For every budget b (`budget.avg_bits=b` in `budget.scope`) and seed s, in `b<b>/
   hawq/       HAWQ-V2 at exactly the searched architecture's size (`budget.match`); its Hutchinson traces
               are cached in `cache_dir` and shared by every budget of the seed
   hawq_qat/   the same QAT of HAWQ-V2's architecture
-  uniform<u>/ the same QAT of every encoder group at u = max(2, ceil(b)) bits: the nearest uniform
+  uniform<u>/ the same QAT of every encoder group at u = max(2, ceil(b)) bits (1 on the mid-rise grid): the nearest uniform
               precision that is not smaller than the budget (the baseline is never given less room);
               embeddings, head and activations as in the searched architecture
 plus `fp32/` (the fine-tuned checkpoint evaluated; `finetune/` first when the model is not fine-tuned on
@@ -26,7 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from supernet import Architecture
+from supernet import Architecture, QuantMode
+from supernet.quantizers import MIDRISE_BITS
 
 from .budget import Budget, uniform
 from .comparison import Row, budget_dir, collect, write_comparison
@@ -43,9 +44,10 @@ __all__ = ["run_compare", "uniform_bits"]
 log = logging.getLogger(__name__)
 
 
-def uniform_bits(budget: float) -> int:
-    """The uniform baseline's bits at `budget`: the nearest integer precision at or above it, at least 2."""
-    return max(2, math.ceil(budget - 1e-9))
+def uniform_bits(budget: float, lowest: int = 2) -> int:
+    """The uniform baseline's bits at `budget`: the nearest integer precision at or above it, at least
+    `lowest` (2; 1 on the mid-rise grid, which has binary weights)."""
+    return max(lowest, math.ceil(budget - 1e-9))
 
 
 # what decides each step's result: a finished step run with other values of these is reused with a warning
@@ -70,7 +72,7 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
                        else BudgetConfig(avg_bits=budget, scope=c.budget.scope))
         hawq_steps(c, run, f"{cell}/", model, hawq_budget, seed, (_HAWQ, _HAWQ + ("qat",)))
     if Method.uniform in methods:
-        bits = uniform_bits(budget)
+        bits = uniform_bits(budget, MIDRISE_BITS if c.space.w_grid is QuantMode.MIDRISE else 2)
         path = run.path / cell / f"uniform{bits}.json"
         if not path.is_file():  # embeddings, head and activations as the searched architecture has them
             template = Architecture.load(searched) if searched.is_file() else skeleton

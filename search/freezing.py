@@ -21,6 +21,7 @@ from torch import nn
 
 from supernet import sites
 from supernet.mixed import fixed_codes
+from supernet.quantizers import dequantize
 
 __all__ = ["OscillationFreezer"]
 
@@ -62,7 +63,7 @@ class OscillationFreezer:
             st["frozen"] |= new
             if st["frozen"].any():  # hold the frozen weights on their codes, on the group's current step
                 grouped = site.to_groups(site.weight.detach()).clone()
-                grouped = torch.where(st["frozen"], st["frozen_codes"].float() * steps, grouped)
+                grouped = torch.where(st["frozen"], dequantize(st["frozen_codes"].float(), steps, site.wq.cands.mode), grouped)
                 site.weight.copy_(site.from_groups(grouped))
                 codes = torch.where(st["frozen"], st["frozen_codes"].float(), codes)
             st["codes"] = codes.to(torch.int8)

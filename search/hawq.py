@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from supernet import Architecture, MixedEmbedding, MixedLinear, sites
-from supernet.quantizers import group_errors
+from supernet.quantizers import QuantMode, group_errors
 
 from .bilevel import task_loss
 from .budget import Budget
@@ -136,10 +136,11 @@ def measure_curvature(fp_model: nn.Module, supernet: nn.Module, batches: Iterabl
     return curvature
 
 
-def quantization_errors(grouped: torch.Tensor, steps: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
+def quantization_errors(grouped: torch.Tensor, steps: torch.Tensor, bits: Sequence[int],
+                        mode: QuantMode = QuantMode.SYMMETRIC) -> torch.Tensor:
     """[G, K] ||Q_b(W_g) - W_g||^2 of a weight's groups `grouped` [G, n] at each candidate, with the
-    quantizer's steps [G, K] (unused by the zero and float candidates); in float64, on the CPU."""
-    return group_errors(grouped.detach().double(), steps.detach().double(), bits).cpu()
+    quantizer's grid and steps [G, K] (unused by the zero and float candidates); in float64, on the CPU."""
+    return group_errors(grouped.detach().double(), steps.detach().double(), bits, mode=mode).cpu()
 
 
 FLOOR = 1e-3  # a non-positive curvature counts as this fraction of the median positive one
@@ -175,7 +176,7 @@ def build_knapsack(supernet: nn.Module, template: Architecture, curvature: Curva
     names, bits, values, costs = [], [], [], []
     for name, site in sites(supernet):
         cands = site.wq.cands.bits
-        errors = quantization_errors(group_view(site)(site.weight), site.wq.step, cands)  # [G, K]
+        errors = quantization_errors(group_view(site)(site.weight), site.wq.step, cands, site.wq.cands.mode)  # [G, K]
         omega = sensitivities(per_weight[name], errors, floor)
         sorted_bits, price = prices[name]
         order = [cands.index(b) for b in sorted_bits]  # the prices' candidate order

@@ -209,8 +209,8 @@ def run_qat(
     tokenizer = load_tokenizer(model.name_or_path)
     tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
     net = load_task_model(model.name_or_path, spec.name)
-    qspace = space_for(architecture, space)
     quantize_user_model(net, architecture, space, cfg.architecture or "the architecture", model.name_or_path)
+    qspace = space_for(architecture, space)  # valid: quantize_user_model built the model from it
     if cfg.init is QatInit.supernet:
         if cfg.architecture is None:
             raise UserError("qat.init=supernet needs qat.architecture: the architecture.json of a search run")

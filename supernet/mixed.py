@@ -25,6 +25,7 @@ from .quantizers import (
     CandidateKind,
     CandidateSet,
     InitRule,
+    WEIGHT_GRIDS,
     QuantMode,
     candidate_kind,
     init_step,
@@ -113,17 +114,21 @@ class _Chooser(nn.Module):
 
 
 class WeightQuantizer(_Chooser):
-    """K candidate quantizers of one weight, a step per group per candidate (LSQ)."""
+    """K candidate quantizers of one weight, a step per group per candidate (LSQ), on a signed grid:
+    symmetric (integer levels) or mid-rise (levels half a step off the integers, no zero)."""
 
     def __init__(self, cands: CandidateSet, grouped: torch.Tensor, rule: InitRule) -> None:
+        if cands.mode not in WEIGHT_GRIDS:
+            raise ValueError(f"weight grid {cands.mode.value!r} is not signed; weights use "
+                             f"{' or '.join(m.value for m in WEIGHT_GRIDS)}")
         super().__init__(cands, grouped.shape[0])
         self.group_numel = grouped.shape[1]
         step = torch.ones(self.n_groups, len(cands), device=grouped.device)
         for k, (b, kind) in enumerate(zip(cands.bits, cands.kinds)):
             if kind is CandidateKind.INT:
-                step[:, k] = init_step(grouped, b, QuantMode.SYMMETRIC, rule)[0]
+                step[:, k] = init_step(grouped, b, cands.mode, rule)[0]
         self.step = nn.Parameter(step)
-        self.grad_scales = tuple(lsq_grad_scale(self.group_numel, b, QuantMode.SYMMETRIC) for b in cands.bits)
+        self.grad_scales = tuple(lsq_grad_scale(self.group_numel, b, cands.mode) for b in cands.bits)
 
     def mix(self, x: torch.Tensor, probs: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Mix the quantized copies of x; `shape` is how one group's [K] values broadcast against x."""
@@ -306,7 +311,7 @@ def sites(model: nn.Module) -> Iterator[tuple[str, Site]]:
 def fixed_codes(site: Site) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Of a site fixed to one candidate per group: ([G, 1] the chosen candidate's step, clamped as the forward
     clamps it; [G, n] the integer codes of its weights, exactly the forward's; [G] True where the group is
-    integer-quantized). Codes of pruned and float groups are 0."""
+    integer-quantized). Codes of pruned and float groups are 0; values are `dequantize(codes, steps, mode)`."""
     grouped = site.to_groups(site.weight.detach()).float()
     bits = torch.tensor(site.wq.cands.bits, device=grouped.device)[site.wq.choice]  # [G]
     steps = site.wq.step.detach().float().gather(1, site.wq.choice[:, None]).clamp_min(MIN_STEP)  # [G, 1]
@@ -316,7 +321,7 @@ def fixed_codes(site: Site) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if candidate_kind(b) is not CandidateKind.INT:
             continue
         idx = (bits == b).nonzero().flatten()
-        codes[idx] = int_codes(grouped[idx], steps[idx], b, QuantMode.SYMMETRIC)
+        codes[idx] = int_codes(grouped[idx], steps[idx], b, site.wq.cands.mode)
         quantized[idx] = True
     return steps, codes, quantized
 

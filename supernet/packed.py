@@ -9,7 +9,7 @@
   * architecture.json, space.json and the HF config.json (naming the model class), the tokenizer when given;
   * packed.json: format, version, byte count and sha256 of every file above, and the size accounting.
 `load_packed(folder)` needs only this library and transformers: it checks the manifest, rebuilds the
-model, unpacks the codes into weights (codes * step, exactly what the fake quantizer computes) and returns
+model, unpacks the codes into weights ((codes + half) * step, exactly what the fake quantizer computes) and returns
 a model whose predictions equal the source's. A truncated or modified file is a one-line error.
 
 Size accounting (`PackedSize`): the tensor file = the architecture's exact total size (supernet.cost)
@@ -39,7 +39,7 @@ from .bert import to_supernet
 from .cost import Scope
 from .mixed import Site, fixed_codes, sites
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .quantizers import CandidateKind, QuantMode, candidate_kind, qrange
+from .quantizers import CandidateKind, candidate_kind, dequantize, qrange
 from .space import SearchSpace
 
 FORMAT = "bert-mpq.packed"
@@ -127,7 +127,7 @@ def pack_model(model: nn.Module, arch: Architecture) -> tuple[dict[str, torch.Te
                 continue
             idx = idx.to(codes.device)
             step = steps[idx, 0]  # [m]
-            unsigned = (codes[idx] - qrange(b, QuantMode.SYMMETRIC)[0]).to(torch.uint8)  # [m, n]
+            unsigned = (codes[idx] - qrange(b, site.wq.cands.mode)[0]).to(torch.uint8)  # [m, n]
             tensors[f"{name}.q{b}"] = pack_codes(unsigned, b).cpu()
             tensors[f"{name}.s{b}"] = step.to(scale_dtype).contiguous()
             if not torch.equal(tensors[f"{name}.s{b}"].float(), step):
@@ -201,8 +201,9 @@ def unpack_into(model: nn.Module, arch: Architecture, tensors: Mapping[str, torc
             n = m * sa.group_numel
             data = store.take(f"{name}.q{b}", torch.uint8, (packed_nbytes(n, b),))
             step = store.take(f"{name}.s{b}", scale_dtype, (m,)).float()
-            codes = unpack_codes(data, b, n).view(m, sa.group_numel).float() + qrange(b, QuantMode.SYMMETRIC)[0]  # [m*n] -> [m, n]
-            grouped[idx] = (codes * step[:, None]).to(grouped)
+            mode = site.wq.cands.mode
+            codes = unpack_codes(data, b, n).view(m, sa.group_numel).float() + qrange(b, mode)[0]  # [m*n] -> [m, n]
+            grouped[idx] = dequantize(codes, step[:, None], mode).to(grouped)
             site.wq.step[idx.to(site.wq.step.device), site.wq.cands.index(b)] = step.to(site.wq.step)
         site.weight.copy_(site.from_groups(grouped))
         if site.bias is not None:

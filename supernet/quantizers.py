@@ -2,9 +2,12 @@
 
 Follows LSQ (Esser et al., arXiv:1902.08153): q(x) = round(clamp(x / s, qmin, qmax)) * s with a
 straight-through round and the step gradient scaled by 1 / sqrt(n * qmax); LSQ+ adds a learned offset
-for asymmetric activations. Candidate bit-widths:
+for asymmetric activations. The mid-rise grid shifts the signed codes by half a step, q(x) = (round(clamp(
+x / s - 1/2, qmin, qmax)) + 1/2) * s: the same 2**bits codes, levels symmetric about zero and none at zero
+(2 bits: {-3/2, -1/2, 1/2, 3/2} * s; 1 bit: +-s/2, binary weights). Candidate bit-widths:
   * 0        -> exact zeros (the group is pruned),
-  * 2 .. 8   -> a uniform integer grid of 2**bits levels,
+  * 1        -> a sign times a step (the mid-rise grid only),
+  * 2 .. 8   -> a uniform grid of 2**bits levels,
   * 16       -> IEEE half precision (x rounded to float16, straight-through), what its 16 bits store,
   * 32       -> the identity.
 
@@ -32,6 +35,21 @@ class QuantMode(Enum):
     SYMMETRIC = "symmetric"  # signed, [-2^(b-1), 2^(b-1) - 1]; weights always use this
     UNSIGNED = "unsigned"  # [0, 2^b - 1], zero offset
     ASYMMETRIC = "asymmetric"  # [0, 2^b - 1] shifted by a learned offset (LSQ+)
+    MIDRISE = "midrise"  # the signed codes plus one half: (c + 1/2) * s, symmetric, no zero level
+
+
+WEIGHT_GRIDS = (QuantMode.SYMMETRIC, QuantMode.MIDRISE)  # the signed grids a weight can use
+MIDRISE_BITS = 1  # the bit-width only the mid-rise grid has (a 1-bit signed integer grid is {-1, 0})
+
+
+def half(mode: QuantMode) -> float:
+    """The shift of a grid's levels from its integer codes: value = (code + half) * step (+ offset)."""
+    return 0.5 if mode is QuantMode.MIDRISE else 0.0
+
+
+def top_level(bits: int, mode: QuantMode) -> float:
+    """The largest level in steps, qmax + half: LSQ's Q_p."""
+    return qrange(bits, mode)[1] + half(mode)
 
 
 class InitRule(Enum):
@@ -49,12 +67,20 @@ class CandidateKind(Enum):
 
 
 def check_bits(bits: int) -> int:
-    """Return `bits` if it is a supported candidate, else raise a one-line ValueError."""
+    """Return `bits` if it is a supported candidate of some grid, else raise a one-line ValueError."""
     if isinstance(bits, bool) or not isinstance(bits, int):
-        raise ValueError(f"bit-width {bits!r} is not an integer; use 0 (pruned), 2..8, 16 or 32")
-    if bits != 0 and bits not in INT_BITS and bits not in FLOAT_BITS:
-        raise ValueError(f"bit-width {bits} is not supported; use 0 (pruned), 2..8, 16 or 32 (float)")
+        raise ValueError(f"bit-width {bits!r} is not an integer; use 0 (pruned), 1 (mid-rise grid), 2..8, 16 or 32")
+    if bits != 0 and bits != MIDRISE_BITS and bits not in INT_BITS and bits not in FLOAT_BITS:
+        raise ValueError(f"bit-width {bits} is not supported; use 0 (pruned), 1 (mid-rise grid only), 2..8, "
+                         f"16 or 32 (float)")
     return bits
+
+
+def check_grid(bits: int, mode: QuantMode) -> None:
+    """A one-line ValueError where `bits` has no grid in `mode` (1 bit is mid-rise only)."""
+    if bits == MIDRISE_BITS and mode is not QuantMode.MIDRISE:
+        raise ValueError(f"1-bit candidates need the mid-rise grid (levels +-s/2); a {mode.value} 1-bit grid is "
+                         f"degenerate. Set the grid to midrise or drop the 1")
 
 
 def candidate_kind(bits: int) -> CandidateKind:
@@ -65,10 +91,11 @@ def candidate_kind(bits: int) -> CandidateKind:
 
 
 def qrange(bits: int, mode: QuantMode) -> tuple[int, int]:
-    """Integer range [qmin, qmax] of a `bits`-bit grid: 2**bits levels."""
+    """Integer range [qmin, qmax] of a `bits`-bit grid's codes: 2**bits of them."""
     if candidate_kind(bits) is not CandidateKind.INT:
         raise ValueError(f"{bits} bits has no integer grid")
-    if mode is QuantMode.SYMMETRIC:
+    check_grid(bits, mode)
+    if mode in (QuantMode.SYMMETRIC, QuantMode.MIDRISE):
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
@@ -87,6 +114,8 @@ class CandidateSet:
             check_bits(b)
         if len(set(self.bits)) != len(self.bits):
             raise ValueError(f"candidate bit-widths repeat: {list(self.bits)}")
+        for b in self.bits:
+            check_grid(b, self.mode)
 
     def __len__(self) -> int:
         return len(self.bits)
@@ -114,7 +143,7 @@ def lsq_grad_scale(numel: int, bits: int, mode: QuantMode) -> float:
     """LSQ's step gradient scale 1 / sqrt(N * Q_p); 0 where the candidate has no step."""
     if candidate_kind(bits) is not CandidateKind.INT:
         return 0.0
-    return 1.0 / math.sqrt(max(numel, 1) * qrange(bits, mode)[1])
+    return 1.0 / math.sqrt(max(numel, 1) * top_level(bits, mode))
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -140,13 +169,22 @@ def float_value(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def int_codes(x: torch.Tensor, step: torch.Tensor, bits: int, mode: QuantMode = QuantMode.SYMMETRIC,
               offset: torch.Tensor | None = None) -> torch.Tensor:
-    """Integer codes round(clamp((x - offset) / step)) as floats, with exactly the fake quantizer's arithmetic.
+    """Integer codes round(clamp((x - offset) / step - half)) as floats, with exactly the fake quantizer's
+    arithmetic.
 
-    `step` (and `offset`) broadcast against x, one value per group. q(x) = codes * step (+ offset), so a
-    packed export that stores these codes and steps rebuilds the quantized weights bit for bit.
+    `step` (and `offset`) broadcast against x, one value per group. q(x) = dequantize(codes, step, mode,
+    offset), so a packed export that stores these codes and steps rebuilds the quantized weights bit for bit.
     """
     qmin, qmax = qrange(bits, mode)
-    return _to_grid(x, step.clamp_min(MIN_STEP), offset).clamp_(qmin, qmax).round_()
+    return _to_grid(x, step.clamp_min(MIN_STEP), offset, half(mode)).clamp_(qmin, qmax).round_()
+
+
+def dequantize(codes: torch.Tensor, step: torch.Tensor, mode: QuantMode = QuantMode.SYMMETRIC,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The values of integer `codes`: (codes + half) * step (+ offset), the fake quantizer's arithmetic."""
+    h = half(mode)
+    value = (codes + h if h else codes) * step
+    return value if offset is None else value + offset
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -161,17 +199,20 @@ def lsq_fake_quant(
     qmax: int,
     grad_scale: float = 1.0,
     offset: torch.Tensor | None = None,
+    shift: float = 0.0,
 ) -> torch.Tensor:
-    """Reference LSQ(+) fake quantizer written with plain autograd (one candidate)."""
+    """Reference LSQ(+) fake quantizer written with plain autograd (one candidate); `shift` is the grid's
+    `half` (0.5 for the mid-rise grid)."""
     s = scale_grad(step, grad_scale).clamp_min(MIN_STEP)
     o = scale_grad(offset, grad_scale) if offset is not None else 0.0
-    return round_ste(torch.clamp((x - o) * s.reciprocal(), qmin, qmax)) * s + o
+    return (round_ste(torch.clamp((x - o) * s.reciprocal() - shift, qmin, qmax)) + shift) * s + o
 
 
-def _to_grid(x: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
-    """v = (x - o) / s as a multiply by 1/s (a vector multiply is cheaper than a divide on CPUs)."""
+def _to_grid(x: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, h: float = 0.0) -> torch.Tensor:
+    """v = (x - o) / s - h as a multiply by 1/s (a vector multiply is cheaper than a divide on CPUs)."""
     inv = s.reciprocal()
-    return (x - o) * inv if o is not None else x * inv
+    v = (x - o) * inv if o is not None else x * inv
+    return v.sub_(h) if h else v
 
 
 def _group_dot(a: torch.Tensor, b: torch.Tensor, bshape: torch.Size) -> torch.Tensor:
@@ -186,12 +227,12 @@ def _group_dot(a: torch.Tensor, b: torch.Tensor, bshape: torch.Size) -> torch.Te
 class _MixFakeQuant(torch.autograd.Function):
     """y = sum_k p_k * q_k(x), saving only the inputs; candidates are recomputed in backward.
 
-    Per integer candidate with codes c = round(clamp(v)), v = (x - o) / s, and `inside` where v lies in
-    [qmin, qmax]; g is the incoming gradient and g_in = g where inside, else 0:
-      dL/dx  = sum_k p_k g_in                       (STE through round, zero outside the clamp)
-      dL/dp_k = s_k <g, c> + o_k <g, 1>              (q_k = s_k c + o_k, s_k constant per group)
-      dL/ds_k = p_k (<g, c> - <g_in, clamp(v)>)     (LSQ: round(v) - v inside, the bound outside)
-      dL/do_k = p_k (<g, 1> - <g_in, 1>)            (LSQ+: zero inside, one outside)
+    Per integer candidate with codes c = round(clamp(v)), v = (x - o) / s - h (h: the grid's `half`), and
+    `inside` where v lies in [qmin, qmax]; g is the incoming gradient and g_in = g where inside, else 0:
+      dL/dx  = sum_k p_k g_in                                (STE through round, zero outside the clamp)
+      dL/dp_k = s_k <g, c + h> + o_k <g, 1>                   (q_k = s_k (c + h) + o_k, s_k constant per group)
+      dL/ds_k = p_k (<g, c + h> - <g_in, clamp(v) + h>)      (LSQ: round(v) - v inside, the bound + h outside)
+      dL/do_k = p_k (<g, 1> - <g_in, 1>)                     (LSQ+: zero inside, one outside)
     with <.,.> summed within each group; the step and offset gradients then take LSQ's scale.
     """
 
@@ -204,6 +245,7 @@ class _MixFakeQuant(torch.autograd.Function):
         ctx.unit = unit
         ctx.save_for_backward(x, steps if unit else probs, steps, offsets if has_offsets else steps)
         out = None
+        h = half(cands.mode)
         for k, (kind, (qmin, qmax)) in enumerate(zip(cands.kinds, cands.ranges())):
             if kind is CandidateKind.ZERO or not active[k]:
                 continue
@@ -214,7 +256,9 @@ class _MixFakeQuant(torch.autograd.Function):
                 continue
             s = steps[k].clamp_min(MIN_STEP)
             o = offsets[k] if has_offsets else None
-            codes = _to_grid(x, s, o).clamp_(qmin, qmax).round_()  # in place: a fresh tensor (see int_codes)
+            codes = _to_grid(x, s, o, h).clamp_(qmin, qmax).round_()  # in place: a fresh tensor (see int_codes)
+            if h:
+                codes.add_(h)  # the levels
             scale = s if unit else s * probs[k]  # [*b]: fold the probability into the step
             if out is None:
                 out = codes.mul_(scale)
@@ -237,6 +281,7 @@ class _MixFakeQuant(torch.autograd.Function):
         gs = torch.zeros_like(steps) if need_s else None
         go = torch.zeros_like(offsets) if (need_o and ctx.has_offsets) else None
         grad_sum = grad.sum_to_size(bshape) if (go is not None or (need_p and ctx.has_offsets)) else None
+        h = half(ctx.cands.mode)
         for k, (kind, (qmin, qmax)) in enumerate(zip(ctx.cands.kinds, ctx.cands.ranges())):
             if kind is CandidateKind.ZERO or not ctx.active[k]:
                 continue
@@ -249,11 +294,14 @@ class _MixFakeQuant(torch.autograd.Function):
                 continue
             s = steps[k].clamp_min(MIN_STEP)
             o = offsets[k] if ctx.has_offsets else None
-            v = _to_grid(x, s, o)
+            v = _to_grid(x, s, o, h)
             vc = v.clamp(qmin, qmax)
             inside = v == vc
             del v
             codes = torch.round(vc)
+            if h:  # the levels, and clamp(v) + h, so that their difference stays round(v) - v
+                codes.add_(h)
+                vc.add_(h)
             g_codes = _group_dot(grad, codes, bshape) if (need_p or need_s) else None
             del codes
             g_in = torch.where(inside, grad, 0.0)
@@ -329,7 +377,8 @@ def init_step(
         span = x.amax(1).clamp_min(MIN_STEP)
     else:
         span = x.abs().amax(1).clamp_min(MIN_STEP)
-    levels = qmax - qmin if mode is not QuantMode.SYMMETRIC else qmax
+    h = half(mode)
+    levels = qmax - qmin if mode in (QuantMode.UNSIGNED, QuantMode.ASYMMETRIC) else top_level(bits, mode)
 
     def at(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         step = (ratio * span / levels).clamp_min(MIN_STEP)
@@ -340,13 +389,13 @@ def init_step(
     if rule is InitRule.MAX_ABS:
         return at(torch.ones_like(span))
     if rule is InitRule.LSQ:
-        step = (2 * x.abs().mean(1) / math.sqrt(qmax)).clamp_min(MIN_STEP)
+        step = (2 * x.abs().mean(1) / math.sqrt(top_level(bits, mode))).clamp_min(MIN_STEP)
         return step, (lo if lo is not None else torch.zeros_like(step))
     best_err = torch.full_like(span, float("inf"))
     best_step, best_offset = at(torch.ones_like(span))
     for r in torch.linspace(1.0 / grid, 1.0, grid).tolist():
         step, offset = at(torch.full_like(span, r))
-        q = torch.round((x - offset[:, None]) / step[:, None]).clamp(qmin, qmax) * step[:, None] + offset[:, None]
+        q = (torch.round((x - offset[:, None]) / step[:, None] - h).clamp(qmin, qmax) + h) * step[:, None] + offset[:, None]
         err = (q - x).pow(2).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -357,9 +406,9 @@ def init_step(
 
 @torch.no_grad()
 def group_errors(grouped: torch.Tensor, steps: torch.Tensor, bits: tuple[int, ...] | list[int],
-                 weight: torch.Tensor | None = None) -> torch.Tensor:
+                 weight: torch.Tensor | None = None, mode: QuantMode = QuantMode.SYMMETRIC) -> torch.Tensor:
     """[G, K] squared error sum_i w_i (Q_k(x_i) - x_i)^2 of each group of `grouped` [G, n] at each candidate
-    bit-width, with the symmetric weight quantizer's steps [G, K] (unused by the zero and float candidates)
+    bit-width, with the weight quantizer's grid `mode` and steps [G, K] (unused by the zero and float candidates)
     and optional per-element factors `weight` [G, n] (1 when None). A pruned group's error is its whole
     weight, a float one's its rounding (none at 32 bits). In the dtype of `grouped`."""
     x = grouped.detach()
@@ -372,7 +421,7 @@ def group_errors(grouped: torch.Tensor, steps: torch.Tensor, bits: tuple[int, ..
             err = float_value(x, b) - x
         else:
             step = steps[:, k : k + 1].detach().to(x.dtype).clamp_min(MIN_STEP)  # [G, 1]
-            err = int_codes(x, step, b) * step - x
+            err = dequantize(int_codes(x, step, b, mode), step, mode) - x
         sq = err.pow(2)
         cols.append((sq if weight is None else sq * weight).sum(1))
     return torch.stack(cols, 1)

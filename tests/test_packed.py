@@ -24,6 +24,7 @@ from supernet import (
     unpack_codes,
 )
 from supernet.packed import MANIFEST_FILE, TENSORS_FILE
+from supernet.quantizers import QuantMode
 
 SPACE = SearchSpace(w_bits=[0, 2, 3, 4, 8, 16], groups=4, a_bits=[8], a_mode="asymmetric", embedding_bits=[3, 4, 8],
                     embedding_groups=-1, head_bits=[0, 4, 32])  # per-column embedding groups of 97: odd streams
@@ -78,10 +79,14 @@ def test_pack_rejects_bad_input(bad, error):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 3, 5)
 
 
-def _quantized(model, seed: int):
+MIDRISE_SPACE = SearchSpace(w_bits=[0, 1, 2, 3, 4], w_grid="midrise", groups=4, embedding_bits=[1, 4],
+                            embedding_groups=-1, head_bits=[2, 32])  # binary and mid-rise codes, odd streams
+
+
+def _quantized(model, seed: int, space: SearchSpace = SPACE):
     """A supernet of `model` fixed to a random architecture using every candidate; trained-looking steps."""
     torch.manual_seed(seed)
-    to_supernet(model, SPACE)
+    to_supernet(model, space)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, site in sites(model):
@@ -127,6 +132,29 @@ def test_export_reload_predicts_identically_and_sizes_are_accounted_for(tmp_path
     save_packed(model, arch, SPACE, tmp_path / "again", metadata={"task": "x"})
     for name in (TENSORS_FILE, MANIFEST_FILE):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "packed" / name).read_bytes(), name
+
+
+def test_midrise_and_binary_weights_export_and_reload_identically(tmp_path, cfg97):
+    """The mid-rise grid stores the same unsigned codes as the symmetric one and rebuilds (c + 1/2) * s; its
+    1-bit groups take one bit a weight."""
+    model, arch = _quantized(BertForSequenceClassification(cfg97), seed=2, space=MIDRISE_SPACE)
+    assert {0, 1, 2, 3, 4} <= {b for _, s in arch for b in s.bits}
+    with torch.no_grad():
+        model(**_inputs())
+        ref = model(**_inputs()).logits
+    size = save_packed(model, arch, MIDRISE_SPACE, tmp_path / "packed")
+    loaded, arch2, _ = load_packed(tmp_path / "packed")
+    assert arch2 == arch
+    with torch.no_grad():
+        assert torch.equal(loaded(**_inputs()).logits, ref)
+    for (name, site), (_, site2) in zip(sites(model), sites(loaded)):
+        assert site2.wq.cands.mode is QuantMode.MIDRISE
+        w = site2.quantized_weight()[0]
+        assert torch.equal(site.quantized_weight()[0], w), name
+        if site.kind is SiteKind.EMBEDDING:  # mid-rise: a kept weight is never zero
+            bits = torch.tensor(site.wq.chosen_bits()).repeat_interleave(site.grouping.size)  # [D]
+            assert (w[:, bits > 0] != 0).all(), name
+    assert size.exact_bytes == pytest.approx(arch.size_bytes("total")) and abs(size.unaccounted_bytes) < 1e-6
 
 
 def test_packed_weights_take_their_bits(tmp_path, cfg97):

@@ -267,3 +267,38 @@ def test_qat_init_supernet_needs_a_search_run(env, tmp_path, capsys):  # noqa: F
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "its space section cannot be read" in err and "a_future_option" in err
     assert not (tmp_path / "q2").exists()
+
+
+def test_a_binary_midrise_pipeline_meets_its_budget_and_exports(env, tmp_path):  # noqa: F811
+    """space.w_grid=MIDRISE with a 1-bit candidate: search, QAT and the packed export keep the grid."""
+    run_dir = tmp_path / "pipe"
+    over = ("space.w_grid=MIDRISE", "space.w_bits=[0,1,2,4]", "budget.avg_bits=1.5", "search.size_weight=5")
+    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", *over), run_dir) == 0
+    arch = Architecture.load(run_dir / "search" / "architecture.json")
+    assert arch.avg_bits("encoder") <= 1.5
+    space = json.loads((run_dir / "qat" / "quantized" / "space.json").read_text())
+    assert space["w_grid"] == "midrise"
+    export_dir = tmp_path / "export"
+    assert run_stage(_cfg(env, tmp_path, "stage=export", f"export.run_dir={run_dir}"), export_dir) == 0
+    assert all(v["identical_predictions"] for v in _metrics(export_dir)["verify"].values())
+    assert json.loads((export_dir / "packed" / "space.json").read_text())["w_grid"] == "midrise"
+
+
+def test_a_one_bit_architecture_on_the_symmetric_grid_is_a_one_line_error(env, tmp_path, capsys):  # noqa: F811
+    search_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3"), search_dir) == 0
+    arch = Architecture.load(search_dir / "architecture.json")
+    import dataclasses
+
+    one = Architecture(tuple((n, dataclasses.replace(s, bits=(1,) * len(s.bits)) if s.kind.value == "encoder" else s)
+                             for n, s in arch), arch.other_params)
+    one.save(tmp_path / "uniform1.json")
+    qat_dir = tmp_path / "q"
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={tmp_path / 'uniform1.json'}"), qat_dir) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "space.w_grid=MIDRISE" in err
+    assert not qat_dir.exists()
+    # on the mid-rise grid the same file trains
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={tmp_path / 'uniform1.json'}",
+                          "space.w_grid=MIDRISE"), qat_dir) == 0
+    assert _metrics(qat_dir)["architecture"]["encoder_avg_bits"] == 1.0
