@@ -1,10 +1,11 @@
 """Uniform fake quantizers with a learned step size, one at a time or K mixed at once.
 
 Follows LSQ (Esser et al., arXiv:1902.08153): q(x) = round(clamp(x / s, qmin, qmax)) * s with a
-straight-through round and the step gradient scaled by 1 / sqrt(n * qmax); LSQ+ adds a learned offset
-for asymmetric activations. The mid-rise grid shifts the signed codes by half a step, q(x) = (round(clamp(
-x / s - 1/2, qmin, qmax)) + 1/2) * s: the same 2**bits codes, levels symmetric about zero and none at zero
-(2 bits: {-3/2, -1/2, 1/2, 3/2} * s; 1 bit: +-s/2, binary weights). Candidate bit-widths:
+straight-through round and the step gradient scaled by 1 / sqrt(n * Q_p) (Q_p: the top level, in steps);
+LSQ+ adds a learned offset for asymmetric activations. The mid-rise grid shifts the signed codes by half a
+step, q(x) = (round(clamp(x / s - 1/2, qmin, qmax)) + 1/2) * s: the same 2**bits codes, levels symmetric
+about zero and none at zero (2 bits: {-3/2, -1/2, 1/2, 3/2} * s; 1 bit: +-s/2, binary weights).
+Candidate bit-widths:
   * 0        -> exact zeros (the group is pruned),
   * 1        -> a sign times a step (the mid-rise grid only),
   * 2 .. 8   -> a uniform grid of 2**bits levels,
@@ -32,7 +33,7 @@ MIN_STEP = 1e-8
 class QuantMode(Enum):
     """Integer grid of a quantizer."""
 
-    SYMMETRIC = "symmetric"  # signed, [-2^(b-1), 2^(b-1) - 1]; weights always use this
+    SYMMETRIC = "symmetric"  # signed, [-2^(b-1), 2^(b-1) - 1]; the default weight grid
     UNSIGNED = "unsigned"  # [0, 2^b - 1], zero offset
     ASYMMETRIC = "asymmetric"  # [0, 2^b - 1] shifted by a learned offset (LSQ+)
     MIDRISE = "midrise"  # the signed codes plus one half: (c + 1/2) * s, symmetric, no zero level

@@ -97,30 +97,35 @@ def test_load_quantized_rejects_a_wrong_folder(tmp_path):
         load_quantized(tmp_path)
 
 
-def _fixed_uniform(cfg, bits: int = 2):
+def _fixed_uniform(cfg, bits: int = 2, space: SearchSpace = SPACE):
     from search.budget import uniform
 
     torch.manual_seed(0)
-    model = to_supernet(BertForSequenceClassification(cfg), SPACE)
+    model = to_supernet(BertForSequenceClassification(cfg), space)
     arch = uniform(Architecture.from_supernet(model), bits)
-    model = quantize(BertForSequenceClassification(cfg), arch, SPACE)
+    model = quantize(BertForSequenceClassification(cfg), arch, space)
     return model, arch
 
 
-def test_oscillating_weights_freeze_and_stay_on_their_code(tiny_cfg):
+@pytest.mark.parametrize("grid", ["symmetric", "midrise"])
+def test_oscillating_weights_freeze_and_stay_on_their_code(tiny_cfg, grid):
+    import dataclasses
+
     from search.freezing import OscillationFreezer
     from supernet.mixed import fixed_codes
+    from supernet.quantizers import QuantMode, dequantize, half
 
-    model, _ = _fixed_uniform(tiny_cfg)
+    mode = QuantMode(grid)
+    model, _ = _fixed_uniform(tiny_cfg, space=dataclasses.replace(SPACE, w_grid=mode))
     name, site = next((n, s) for n, s in sites(model) if s.kind is SiteKind.ENCODER)
     steps, codes, _ = fixed_codes(site)
-    s = float(steps[0, 0])
+    s, h = float(steps[0, 0]), half(mode)
     base = site.to_groups(site.weight.detach()).clone()
 
     def move(t: int) -> None:  # weight 0 of group 0 flips between codes 1 and 0 every step; weight 1 only climbs
         g = base.clone()
-        g[0, 0] = (0.6 if t % 2 == 0 else 0.4) * s
-        g[0, 1] = -1.6 * s + 0.5 * s * t
+        g[0, 0] = (0.6 + h if t % 2 == 0 else 0.4 + h) * s
+        g[0, 1] = -1.6 * s + 0.5 * s * t + h * s
         with torch.no_grad():
             site.weight.copy_(site.from_groups(g))
 
@@ -139,7 +144,8 @@ def test_oscillating_weights_freeze_and_stay_on_their_code(tiny_cfg):
         freezer()
         _, codes, _ = fixed_codes(site)
     assert codes[0, 0] == st["frozen_codes"][0, 0]
-    assert torch.allclose(site.to_groups(site.weight)[0, 0], st["frozen_codes"][0, 0].float() * steps[0, 0])
+    assert torch.allclose(site.to_groups(site.weight)[0, 0], dequantize(st["frozen_codes"][0, 0].float(), steps[0, 0], mode))
+    assert codes[0, 0] in (0, 1) and st["frozen_codes"][0, 0] in (0, 1)
     again = OscillationFreezer(model, threshold=0.3, momentum=0.5)
     again.load_state_dict(freezer.state_dict())
     assert torch.equal(again.state[name]["frozen"], st["frozen"])
