@@ -67,6 +67,13 @@ def test_quickstart(no_assets):
     assert (config.max_steps, config.max_eval_examples, config.finetune.batch_size) == (200, 500, 32)
 
 
+def test_lowbit_space_is_the_default_with_unpruned_midrise_candidates():
+    config = to_config(_compose("space=lowbit", "space.groups=12"))
+    expected = supernet.SearchSpace(w_bits=[1, 2, 3, 4], w_grid=supernet.QuantMode.MIDRISE, groups=12)
+    assert config.space == expected
+    assert 0 not in config.space.w_bits
+
+
 def test_mpq_assets_presets(monkeypatch, tmp_path, no_assets):
     assert to_config(_compose("task=rte", "model=minilm-l6")).task.data_dir is None
     monkeypatch.setenv("MPQ_ASSETS", str(tmp_path))
