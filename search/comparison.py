@@ -28,7 +28,7 @@ from .config import Method
 from .rundir import write_atomic, write_text_atomic
 
 __all__ = ["Kind", "Row", "Point", "collect", "aggregate", "write_comparison", "budget_dir", "verdict", "target_met",
-           "standings", "LAYOUT"]
+           "standings", "seeds_ahead", "LAYOUT"]
 
 
 class Kind(str, Enum):
@@ -228,11 +228,28 @@ def verdict(points: Sequence[Point]) -> list[str]:
 
 STANDINGS_COLUMNS = ["task", "budget (bits)", "FP32", "searched", "HAWQ-V2", "uniform", "searched - HAWQ-V2",
                      "searched - uniform", "target", "seeds"]
+SEEDS_AHEAD_COLUMNS = ["seeds ahead of HAWQ-V2", "seeds ahead of uniform"]
 
 
-def standings(tasks: Sequence[tuple[str, Sequence[Point]]]) -> str:
+def seeds_ahead(rows: Sequence[Row], budget: float, base: Kind) -> tuple[int, int] | None:
+    """(k, n): of the n seeds with both a searched and a `base` run at `budget`, the k where the searched model
+    scores strictly higher. Pairing by seed takes out the spread between seeds that a difference of medians
+    carries; None when no seed has both."""
+    def by_seed(kind: Kind) -> dict[int | None, float]:  # seed -> metric
+        return {r.seed: r.metric for r in rows if r.method is kind and r.budget == budget}
+
+    searched, other = by_seed(Kind.searched), by_seed(base)
+    shared = set(searched) & set(other)
+    if not shared:
+        return None
+    return sum(searched[s] > other[s] for s in shared), len(shared)
+
+
+def standings(tasks: Sequence[tuple[str, Sequence[Point]]], rows: Sequence[Sequence[Row]] | None = None) -> str:
     """One markdown table over several tasks' comparisons: per task and budget the median metric of FP32 and of
-    every method, the searched model's lead over each baseline (negative: it loses) and issue #6's target."""
+    every method, the searched model's lead over each baseline (negative: it loses) and issue #6's target.
+    With `rows` (each task's runs, in the order of `tasks`) two more columns say on how many seeds the searched
+    model is ahead of each baseline, paired by seed (`seeds_ahead`)."""
 
     def cell(p: Point | None) -> str:
         return "-" if p is None else f"{p.median:.2f}"
@@ -240,16 +257,24 @@ def standings(tasks: Sequence[tuple[str, Sequence[Point]]]) -> str:
     def lead(s: Point | None, base: Point | None) -> str:
         return "-" if s is None or base is None else f"{s.median - base.median:+.2f}"
 
-    lines = ["| " + " | ".join(STANDINGS_COLUMNS) + " |", "|" + "---|" * len(STANDINGS_COLUMNS)]
-    for task, points in tasks:
+    def ahead(task_rows: Sequence[Row], budget: float, base: Kind) -> str:
+        found = seeds_ahead(task_rows, budget, base)
+        return "-" if found is None else f"{found[0]}/{found[1]}"
+
+    columns = STANDINGS_COLUMNS + (SEEDS_AHEAD_COLUMNS if rows is not None else [])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for i, (task, points) in enumerate(tasks):
         fp, name = _find(points, Kind.fp32, None), next(p.metric_name for p in points)
         for budget in sorted({p.budget for p in points if p.budget is not None}, reverse=True):
             s, hawq, uni = (_find(points, k, budget) for k in (Kind.searched, Kind.hawq, Kind.uniform))
             target = target_met(points, budget)
             seeds = sorted({p.seeds for p in (s, hawq, uni) if p is not None})
-            lines.append("| " + " | ".join([
-                f"{task} ({name})", f"{budget:g}", cell(fp), cell(s), cell(hawq), cell(uni), lead(s, hawq), lead(s, uni),
-                "-" if target is None else ("met" if target else "**not met**"), "/".join(map(str, seeds))]) + " |")
+            values = [f"{task} ({name})", f"{budget:g}", cell(fp), cell(s), cell(hawq), cell(uni), lead(s, hawq),
+                      lead(s, uni), "-" if target is None else ("met" if target else "**not met**"),
+                      "/".join(map(str, seeds))]
+            if rows is not None:
+                values += [ahead(rows[i], budget, Kind.hawq), ahead(rows[i], budget, Kind.uniform)]
+            lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 

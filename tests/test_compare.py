@@ -168,6 +168,14 @@ def test_standings_tool_puts_every_task_budget_and_lead_in_one_table(tmp_path):
         "| T2 (f1) | 4 | 85.00 | 70.00 | 71.00 | - | -1.00 | - | **not met** | 1 |",
         "| T2 (f1) | 2 | 85.00 | 60.00 | - | - | - | - | - | 1 |",
     ]
+    # paired by seed: ahead of HAWQ-V2 on all three seeds, of uniform on two (seed 3 is a tie, not a win)
+    _tree(tmp_path / "a3", {("qat", 2, 3): 79.0, ("hawq_qat", 2, 3): 78.0, ("uniform2", 2, 3): 79.0,
+                            ("uniform2", 2, 4): 70.0})  # seed 4 has no searched run: not a pair
+    out = subprocess.run([*tool, "--seeds-ahead", f"T1={tmp_path}/a*", f"T2={tmp_path}/b"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].endswith("| seeds | seeds ahead of HAWQ-V2 | seeds ahead of uniform |")
+    assert out[2].endswith("| 3/4 | 3/3 | 2/3 |") and out[4].endswith("| 1 | - | - |")
+    assert out[3].endswith("| 1 | 0/1 | - |")
     _metrics(tmp_path / "c" / "b2" / "s1" / "qat", 80.0)
     (tmp_path / "c" / "b2" / "s1" / "qat" / "metrics.json").write_text("{}")  # in the layout, not a finished run's
     for bad, message in ((f"T1{tmp_path}", "is not NAME=GLOB"), (f"T3={tmp_path}/none*", "no finished comparison runs"),

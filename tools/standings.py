@@ -6,7 +6,8 @@ Each argument is NAME=GLOB[,GLOB...]: the comparison directories of one task (la
 writes them; see search/comparison.py). Per task and budget it prints the median metric of FP32, the searched
 model, HAWQ-V2 and uniform QAT over the seeds found, the searched model's lead over each baseline (negative
 where it loses) and whether issue #6's target holds (>= HAWQ-V2 at <= 4 bits; at <= 2.5 bits +1 point over
-HAWQ-V2 and more over uniform).
+HAWQ-V2 and more over uniform). `--seeds-ahead` adds, per baseline, on how many seeds the searched model
+scores higher than it, paired by seed (k/n).
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from search.comparison import LAYOUT, aggregate, collect, standings
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("tasks", nargs="+", metavar="NAME=GLOB[,GLOB...]")
+    p.add_argument("--seeds-ahead", action="store_true",
+                   help="add the seeds on which the searched model is ahead of each baseline (paired by seed)")
     args = p.parse_args()
-    tasks = []
+    tasks, task_rows = [], []
     for spec in args.tasks:
         name, sep, patterns = spec.partition("=")
         if not sep or not name or not patterns:
@@ -38,7 +41,8 @@ def main() -> int:
             print(f"error: {name}: no finished comparison runs in {patterns} (expected {LAYOUT})", file=sys.stderr)
             return 2
         tasks.append((name, aggregate(rows)))
-    print(standings(tasks), end="")
+        task_rows.append(rows)
+    print(standings(tasks, task_rows if args.seeds_ahead else None), end="")
     return 0
 
 
