@@ -245,11 +245,11 @@ def seeds_ahead(rows: Sequence[Row], budget: float, base: Kind) -> tuple[int, in
     return sum(searched[s] > other[s] for s in shared), len(shared)
 
 
-def standings(tasks: Sequence[tuple[str, Sequence[Point]]], rows: Sequence[Sequence[Row]] | None = None) -> str:
-    """One markdown table over several tasks' comparisons: per task and budget the median metric of FP32 and of
-    every method, the searched model's lead over each baseline (negative: it loses) and issue #6's target.
-    With `rows` (each task's runs, in the order of `tasks`) two more columns say on how many seeds the searched
-    model is ahead of each baseline, paired by seed (`seeds_ahead`)."""
+def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False) -> str:
+    """One markdown table over several tasks' comparisons (each task's runs, as `collect` reads them): per task
+    and budget the median metric of FP32 and of every method, the searched model's lead over each baseline
+    (negative: it loses) and issue #6's target. With `by_seed` two more columns say on how many seeds the
+    searched model is ahead of each baseline, paired by seed (`seeds_ahead`)."""
 
     def cell(p: Point | None) -> str:
         return "-" if p is None else f"{p.median:.2f}"
@@ -261,9 +261,10 @@ def standings(tasks: Sequence[tuple[str, Sequence[Point]]], rows: Sequence[Seque
         found = seeds_ahead(task_rows, budget, base)
         return "-" if found is None else f"{found[0]}/{found[1]}"
 
-    columns = STANDINGS_COLUMNS + (SEEDS_AHEAD_COLUMNS if rows is not None else [])
+    columns = STANDINGS_COLUMNS + (SEEDS_AHEAD_COLUMNS if by_seed else [])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for i, (task, points) in enumerate(tasks):
+    for task, rows in tasks:
+        points = aggregate(rows)
         fp, name = _find(points, Kind.fp32, None), next(p.metric_name for p in points)
         for budget in sorted({p.budget for p in points if p.budget is not None}, reverse=True):
             s, hawq, uni = (_find(points, k, budget) for k in (Kind.searched, Kind.hawq, Kind.uniform))
@@ -272,8 +273,8 @@ def standings(tasks: Sequence[tuple[str, Sequence[Point]]], rows: Sequence[Seque
             values = [f"{task} ({name})", f"{budget:g}", cell(fp), cell(s), cell(hawq), cell(uni), lead(s, hawq),
                       lead(s, uni), "-" if target is None else ("met" if target else "**not met**"),
                       "/".join(map(str, seeds))]
-            if rows is not None:
-                values += [ahead(rows[i], budget, Kind.hawq), ahead(rows[i], budget, Kind.uniform)]
+            if by_seed:
+                values += [ahead(rows, budget, Kind.hawq), ahead(rows, budget, Kind.uniform)]
             lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 

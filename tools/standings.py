@@ -16,7 +16,7 @@ import glob
 import sys
 from pathlib import Path
 
-from search.comparison import LAYOUT, aggregate, collect, standings
+from search.comparison import LAYOUT, collect, standings
 
 
 def main() -> int:
@@ -25,7 +25,7 @@ def main() -> int:
     p.add_argument("--seeds-ahead", action="store_true",
                    help="add the seeds on which the searched model is ahead of each baseline (paired by seed)")
     args = p.parse_args()
-    tasks, task_rows = [], []
+    tasks = []
     for spec in args.tasks:
         name, sep, patterns = spec.partition("=")
         if not sep or not name or not patterns:
@@ -40,9 +40,8 @@ def main() -> int:
         if not rows:
             print(f"error: {name}: no finished comparison runs in {patterns} (expected {LAYOUT})", file=sys.stderr)
             return 2
-        tasks.append((name, aggregate(rows)))
-        task_rows.append(rows)
-    print(standings(tasks, task_rows if args.seeds_ahead else None), end="")
+        tasks.append((name, rows))
+    print(standings(tasks, by_seed=args.seeds_ahead), end="")
     return 0
 
 
