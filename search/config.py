@@ -264,14 +264,21 @@ class SearchConfig:
     curvature_weight: float = 0.0
     bitops_target: Optional[float] = None  # GBOPs per token (bits_w x bits_a x MACs); a penalty above it
     bitops_weight: float = 1.0  # weight of that penalty (with bitops_target set)
+    # both levels' loss = (1 - kd) * task + kd * KL(FP checkpoint || supernet) at kd_temperature, as QAT's:
+    # at a fine-tuned minimum the labels' loss barely sees what quantizing or pruning a group does to the
+    # examples the model already gets right; the teacher's outputs see it on every example. 0: labels only
+    kd_weight: float = 0.0
+    kd_temperature: float = 2.0
     max_grad_norm: float = 1.0
     checkpoint_every: int = 500
     log_every: int = 10
     log_mass_every: int = 50  # steps between logs of the probability mass per candidate and site
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "arch_lr", "scale_lr", "tau_start", "tau_end", "epochs"):
+        for name in ("batch_size", "arch_lr", "scale_lr", "tau_start", "tau_end", "epochs", "kd_temperature"):
             _positive(f"search.{name}", getattr(self, name))
+        if not 0 <= self.kd_weight <= 1:
+            raise ValueError(f"search.kd_weight={self.kd_weight} must be in [0, 1] (0: the labels' loss alone)")
         if self.lr < 0:
             raise ValueError(f"search.lr={self.lr} is invalid; use a positive value, or 0 to keep the weights at the checkpoint")
         if not 0 < self.weight_fraction < 1:

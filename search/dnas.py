@@ -2,7 +2,8 @@
 
 The checkpoint becomes a supernet (`space`), the training set is cut in two disjoint parts, and the
 bilevel step (`search.bilevel`) runs in the one training loop: weights on one part; logits and LSQ steps
-on the other under the size penalty. Then the architecture is derived (argmax, repaired to the budget)
+on the other under the size penalty. With `search.kd_weight` both levels' loss also distils from the
+checkpoint (search/teacher.py), as QAT's does. Then the architecture is derived (argmax, repaired to the budget)
 and written with its picture; the derived model is also evaluated as is, before any QAT.
 
 Everything that can fail on bad input, an unreachable budget included, fails before the run directory
@@ -10,6 +11,7 @@ gets its first file.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from typing import Any
@@ -19,7 +21,7 @@ from accelerate.utils import set_seed
 
 from supernet import Architecture, SearchSpace, param_sets, sites, to_supernet
 
-from .bilevel import BilevelStep, CurvatureTerm, SizeTerm, cycle
+from .bilevel import BilevelStep, CurvatureTerm, SizeTerm, cycle, task_loss
 from .budget import Budget, Penalty, site_candidates, start_at_budget
 from .config import AlphaInit, ArchOptimizer, BudgetConfig, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
 from .data import make_loader, split_for_search
@@ -32,6 +34,7 @@ from .plots import plot_architecture
 from .prepare import TRAIN, task_data
 from .rundir import RunDir, write_text_atomic
 from .tasks import get_task
+from .teacher import DistilledLoss, cacheable, teacher_table, with_index
 
 __all__ = ["run_search", "weight_optimizer", "upper_optimizers"]
 
@@ -74,8 +77,13 @@ def run_search(
                         "budget.match, or use search.alpha_init=equal")
     tokenizer = load_tokenizer(model.name_or_path)
     tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
-    weight_part, arch_part = split_for_search(tokenized[TRAIN], cfg.weight_fraction, seed)
+    use_table = cfg.kd_weight > 0 and cacheable(spec.kind, 0.0)
+    # rows numbered over the whole training set, where the teacher's table has them
+    weight_part, arch_part = split_for_search(with_index(tokenized[TRAIN]) if use_table else tokenized[TRAIN],
+                                              cfg.weight_fraction, seed)
     net = load_task_model(model.name_or_path, spec.name)
+    # the teacher is the model the search starts from (a head the checkpoint lacks included), in FP32
+    teacher = copy.deepcopy(net).eval() if cfg.kd_weight > 0 else None
     to_supernet(net, space)
     if not any(s.wq.searchable for _, s in sites(net)):
         raise UserError(f"space.w_bits={list(space.w_bits)} offers one candidate: there is nothing to search; "
@@ -98,17 +106,24 @@ def run_search(
     net, w_opt, weight_loader, arch_loader, *u_opts = accelerator.prepare(net, w_opt, weight_loader, arch_loader, *u_opts)
     for s in sets:
         s.loader = accelerator.prepare(s.loader)
+    loss_fn = task_loss
+    if teacher is not None:  # the same table as QAT's from this checkpoint (one cache entry serves both)
+        teacher = (teacher_table(teacher.to(accelerator.device), tokenized[TRAIN], tokenizer, spec.kind,
+                                 evaluation.batch_size, accelerator.device, cache_dir, progress_bar)
+                   if use_table else accelerator.prepare(teacher))
+        loss_fn = DistilledLoss(teacher, spec.kind, cfg.kd_weight, cfg.kd_temperature)
     steps = total_steps(len(weight_loader), cfg.epochs, max_steps)
     scheduler = linear_warmup(w_opt.optimizer, steps, cfg.lr_warmup_ratio)
     accelerator.register_for_checkpointing(scheduler)
     scope = budget.scope if budget is not None else budget_cfg.scope
-    log.info("searching %s on %s: %d steps, %d groups, candidates %s, budget %s%s", model.name_or_path, spec.name,
+    log.info("searching %s on %s: %d steps, %d groups, candidates %s, budget %s%s%s", model.name_or_path, spec.name,
              steps, template.n_groups(), list(space.w_bits), budget or f"none (lambda={cfg.size_weight})",
-             "; weights fixed at the checkpoint (search.lr=0)" if cfg.lr == 0 else "")
+             "; weights fixed at the checkpoint (search.lr=0)" if cfg.lr == 0 else "",
+             f"; distilling from the checkpoint (search.kd_weight={cfg.kd_weight:g})" if teacher is not None else "")
 
     step_fn = BilevelStep(
         net, groups.weights, groups.arch + groups.scales, w_opt, u_opts, cycle(arch_loader),
-        SizeTerm(cfg.size_weight, budget, cfg.penalty, scope, cfg.bitops_weight, cfg.bitops_target),
+        SizeTerm(cfg.size_weight, budget, cfg.penalty, scope, cfg.bitops_weight, cfg.bitops_target), loss_fn=loss_fn,
         backward=accelerator.backward, weight_scheduler=scheduler,
         warmup_steps=int(cfg.arch_warmup_ratio * steps), second_order=cfg.second_order,
         max_grad_norm=cfg.max_grad_norm, group_lasso_weight=cfg.group_lasso, relaxation=cfg.relaxation,

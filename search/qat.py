@@ -42,31 +42,9 @@ from .prepare import TRAIN, task_data
 from .quantized import QUANTIZED_DIR, load_architecture, quantize_user_model, save_quantized, space_for
 from .rundir import RunDir, saved_train_state
 from .tasks import TaskKind, get_task
-from .teacher import TeacherTable, cacheable, teacher_table, with_index
+from .teacher import TeacherTable, cacheable, distillation_loss, kd_mask, teacher_outputs, teacher_table, with_index
 
 log = logging.getLogger(__name__)
-
-
-def distillation_loss(student: Any, teacher: Any, kind: TaskKind, temperature: float,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(teacher || student) on softened logits, times T^2 (Hinton et al.); MSE for regression."""
-    if kind is TaskKind.QUESTION_ANSWERING:
-        pairs = [(student.start_logits, teacher.start_logits), (student.end_logits, teacher.end_logits)]
-    else:
-        pairs = [(student.logits, teacher.logits)]
-    total = 0.0
-    for s, t in pairs:
-        if kind is TaskKind.REGRESSION:
-            total = total + F.mse_loss(s, t)
-            continue
-        kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                      reduction="none", log_target=True).sum(-1)  # [B] or [B, T]
-        if kind is TaskKind.TOKEN_CLASSIFICATION and mask is not None:
-            kl = (kl * mask).sum() / mask.sum().clamp_min(1)
-        else:
-            kl = kl.mean()
-        total = total + kl * temperature**2
-    return total / len(pairs)
 
 
 def dampening(model: nn.Module) -> torch.Tensor:
@@ -106,13 +84,8 @@ def qat_step(model: nn.Module, teacher: nn.Module | TeacherTable | None, optimiz
         loss = out.loss
         logs = {"loss/task": loss.item()}
         if teacher is not None and (kd_weight > 0 or hidden_weight > 0):
-            if isinstance(teacher, TeacherTable):
-                t_out = teacher.lookup(rows, batch["input_ids"].shape[1], out.logits.device)
-            else:
-                with torch.no_grad():
-                    t_out = teacher(**batch, output_hidden_states=want_hidden)
-            mask = (batch["labels"] != -100).float() if kind is TaskKind.TOKEN_CLASSIFICATION else None
-            kd = distillation_loss(out, t_out, kind, kd_temperature, mask)
+            t_out = teacher_outputs(teacher, batch, rows, out.logits.device, hidden=want_hidden)
+            kd = distillation_loss(out, t_out, kind, kd_temperature, kd_mask(batch, kind))
             loss = (1 - kd_weight) * loss + kd_weight * kd
             logs["loss/kd"] = kd.item()
             if want_hidden:

@@ -11,6 +11,10 @@ Classification and regression keep one [C] row per example, token classification
 with zeros to the batch (the padding is outside the distillation mask, so the loss is unchanged).
 Question answering keeps the live teacher: its distillation covers every position of the window, padding
 included, which a row per example would not reproduce. So does hidden-state distillation.
+
+The distillation loss itself lives here too: QAT adds it to the task loss, and so can the search
+(`search.kd_weight`, `DistilledLoss`), so that both levels of the search see how far the supernet's outputs
+moved from the FP model's on every example, not only on the ones the labels say it gets wrong.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 
@@ -120,3 +125,55 @@ def teacher_table(teacher: nn.Module, ds: Dataset, tokenizer: Any, kind: TaskKin
     write_atomic(path, lambda tmp: torch.save(table.rows, tmp))
     log.info("teacher outputs cached in %s", path)
     return table
+
+
+def distillation_loss(student: Any, teacher: Any, kind: TaskKind, temperature: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) on softened logits, times T^2 (Hinton et al.); MSE for regression."""
+    if kind is TaskKind.QUESTION_ANSWERING:
+        pairs = [(student.start_logits, teacher.start_logits), (student.end_logits, teacher.end_logits)]
+    else:
+        pairs = [(student.logits, teacher.logits)]
+    total = 0.0
+    for s, t in pairs:
+        if kind is TaskKind.REGRESSION:
+            total = total + F.mse_loss(s, t)
+            continue
+        kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                      reduction="none", log_target=True).sum(-1)  # [B] or [B, T]
+        if kind is TaskKind.TOKEN_CLASSIFICATION and mask is not None:
+            kl = (kl * mask).sum() / mask.sum().clamp_min(1)
+        else:
+            kl = kl.mean()
+        total = total + kl * temperature**2
+    return total / len(pairs)
+
+
+def kd_mask(batch: dict[str, torch.Tensor], kind: TaskKind) -> torch.Tensor | None:
+    """[B, T] 1 where a token counts in token-classification distillation (it has a label), else None."""
+    return (batch["labels"] != -100).float() if kind is TaskKind.TOKEN_CLASSIFICATION else None
+
+
+def teacher_outputs(teacher: nn.Module | TeacherTable, batch: dict[str, torch.Tensor], rows: torch.Tensor | None,
+                    device: torch.device, hidden: bool = False) -> Any:
+    """The teacher's outputs for `batch`: looked up by the batch's `rows` in a table, or from the live model."""
+    if isinstance(teacher, TeacherTable):
+        return teacher.lookup(rows, batch["input_ids"].shape[1], device)
+    with torch.no_grad():
+        return teacher(**batch, output_hidden_states=hidden)
+
+
+class DistilledLoss:
+    """A search loss (`search.bilevel.LossFn`): (1 - weight) * the task loss + weight * KL(teacher || model) at
+    `temperature`. Batches may carry `INDEX` (their rows in the teacher's table); the model never sees it."""
+
+    def __init__(self, teacher: nn.Module | TeacherTable, kind: TaskKind, weight: float, temperature: float) -> None:
+        self.teacher, self.kind, self.weight, self.temperature = teacher, kind, weight, temperature
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = batch.get(INDEX)
+        batch = {k: v for k, v in batch.items() if k != INDEX}
+        out = model(**batch)
+        t_out = teacher_outputs(self.teacher, batch, rows, batch["input_ids"].device)
+        kd = distillation_loss(out, t_out, self.kind, self.temperature, kd_mask(batch, self.kind))
+        return (1 - self.weight) * out.loss + self.weight * kd

@@ -152,6 +152,7 @@ def test_qat_of_a_hand_written_uniform_architecture(env, tmp_path):  # noqa: F81
     (["budget.avg_bits=3", "space.w_bits=[4]"], "nothing to search"),
     ([], "needs a target"),
     (["search.penalty=linear", "search.alpha_init=budget"], "starts the search at the budget"),
+    (["budget.avg_bits=3", "search.kd_weight=1.5"], "search.kd_weight=1.5 must be in [0, 1]"),
 ])
 def test_impossible_search_settings_fail_at_start_up(env, tmp_path, capsys, overrides, message):  # noqa: F811
     run_dir = tmp_path / "bad"
@@ -179,6 +180,23 @@ def test_a_search_with_the_curvature_price_runs_and_logs_it(env, tmp_path, caplo
     assert len(steps) == 3 and "loss/curvature" not in steps[0]  # no Fisher before the first architecture step
     assert all("loss/curvature" in m for m in steps[1:])
     assert Architecture.load(run_dir / "architecture.json").n_groups() > 0
+
+
+def test_a_distilled_search_runs_and_shares_its_teacher_table_with_qat(env, tmp_path, caplog):  # noqa: F811
+    assert run_stage(_cfg(env, tmp_path, "stage=finetune", "max_steps=2"), tmp_path / "ft") == 0
+    model = f"model.name_or_path={tmp_path / 'ft' / 'checkpoint'}"  # a head of its own, which every load shares
+    run_dir = tmp_path / "s"
+    with caplog.at_level("INFO", logger="search.dnas"):
+        assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "search.kd_weight=0.5", model),
+                         run_dir) == 0
+    assert any("distilling from the checkpoint (search.kd_weight=0.5)" in r.getMessage() for r in caplog.records)
+    [table] = (tmp_path / "cache" / "teacher").glob("*.pt")  # the search computed the FP teacher's outputs once
+    assert _metrics(run_dir)["architecture"]["encoder_avg_bits"] <= 3
+    caplog.clear()
+    with caplog.at_level("INFO", logger="search.teacher"):
+        assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={run_dir / 'architecture.json'}", model),
+                         tmp_path / "q") == 0
+    assert f"teacher outputs from {table}" in [r.getMessage() for r in caplog.records]  # and QAT reads them back
 
 
 def test_a_stage_resumed_alone_under_other_settings_says_its_train_state_has_the_old_ones(env, tmp_path, caplog):  # noqa: F811

@@ -13,10 +13,10 @@ from conftest import tiny_config
 from data_fixtures import tiny_tokenizer
 from search import teacher as teacher_mod
 from search.data import INDEX, make_loader
-from search.qat import distillation_loss, qat_optimizer, qat_step
+from search.qat import qat_optimizer, qat_step
 from search.quantized import quantize
 from search.tasks import TaskKind
-from search.teacher import TeacherTable, cacheable, teacher_table, with_index
+from search.teacher import DistilledLoss, TeacherTable, cacheable, distillation_loss, teacher_table, with_index
 from supernet import Architecture, SearchSpace, to_supernet
 
 SPACE = SearchSpace(w_bits=[2, 4, 8], groups=4, a_bits=[8])
@@ -95,6 +95,26 @@ def test_qat_steps_with_the_table_equal_those_with_the_live_teacher(tiny_cfg, to
         assert a["loss/kd"] == pytest.approx(b["loss/kd"], rel=1e-4) and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     for a, b in zip(live_params, table_params):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_distilled_search_loss_mixes_the_labels_loss_and_the_kl_to_the_teacher(tiny_cfg, tokenizer):
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_cfg).eval()
+    ds = _dataset(12, per_token=False)
+    table = teacher_table(teacher, ds, tokenizer, TaskKind.CLASSIFICATION, 16, torch.device("cpu"), None, False)
+    torch.manual_seed(1)
+    student = BertForSequenceClassification(tiny_cfg).eval()
+    batch = next(iter(make_loader(with_index(ds), tokenizer, 6, shuffle=True, seed=0)))
+    plain = {k: v for k, v in batch.items() if k != INDEX}  # the model never sees the row numbers
+    with torch.no_grad():
+        out, live = student(**plain), teacher(**plain)
+        kl = distillation_loss(out, live, TaskKind.CLASSIFICATION, 3.0)
+        losses = {w: float(DistilledLoss(table, TaskKind.CLASSIFICATION, w, 3.0)(student, batch)) for w in (0, 0.25, 1)}
+        on_itself = float(DistilledLoss(table, TaskKind.CLASSIFICATION, 1.0, 3.0)(teacher, batch))
+    assert float(kl) > 0 and losses[0] == pytest.approx(float(out.loss), rel=1e-5)
+    assert losses[1] == pytest.approx(float(kl), rel=1e-4)
+    assert losses[0.25] == pytest.approx(0.75 * float(out.loss) + 0.25 * float(kl), rel=1e-4)
+    assert on_itself == pytest.approx(0, abs=1e-6)  # the FP model is its own teacher: nothing to distil
 
 
 def test_table_is_cached_by_weights_and_examples(tiny_cfg, tokenizer, tmp_path, monkeypatch, caplog):
