@@ -360,3 +360,22 @@ def test_a_cell_step_depends_on_its_own_seed_not_on_what_ran_before_it(env, tmp_
         load_file(next(alone.rglob("model.safetensors")))
     alphas = [k for k in searched if k.endswith(".alpha")]
     assert alphas and all(torch.equal(searched[k], alone_state[k]) for k in searched)
+
+
+def test_graft_tool_puts_a_search_variant_beside_the_same_baseline_runs(tmp_path):
+    _tree(tmp_path / "base", {("qat", 2, 1): 80.0, ("hawq_qat", 2, 1): 79.0, ("uniform2", 2, 1): 78.0,
+                              ("qat", 2, 2): 81.0, ("hawq_qat", 2, 2): 77.0})
+    _metrics(tmp_path / "variant" / "b2" / "s1" / "qat", 83.0, mb=1.0, bits=2)
+    _metrics(tmp_path / "variant" / "b2" / "s1" / "search", 70.0)
+    tool = [sys.executable, "tools/graft_searched.py"]
+    out = subprocess.run([*tool, str(tmp_path / "base"), str(tmp_path / "variant"), str(tmp_path / "out")], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("b2/s1: searched 2")
+    rows = {(r.method.value, r.seed): r.metric for r in collect([tmp_path / "out"])}
+    assert rows == {("fp32", None): 85.0, ("searched", 1): 83.0, ("hawq", 1): 79.0, ("uniform", 1): 78.0}
+    assert (tmp_path / "base" / "b2" / "s1" / "qat" / "metrics.json").is_file()  # the base is left as it was
+    _metrics(tmp_path / "variant" / "b3" / "s1" / "qat", 84.0, mb=1.0, bits=3)  # a cell the base does not have
+    bad = subprocess.run([*tool, str(tmp_path / "base"), str(tmp_path / "variant"), str(tmp_path / "out2")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "has no cell b3/s1" in bad.stderr
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.tmp").exists()
