@@ -32,7 +32,7 @@ from torch import nn
 from supernet import ActQuantizer, Architecture, SearchSpace, WeightQuantizer, param_sets, sites, to_supernet
 
 from .config import EvalConfig, MixedPrecision, ModelConfig, QatConfig, QatInit, TaskConfig
-from .data import INDEX, make_loader
+from .data import make_loader
 from .errors import UserError, first_line
 from .evaluate import evaluate_sets, scalars, stage_metrics
 from .freezing import OscillationFreezer
@@ -42,7 +42,8 @@ from .prepare import TRAIN, task_data
 from .quantized import QUANTIZED_DIR, load_architecture, quantize_user_model, save_quantized, space_for
 from .rundir import RunDir, saved_train_state
 from .tasks import TaskKind, get_task
-from .teacher import TeacherTable, cacheable, distillation_loss, kd_mask, teacher_outputs, teacher_table, with_index
+from .teacher import (TeacherTable, cacheable, distillation_loss, kd_mask, split_rows, teacher_outputs, teacher_table,
+                      with_index)
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,7 @@ def qat_step(model: nn.Module, teacher: nn.Module | TeacherTable | None, optimiz
 
     def step(batch: Mapping[str, torch.Tensor], index: int) -> dict[str, float]:
         model.train()
-        rows = batch.get(INDEX)
-        batch = {k: v for k, v in batch.items() if k != INDEX}
+        batch, rows = split_rows(batch)
         want_hidden = teacher is not None and hidden_weight > 0
         out = model(**batch, output_hidden_states=want_hidden)
         loss = out.loss

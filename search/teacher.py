@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +154,11 @@ def kd_mask(batch: dict[str, torch.Tensor], kind: TaskKind) -> torch.Tensor | No
     return (batch["labels"] != -100).float() if kind is TaskKind.TOKEN_CLASSIFICATION else None
 
 
+def split_rows(batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """(the model's inputs, the batch's rows in the teacher's table or None): the model never sees `INDEX`."""
+    return {k: v for k, v in batch.items() if k != INDEX}, batch.get(INDEX)
+
+
 def teacher_outputs(teacher: nn.Module | TeacherTable, batch: dict[str, torch.Tensor], rows: torch.Tensor | None,
                     device: torch.device, hidden: bool = False) -> Any:
     """The teacher's outputs for `batch`: looked up by the batch's `rows` in a table, or from the live model."""
@@ -171,8 +176,7 @@ class DistilledLoss:
         self.teacher, self.kind, self.weight, self.temperature = teacher, kind, weight, temperature
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = batch.get(INDEX)
-        batch = {k: v for k, v in batch.items() if k != INDEX}
+        batch, rows = split_rows(batch)
         out = model(**batch)
         t_out = teacher_outputs(self.teacher, batch, rows, batch["input_ids"].device)
         kd = distillation_loss(out, t_out, self.kind, self.temperature, kd_mask(batch, self.kind))

@@ -19,6 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from search.rundir import replace_dir, temp_beside
+
 SEARCHED = ("search", "qat")
 
 
@@ -41,15 +43,14 @@ def graft(base: Path, variant: Path, out: Path) -> list[str]:
     missing = [str(c) for c in cells if not (base / c).is_dir()]
     if missing:
         raise ValueError(f"{base} has no cell {', '.join(missing)} of {variant}: run its baselines at those budgets and seeds")
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temp_beside(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         lines = _fill(base, variant, tmp, cells)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-built tree left behind
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return lines
 
 
