@@ -315,7 +315,7 @@ class QatConfig:
     kd_weight: float = 0.5  # loss = (1 - kd) * task + kd * KL(teacher || student); 0 turns the teacher off
     kd_temperature: float = 2.0
     hidden_weight: float = 0.0  # + weight * MSE of hidden states against the teacher's
-    teacher_cache: bool = True  # logits KD from the teacher's outputs computed once per train set (cache_dir)
+    teacher_cache: bool = True  # logits KD from the teacher's outputs, computed once per example (cache_dir)
     dampen_weight: float = 0.0  # + weight * mean (w - q(w))^2
     freeze_threshold: float = 0.0  # freeze weights whose code-flip frequency exceeds this (0: off; ~0.02)
     freeze_momentum: float = 0.99  # EMA momentum of that frequency

@@ -34,7 +34,7 @@ from .plots import plot_architecture
 from .prepare import TRAIN, task_data
 from .rundir import RunDir, write_text_atomic
 from .tasks import get_task
-from .teacher import DistilledLoss, cacheable, teacher_table, with_index
+from .teacher import DistilledLoss, TeacherTable, cacheable, teacher_table, with_index
 
 __all__ = ["run_search", "weight_optimizer", "upper_optimizers"]
 
@@ -108,8 +108,7 @@ def run_search(
         s.loader = accelerator.prepare(s.loader)
     loss_fn = task_loss
     if teacher is not None:  # the same table as QAT's from this checkpoint (one cache entry serves both)
-        teacher = (teacher_table(teacher.to(accelerator.device), tokenized[TRAIN], tokenizer, spec.kind,
-                                 evaluation.batch_size, accelerator.device, cache_dir, progress_bar)
+        teacher = (teacher_table(teacher.to(accelerator.device), tokenized[TRAIN], spec.kind, cache_dir)
                    if use_table else accelerator.prepare(teacher))
         loss_fn = DistilledLoss(teacher, spec.kind, cfg.kd_weight, cfg.kd_temperature)
     steps = total_steps(len(weight_loader), cfg.epochs, max_steps)
@@ -134,6 +133,8 @@ def run_search(
     result = train(step_fn, weight_loader, accelerator, steps, log_fn=run.log, state_dir=run.train_state,
                    checkpoint_every=cfg.checkpoint_every, resume=resume, log_every=cfg.log_every,
                    progress=progress_bar, desc="search")
+    if isinstance(teacher, TeacherTable) and run.main_process:
+        teacher.save()
 
     supernet = accelerator.unwrap_model(net)
     arch, report = derive(supernet, budget)

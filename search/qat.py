@@ -5,7 +5,7 @@ group is fixed to its bits, and the weights and LSQ steps (arXiv:1902.08153) tra
 optionally, knowledge distillation from the FP model (logits KL at a temperature; hidden-state MSE) and
 oscillation dampening and iterative weight freezing (Nagel et al., ICML 2022: pull each latent weight toward
 its quantized value; freeze the weights whose code keeps flipping, search/freezing.py). Logits distillation
-reads the teacher's outputs from a table computed once per training set (search/teacher.py) unless
+reads the teacher's outputs from a table that computes each training example's once (search/teacher.py) unless
 `qat.teacher_cache=false` or the task needs the live teacher.
 With `qat.init=supernet` the weights and LSQ steps start where the search that wrote `qat.architecture` left
 them (its run directory's final train state), not at the FP checkpoint: the supernet's weights have adapted
@@ -201,9 +201,8 @@ def run_qat(
     run.open()
     optimizer = qat_optimizer(net, cfg.lr, cfg.scale_lr, cfg.weight_decay)
     net, optimizer, train_loader = accelerator.prepare(net, optimizer, train_loader)
-    if use_table:  # in fp32 on the accelerator's device; the teacher model is not needed after it
-        teacher = teacher_table(teacher.to(accelerator.device), tokenized[TRAIN], tokenizer, spec.kind,
-                                evaluation.batch_size, accelerator.device, cache_dir, progress_bar)
+    if use_table:  # in fp32 on the accelerator's device, computing the rows no run has cached yet
+        teacher = teacher_table(teacher.to(accelerator.device), tokenized[TRAIN], spec.kind, cache_dir)
     elif teacher is not None:
         teacher = accelerator.prepare(teacher)
     for s in sets:
@@ -225,6 +224,8 @@ def run_qat(
     result = train(step_fn, train_loader, accelerator, steps, log_fn=run.log, state_dir=run.train_state,
                    checkpoint_every=cfg.checkpoint_every, resume=resume, log_every=cfg.log_every,
                    progress=progress_bar, desc="qat")
+    if isinstance(teacher, TeacherTable) and run.main_process:
+        teacher.save()
     results = evaluate_sets(net, sets, spec.name, accelerator)
     run.log(scalars(results), result.steps)
     if run.main_process:

@@ -1,11 +1,14 @@
-"""The FP teacher's outputs over the training set, computed once and cached on disk, for distillation.
+"""The FP teacher's outputs over the training set, filled in as training meets each example and cached on disk.
 
 QAT distils from the FP model (search/qat.py), which runs in eval mode: its output for a training example
 never changes. So instead of one teacher forward pass per example per epoch per QAT run (about a sixth of a
-QAT step on a CPU), the outputs are computed in one pass over the training set and cached under
-`cache_dir`, keyed by the teacher's weights and the tokenised examples: every QAT run of a comparison (three
-methods x budgets x seeds on one checkpoint) then reads them. The training loader carries each example's
-row number (`INDEX`), and a step looks its examples' outputs up.
+QAT step on a CPU), each example's output is computed once, the first time a training batch holds it, and kept
+in a table saved under `cache_dir`, keyed by the teacher's weights and the tokenised examples. Every later run
+of a comparison (three methods x budgets x seeds on one checkpoint), in this process or another, reads the rows
+that are there and adds the ones it meets first. So a run pays for the teacher only on examples no run has seen:
+a QAT of a fifth of an epoch computes a fifth of the table, not a pass over the whole training set before its
+first step. The training loader carries each example's row number (`INDEX`), and a step looks its examples'
+outputs up. Under several processes (accelerate) each fills its own table and only the main one saves it.
 
 Classification and regression keep one [C] row per example, token classification one [L_i, C] row padded
 with zeros to the batch (the padding is outside the distillation mask, so the loss is unchanged).
@@ -30,14 +33,13 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 
-from .data import INDEX, MODEL_COLUMNS, make_loader
-from .progress import progress_bar
+from .data import INDEX, MODEL_COLUMNS
 from .rundir import write_atomic
 from .tasks import TaskKind
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # the files of the first version (a whole table, no `filled`) still read as complete tables
 _INPUTS = tuple(c for c in MODEL_COLUMNS if c not in ("labels", "start_positions", "end_positions"))
 
 
@@ -48,21 +50,112 @@ def cacheable(kind: TaskKind, hidden_weight: float) -> bool:
 
 @dataclass
 class TeacherTable:
-    """The teacher's logits per training example: [N, C] (or [N] for regression), or a list of [L_i, C]."""
+    """The teacher's logits per training example: [N, C] (or [N, 1] for regression), or a list of [L_i, C] rows
+    for token classification; `filled` [N] marks the rows that hold outputs. With a live `teacher`, a lookup
+    first computes the rows of its batch that are missing; `save()` merges the table into its cache file `path`."""
 
-    rows: torch.Tensor | list[torch.Tensor]
+    rows: torch.Tensor | list[torch.Tensor] | None
+    filled: torch.Tensor
+    kind: TaskKind = TaskKind.CLASSIFICATION
+    teacher: nn.Module | None = None
+    path: Path | None = None
+    computed: int = 0  # rows this table's teacher filled since it was made or last saved
 
-    def lookup(self, index: torch.Tensor, seq_len: int, device: torch.device) -> SimpleNamespace:
-        """An output object like the teacher's for the examples `index` ([B]) of a batch padded to `seq_len`."""
-        idx = index.tolist()
+    @classmethod
+    def full(cls, rows: torch.Tensor | list[torch.Tensor], kind: TaskKind = TaskKind.CLASSIFICATION) -> "TeacherTable":
+        """A table whose every row is given."""
+        return cls(rows, torch.ones(len(rows), dtype=torch.bool), kind)
+
+    @classmethod
+    def empty(cls, n: int, kind: TaskKind, teacher: nn.Module | None = None,
+              path: Path | None = None) -> "TeacherTable":
+        """A table of `n` rows, none filled yet, which `teacher` fills as batches need them."""
+        token = kind is TaskKind.TOKEN_CLASSIFICATION
+        return cls([torch.empty(0)] * n if token else None, torch.zeros(n, dtype=torch.bool), kind, teacher, path)
+
+    def lookup(self, index: torch.Tensor, batch: Mapping[str, torch.Tensor], device: torch.device) -> SimpleNamespace:
+        """An output object like the teacher's for the examples `index` ([B]) of `batch` (padded to its length)."""
+        index = index.cpu()
+        missing = ~self.filled[index]
+        if missing.any():
+            self._fill(index, missing, batch)
+        idx, seq_len = index.tolist(), batch["input_ids"].shape[1]
         if isinstance(self.rows, torch.Tensor):
             logits = self.rows[idx]
         else:
-            logits = self.rows[0].new_zeros(len(idx), seq_len, self.rows[0].shape[-1])  # [B, T, C]
+            logits = self.rows[idx[0]].new_zeros(len(idx), seq_len, self.rows[idx[0]].shape[-1])  # [B, T, C]
             for b, i in enumerate(idx):
                 row = self.rows[i]
                 logits[b, :row.shape[0]] = row
         return SimpleNamespace(logits=logits.to(device))
+
+    @torch.no_grad()
+    def _fill(self, index: torch.Tensor, missing: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> None:
+        """Run the teacher (eval mode, fp32) on the examples of `batch` whose rows are missing, and keep them."""
+        if self.teacher is None:
+            raise RuntimeError(f"the teacher table has no outputs for rows {index[missing].tolist()[:8]} "
+                               f"and no teacher to compute them")
+        pos = missing.nonzero().squeeze(1)
+        device = next(self.teacher.parameters()).device
+        inputs = {k: v[pos.to(v.device)].to(device) for k, v in batch.items() if k in _INPUTS}
+        self.teacher.eval()
+        with torch.autocast(device.type, enabled=False):
+            logits = self.teacher(**inputs).logits.float().cpu()
+        rows = index[pos]
+        if self.kind is TaskKind.TOKEN_CLASSIFICATION:
+            for b, n in enumerate(inputs["attention_mask"].sum(-1).tolist()):
+                self.rows[int(rows[b])] = logits[b, :n].clone()  # [T, C] -> [L_i, C]
+        else:
+            if self.rows is None:
+                self.rows = logits.new_zeros((len(self.filled), *logits.shape[1:]))
+            self.rows[rows] = logits
+        self.filled[rows] = True
+        self.computed += len(rows)
+
+    def merge(self, other: "TeacherTable") -> None:
+        """Take `other`'s rows where this table has none (the same examples, from another run)."""
+        take = other.filled & ~self.filled
+        if not take.any():
+            return
+        if self.kind is TaskKind.TOKEN_CLASSIFICATION:
+            for i in take.nonzero().squeeze(1).tolist():
+                self.rows[i] = other.rows[i]
+        else:
+            if self.rows is None:
+                self.rows = torch.zeros_like(other.rows)
+            self.rows[take] = other.rows[take]
+        self.filled |= take
+
+    def save(self) -> None:
+        """Merge the rows computed here with the ones another run saved meanwhile, into `path` (atomically)."""
+        if self.path is None or self.computed == 0:
+            return
+        if self.path.is_file():
+            on_disk = read_table(self.path, len(self.filled), self.kind)
+            if on_disk is not None:
+                self.merge(on_disk)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, lambda tmp: torch.save({"rows": self.rows, "filled": self.filled}, tmp))
+        log.info("teacher outputs: %d rows computed in this run, %d of %d cached in %s", self.computed,
+                 int(self.filled.sum()), len(self.filled), self.path)
+        self.computed = 0
+
+
+def read_table(path: Path, n: int, kind: TaskKind) -> TeacherTable | None:
+    """The table cached in `path` (either version's format), or None, with a warning, if it cannot be used."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        if isinstance(saved, dict):
+            rows, filled = saved["rows"], saved["filled"].bool()
+        else:  # the first version: every row, no mask
+            rows, filled = saved, torch.ones(len(saved), dtype=torch.bool)
+        token = kind is TaskKind.TOKEN_CLASSIFICATION
+        if len(filled) != n or (rows is not None and (len(rows) != n or isinstance(rows, list) != token)):
+            raise ValueError(f"it has {len(filled)} rows for {n} examples")
+        return TeacherTable(rows, filled, kind)
+    except Exception as e:  # a truncated or foreign file: recompute what it held
+        log.warning("ignoring the unreadable teacher cache %s (%s)", path, e)
+        return None
 
 
 def with_index(ds: Dataset) -> Dataset:
@@ -89,41 +182,18 @@ def fingerprint(teacher: nn.Module, ds: Dataset, kind: TaskKind) -> str:
     return h.hexdigest()[:24]
 
 
-@torch.no_grad()
-def compute(teacher: nn.Module, ds: Dataset, tokenizer: Any, kind: TaskKind, batch_size: int,
-            device: torch.device, progress: bool = True) -> TeacherTable:
-    """One pass of the (eval-mode) teacher over `ds` in order."""
+def teacher_table(teacher: nn.Module, ds: Dataset, kind: TaskKind, cache_dir: str | None) -> TeacherTable:
+    """A table of `teacher`'s outputs over `ds` that fills itself as batches need rows: starting from the rows
+    cached under `<cache_dir>/teacher/` (none without a `cache_dir`); `save()` it after training."""
     teacher.eval()
-    loader = make_loader(ds, tokenizer, batch_size, shuffle=False, seed=0)
-    rows: list[torch.Tensor] = []
-    for batch in progress_bar(loader, desc="teacher outputs", progress=progress):
-        batch = {k: v.to(device) for k, v in batch.items() if k in _INPUTS}
-        logits = teacher(**batch).logits.float().cpu()
-        if kind is TaskKind.TOKEN_CLASSIFICATION:
-            lengths = batch["attention_mask"].sum(-1).tolist()
-            rows += [logits[b, :n].clone() for b, n in enumerate(lengths)]  # [T, C] -> [L_i, C]
-        else:
-            rows.append(logits)
-    return TeacherTable(rows if kind is TaskKind.TOKEN_CLASSIFICATION else torch.cat(rows))
-
-
-def teacher_table(teacher: nn.Module, ds: Dataset, tokenizer: Any, kind: TaskKind, batch_size: int,
-                  device: torch.device, cache_dir: str | None, progress: bool = True) -> TeacherTable:
-    """The teacher's outputs over `ds`: from `<cache_dir>/teacher/`, else computed (and cached there)."""
     if cache_dir is None:
-        return compute(teacher, ds, tokenizer, kind, batch_size, device, progress)
+        return TeacherTable.empty(len(ds), kind, teacher)
     path = Path(cache_dir).expanduser() / "teacher" / f"{fingerprint(teacher, ds, kind)}.pt"
-    if path.is_file():
-        try:
-            table = TeacherTable(torch.load(path, weights_only=True))
-            log.info("teacher outputs from %s", path)
-            return table
-        except Exception as e:  # a truncated or foreign file: recompute it
-            log.warning("ignoring the unreadable teacher cache %s (%s)", path, e)
-    table = compute(teacher, ds, tokenizer, kind, batch_size, device, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: torch.save(table.rows, tmp))
-    log.info("teacher outputs cached in %s", path)
+    table = TeacherTable.empty(len(ds), kind, teacher, path)
+    cached = read_table(path, len(ds), kind) if path.is_file() else None
+    if cached is not None:
+        table.merge(cached)
+        log.info("teacher outputs from %s (%d of %d rows)", path, int(table.filled.sum()), len(ds))
     return table
 
 
@@ -163,7 +233,7 @@ def teacher_outputs(teacher: nn.Module | TeacherTable, batch: dict[str, torch.Te
                     device: torch.device, hidden: bool = False) -> Any:
     """The teacher's outputs for `batch`: looked up by the batch's `rows` in a table, or from the live model."""
     if isinstance(teacher, TeacherTable):
-        return teacher.lookup(rows, batch["input_ids"].shape[1], device)
+        return teacher.lookup(rows, batch, device)
     with torch.no_grad():
         return teacher(**batch, output_hidden_states=hidden)
 

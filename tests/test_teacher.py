@@ -1,6 +1,6 @@
 """The teacher's outputs as a table (search/teacher.py): the same logits, the same distillation loss and the
-same QAT steps as the live teacher, for shuffled, dynamically padded batches; cached on disk under a key
-of the weights and the examples."""
+same QAT steps as the live teacher, for shuffled, dynamically padded batches; each row computed once, when a
+batch first needs it, and cached on disk under a key of the weights and the examples, merged across runs."""
 import logging
 
 import pytest
@@ -40,6 +40,14 @@ def tokenizer(tmp_path_factory):
     return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
+def _count_rows(teacher) -> list[int]:
+    """The batch size of every forward pass of `teacher`, from now on."""
+    sizes: list[int] = []
+    teacher.register_forward_hook(lambda m, args, kwargs, out: sizes.append(kwargs["input_ids"].shape[0]),
+                                  with_kwargs=True)
+    return sizes
+
+
 @pytest.mark.parametrize("kind", [TaskKind.CLASSIFICATION, TaskKind.REGRESSION, TaskKind.TOKEN_CLASSIFICATION])
 def test_table_gives_the_live_teachers_logits_and_loss(tokenizer, kind):
     per_token = kind is TaskKind.TOKEN_CLASSIFICATION
@@ -50,27 +58,31 @@ def test_table_gives_the_live_teachers_logits_and_loss(tokenizer, kind):
     ds = _dataset(21, per_token)
     if kind is TaskKind.REGRESSION:
         ds = ds.map(lambda r, i: {"labels": float(i) / 7}, with_indices=True)
-    table = teacher_table(teacher, ds, tokenizer, kind, batch_size=8, device=torch.device("cpu"), cache_dir=None,
-                          progress=False)
+    table = teacher_table(teacher, ds, kind, cache_dir=None)
     torch.manual_seed(1)
     student = cls(teacher.config).eval()
-    loader = make_loader(with_index(ds), tokenizer, 5, shuffle=True, seed=3)
-    lengths = set()
-    for batch in loader:
-        rows = batch.pop(INDEX)
-        with torch.no_grad():
-            live, s_out = teacher(**batch), student(**batch)
-        t_out = table.lookup(rows, batch["input_ids"].shape[1], torch.device("cpu"))
-        mask = (batch["labels"] != -100).float() if per_token else None
-        if per_token:  # the table pads with zeros where the live teacher has logits: outside the mask
-            keep = batch["attention_mask"].bool()
-            torch.testing.assert_close(t_out.logits[keep], live.logits[keep], atol=1e-5, rtol=1e-5)
-        else:
-            torch.testing.assert_close(t_out.logits, live.logits, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(distillation_loss(s_out, t_out, kind, 2.0, mask),
-                                   distillation_loss(s_out, live, kind, 2.0, mask), atol=1e-6, rtol=1e-5)
-        lengths.add(batch["input_ids"].shape[1])
+    lengths, computed = set(), []
+    for epoch in range(2):  # the first pass fills the table, the second reads it
+        rows_computed = 0
+        for batch in make_loader(with_index(ds), tokenizer, 5, shuffle=True, seed=3 + epoch):
+            rows = batch.pop(INDEX)
+            with torch.no_grad():
+                live, s_out = teacher(**batch), student(**batch)
+            before = table.computed
+            t_out = table.lookup(rows, batch, torch.device("cpu"))
+            rows_computed += table.computed - before
+            mask = (batch["labels"] != -100).float() if per_token else None
+            if per_token:  # the table pads with zeros where the live teacher has logits: outside the mask
+                keep = batch["attention_mask"].bool()
+                torch.testing.assert_close(t_out.logits[keep], live.logits[keep], atol=1e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(t_out.logits, live.logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(distillation_loss(s_out, t_out, kind, 2.0, mask),
+                                       distillation_loss(s_out, live, kind, 2.0, mask), atol=1e-6, rtol=1e-5)
+            lengths.add(batch["input_ids"].shape[1])
+        computed.append(rows_computed)
     assert len(lengths) > 1  # batches were padded to different lengths
+    assert computed == [21, 0] and table.filled.all()  # every row once, in the first epoch
 
 
 def test_qat_steps_with_the_table_equal_those_with_the_live_teacher(tiny_cfg, tokenizer):
@@ -78,7 +90,7 @@ def test_qat_steps_with_the_table_equal_those_with_the_live_teacher(tiny_cfg, to
     teacher = BertForSequenceClassification(tiny_cfg).eval()
     arch = Architecture.from_supernet(to_supernet(BertForSequenceClassification(tiny_cfg), SPACE))
     ds = _dataset(16, per_token=False)
-    table = teacher_table(teacher, ds, tokenizer, TaskKind.CLASSIFICATION, 16, torch.device("cpu"), None, False)
+    table = teacher_table(teacher, ds, TaskKind.CLASSIFICATION, None)
     results = []
     for source in (teacher, table):
         torch.manual_seed(1)
@@ -101,7 +113,7 @@ def test_the_distilled_search_loss_mixes_the_labels_loss_and_the_kl_to_the_teach
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny_cfg).eval()
     ds = _dataset(12, per_token=False)
-    table = teacher_table(teacher, ds, tokenizer, TaskKind.CLASSIFICATION, 16, torch.device("cpu"), None, False)
+    table = teacher_table(teacher, ds, TaskKind.CLASSIFICATION, None)
     torch.manual_seed(1)
     student = BertForSequenceClassification(tiny_cfg).eval()
     batch = next(iter(make_loader(with_index(ds), tokenizer, 6, shuffle=True, seed=0)))
@@ -117,35 +129,84 @@ def test_the_distilled_search_loss_mixes_the_labels_loss_and_the_kl_to_the_teach
     assert on_itself == pytest.approx(0, abs=1e-6)  # the FP model is its own teacher: nothing to distil
 
 
-def test_table_is_cached_by_weights_and_examples(tiny_cfg, tokenizer, tmp_path, monkeypatch, caplog):
+def _batch(ds: Dataset, rows: list[int], tokenizer) -> dict[str, torch.Tensor]:
+    """The examples `rows` of `ds` as one padded batch with their `INDEX`."""
+    [batch] = make_loader(with_index(ds).select(rows), tokenizer, len(rows), shuffle=False, seed=0)
+    return batch
+
+
+def test_each_row_is_computed_once_and_the_cache_merges_the_rows_of_every_run(tiny_cfg, tokenizer, tmp_path, caplog):
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny_cfg).eval()
+    kind, cpu, cache = TaskKind.CLASSIFICATION, torch.device("cpu"), str(tmp_path)
     ds = _dataset(10, per_token=False)
-    weights = {k: v.clone() for k, v in teacher.state_dict().items()}
-    args = (tokenizer, TaskKind.CLASSIFICATION, 4, torch.device("cpu"), str(tmp_path), False)
-    first = teacher_table(teacher, ds, *args)
-    files = list((tmp_path / "teacher").glob("*.pt"))
-    assert len(files) == 1
+    sizes = _count_rows(teacher)
 
-    calls = []
-    real = teacher_mod.compute
-    monkeypatch.setattr(teacher_mod, "compute", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = teacher_table(teacher, ds, *args)
-    assert calls == [] and torch.equal(again.rows, first.rows)  # read back, not recomputed
+    def look(table, rows):
+        batch = _batch(ds, rows, tokenizer)
+        return table.lookup(batch.pop(INDEX), batch, cpu).logits
+
+    first, second = teacher_table(teacher, ds, kind, cache), teacher_table(teacher, ds, kind, cache)
+    second.save()  # nothing computed: nothing written
+    assert not (tmp_path / "teacher").exists()
+    a = look(first, [0, 1, 2, 3])
+    assert sizes == [4] and first.filled.tolist() == [True] * 4 + [False] * 6
+    mixed = look(first, [2, 4, 3, 5, 6])  # only the rows it lacks reach the teacher
+    assert sizes == [4, 3] and torch.equal(mixed[[0, 2]], a[[2, 3]])
+    look(second, [8, 9])  # another run over the same examples, at the same time
+    first.save()
+    second.save()  # merges what the first run saved meanwhile
+    [path] = (tmp_path / "teacher").glob("*.pt")
+
+    sizes.clear()
+    with caplog.at_level(logging.INFO, logger="search.teacher"):
+        third = teacher_table(teacher, ds, kind, cache)
+    assert f"teacher outputs from {path} (9 of 10 rows)" in caplog.text
+    again = look(third, [3, 0, 2, 1])
+    assert sizes == [] and torch.equal(again, a[[3, 0, 2, 1]])  # read back, not recomputed
+    look(third, [7, 8])
+    assert sizes == [1]
 
     other = ds.map(lambda r: {"input_ids": [r["input_ids"][0], 5 + r["input_ids"][1] % 90, *r["input_ids"][2:]]})
-    teacher_table(teacher, other, *args)  # other examples of the same lengths
+    keys = {teacher_mod.fingerprint(teacher, d, kind) for d in (ds, other)}  # other examples of the same lengths
     with torch.no_grad():
         next(teacher.parameters()).add_(1e-3)
-    teacher_table(teacher, ds, *args)  # other weights
-    assert len(calls) == 2 and len(list((tmp_path / "teacher").glob("*.pt"))) == 3
+    keys.add(teacher_mod.fingerprint(teacher, ds, kind))  # other weights
+    assert len(keys) == 3 and path.stem in keys
 
-    files[0].write_bytes(b"not a tensor file")  # a damaged cache entry is recomputed, with a warning
-    teacher.load_state_dict(weights)
-    with caplog.at_level(logging.WARNING):
-        fixed = teacher_table(teacher, ds, *args)
-    assert len(calls) == 3 and "unreadable teacher cache" in caplog.text
-    torch.testing.assert_close(fixed.rows, first.rows)
+
+def test_a_damaged_or_foreign_cache_file_is_recomputed_and_a_whole_table_of_the_first_version_is_read(
+        tiny_cfg, tokenizer, tmp_path, caplog):
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_cfg).eval()
+    kind, cpu, ds = TaskKind.CLASSIFICATION, torch.device("cpu"), _dataset(6, per_token=False)
+    path = tmp_path / "teacher" / f"{teacher_mod.fingerprint(teacher, ds, kind)}.pt"
+    path.parent.mkdir()
+    batch = _batch(ds, list(range(6)), tokenizer)
+    rows = batch.pop(INDEX)
+    with torch.no_grad():
+        live = teacher(**batch).logits
+    sizes, warned = _count_rows(teacher), []
+    for content, computed in ((b"not a tensor file", 6), (torch.zeros(4, 2), 6), (live, 0)):
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)  # 4 rows for 6 examples; then the first version's whole table
+        caplog.clear()
+        sizes.clear()
+        with caplog.at_level(logging.WARNING):
+            table = teacher_table(teacher, ds, kind, str(tmp_path))
+            torch.testing.assert_close(table.lookup(rows, batch, cpu).logits, live, atol=1e-5, rtol=1e-5)
+        assert sum(sizes) == computed
+        warned.append(caplog.text)
+    assert "unreadable teacher cache" in warned[0] and "it has 4 rows for 6 examples" in warned[1]
+    assert "teacher cache" not in warned[2]
+
+
+def test_a_table_without_its_teacher_says_which_rows_it_lacks(tokenizer):
+    table = TeacherTable(torch.ones(3, 2), torch.tensor([True, False, True]))
+    with pytest.raises(RuntimeError, match=r"no outputs for rows \[1\]"):
+        table.lookup(torch.tensor([0, 1]), {"input_ids": torch.zeros(2, 4, dtype=torch.long)}, torch.device("cpu"))
 
 
 def test_a_selection_of_rows_has_a_key_of_its_own(tiny_cfg):
@@ -164,7 +225,8 @@ def test_question_answering_and_hidden_states_keep_the_live_teacher():
 
 
 def test_lookup_pads_token_rows_to_the_batch(tokenizer):
-    table = TeacherTable([torch.ones(2, 3), 2 * torch.ones(4, 3)])
-    out = table.lookup(torch.tensor([1, 0]), 5, torch.device("cpu")).logits
+    table = TeacherTable.full([torch.ones(2, 3), 2 * torch.ones(4, 3)], TaskKind.TOKEN_CLASSIFICATION)
+    batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
+    out = table.lookup(torch.tensor([1, 0]), batch, torch.device("cpu")).logits
     assert out.shape == (2, 5, 3)
     assert out[0, :4].eq(2).all() and out[0, 4:].eq(0).all() and out[1, :2].eq(1).all() and out[1, 2:].eq(0).all()

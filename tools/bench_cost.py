@@ -145,7 +145,7 @@ def qat_bench_step(model: str, batch: dict[str, torch.Tensor], table: bool = Fal
     teacher = build(model, None).eval()
     if table:
         with torch.no_grad():
-            teacher = TeacherTable(teacher(**batch).logits.float().cpu())
+            teacher = TeacherTable.full(teacher(**batch).logits.float().cpu())
         batch = {**batch, INDEX: torch.arange(len(batch["input_ids"]))}
     opt = qat_optimizer(student, 2e-5, 2e-5, 0.01)
     step = qat_step(student, teacher, opt, get_constant_schedule(opt), Accelerator(cpu=not DEVICE.startswith("cuda")), TaskKind.CLASSIFICATION,
