@@ -134,8 +134,13 @@ class TeacherTable:
             on_disk = read_table(self.path, len(self.filled), self.kind)
             if on_disk is not None:
                 self.merge(on_disk)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, lambda tmp: torch.save({"rows": self.rows, "filled": self.filled}, tmp))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, lambda tmp: torch.save({"rows": self.rows, "filled": self.filled}, tmp))
+        except OSError as e:  # the run's own results matter more than the cache: the next run recomputes these rows
+            log.warning("could not cache the teacher's outputs in %s (%s); later runs will compute them again",
+                        self.path, e)
+            return
         log.info("teacher outputs: %d rows computed in this run, %d of %d cached in %s", self.computed,
                  int(self.filled.sum()), len(self.filled), self.path)
         self.computed = 0

@@ -203,6 +203,19 @@ def test_a_damaged_or_foreign_cache_file_is_recomputed_and_a_whole_table_of_the_
     assert "teacher cache" not in warned[2]
 
 
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(tiny_cfg, tokenizer, tmp_path, caplog):
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_cfg).eval()
+    ds = _dataset(4, per_token=False)
+    (tmp_path / "teacher").write_text("a file where the cache folder should be")
+    table = teacher_table(teacher, ds, TaskKind.CLASSIFICATION, str(tmp_path))
+    batch = _batch(ds, [0, 1], tokenizer)
+    table.lookup(batch.pop(INDEX), batch, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="search.teacher"):
+        table.save()
+    assert "could not cache the teacher's outputs" in caplog.text and table.filled.sum() == 2
+
+
 def test_a_table_without_its_teacher_says_which_rows_it_lacks(tokenizer):
     table = TeacherTable(torch.ones(3, 2), torch.tensor([True, False, True]))
     with pytest.raises(RuntimeError, match=r"no outputs for rows \[1\]"):
