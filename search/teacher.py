@@ -39,7 +39,10 @@ from .tasks import TaskKind
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # the files of the first version (a whole table, no `filled`) still read as complete tables
+# 2: {"rows", "filled"}, a table that fills as runs meet rows. A file of version 1 (every row, no mask) has a key
+# of its own, so a process of the older version never reads a version-2 file; this one starts from it.
+CACHE_VERSION = 2
+_LEGACY_VERSIONS = (1,)
 _INPUTS = tuple(c for c in MODEL_COLUMNS if c not in ("labels", "start_positions", "end_positions"))
 
 
@@ -170,21 +173,31 @@ def with_index(ds: Dataset) -> Dataset:
 
 def fingerprint(teacher: nn.Module, ds: Dataset, kind: TaskKind) -> str:
     """A key over the teacher's weights and the model inputs of `ds` (not its labels)."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}:{kind.value}:{type(teacher).__name__}".encode())
+    return fingerprints(teacher, ds, kind, (CACHE_VERSION,))[CACHE_VERSION]
+
+
+def fingerprints(teacher: nn.Module, ds: Dataset, kind: TaskKind, versions: tuple[int, ...]) -> dict[int, str]:
+    """`fingerprint` as each of the cache `versions` computed it, in one pass over the weights and examples."""
+    hs = {v: hashlib.sha256(f"v{v}:{kind.value}:{type(teacher).__name__}".encode()) for v in versions}
+
+    def update(data: bytes) -> None:
+        for h in hs.values():
+            h.update(data)
+
     for name, t in sorted(teacher.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        update(name.encode())
+        update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     table = ds.data.table
     indices = getattr(ds, "_indices", None)  # a select()ed or shuffled view of that table: which rows, in order
     if indices is not None:
-        h.update(indices.column(0).to_numpy().tobytes())
+        update(indices.column(0).to_numpy().tobytes())
     for col in _INPUTS:
         if col in table.column_names:
             arr = table.column(col).combine_chunks()
-            h.update(col.encode())
-            h.update(arr.offsets.to_numpy().tobytes())
-            h.update(arr.values.to_numpy().tobytes())
-    return h.hexdigest()[:24]
+            update(col.encode())
+            update(arr.offsets.to_numpy().tobytes())
+            update(arr.values.to_numpy().tobytes())
+    return {v: h.hexdigest()[:24] for v, h in hs.items()}
 
 
 def teacher_table(teacher: nn.Module, ds: Dataset, kind: TaskKind, cache_dir: str | None) -> TeacherTable:
@@ -193,12 +206,17 @@ def teacher_table(teacher: nn.Module, ds: Dataset, kind: TaskKind, cache_dir: st
     teacher.eval()
     if cache_dir is None:
         return TeacherTable.empty(len(ds), kind, teacher)
-    path = Path(cache_dir).expanduser() / "teacher" / f"{fingerprint(teacher, ds, kind)}.pt"
+    folder = Path(cache_dir).expanduser() / "teacher"
+    keys = fingerprints(teacher, ds, kind, (CACHE_VERSION, *_LEGACY_VERSIONS))
+    path = folder / f"{keys[CACHE_VERSION]}.pt"
     table = TeacherTable.empty(len(ds), kind, teacher, path)
-    cached = read_table(path, len(ds), kind) if path.is_file() else None
-    if cached is not None:
-        table.merge(cached)
-        log.info("teacher outputs from %s (%d of %d rows)", path, int(table.filled.sum()), len(ds))
+    for source in (folder / f"{key}.pt" for key in keys.values()):  # this version's file first, then older ones'
+        cached = read_table(source, len(ds), kind) if source.is_file() else None
+        if cached is not None:
+            table.merge(cached)
+            log.info("teacher outputs from %s (%d of %d rows)", source, int(table.filled.sum()), len(ds))
+        if table.filled.all():
+            break
     return table
 
 

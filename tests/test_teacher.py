@@ -187,11 +187,16 @@ def test_a_damaged_or_foreign_cache_file_is_recomputed_and_a_whole_table_of_the_
     with torch.no_grad():
         live = teacher(**batch).logits
     sizes, warned = _count_rows(teacher), []
+    legacy = path.parent / f"{teacher_mod.fingerprints(teacher, ds, kind, (1,))[1]}.pt"
+    assert legacy != path  # so a process of the first version never reads this version's files
     for content, computed in ((b"not a tensor file", 6), (torch.zeros(4, 2), 6), (live, 0)):
         if isinstance(content, bytes):
             path.write_bytes(content)
+        elif computed:
+            torch.save(content, path)  # 4 rows for 6 examples
         else:
-            torch.save(content, path)  # 4 rows for 6 examples; then the first version's whole table
+            path.unlink()
+            torch.save(content, legacy)  # the first version's whole table, under its own key
         caplog.clear()
         sizes.clear()
         with caplog.at_level(logging.WARNING):
