@@ -252,6 +252,10 @@ class SearchConfig:
     weight_fraction: float = 0.5  # share of the training set for the weight step
     arch_warmup_ratio: float = 0.1  # share of steps before the architecture starts moving
     second_order: bool = False  # DARTS unrolled step (finite-difference Hessian-vector product)
+    # the unrolled step's virtual SGD step size; None: the weights' lr (DARTS). With AdamW at 2e-5 that SGD step
+    # moves a weight ~1000x less than a real Adam step, and the second-order gradient is the first-order one
+    # (cosine 0.99998 on MiniLM-L6 and MRPC, tools/unrolled_check.py)
+    xi: Optional[float] = None
     relaxation: supernet.Relaxation = supernet.Relaxation.SOFTMAX
     alpha_init: AlphaInit = AlphaInit.equal
     tau_start: float = 1.0  # temperature, annealed exponentially to tau_end
@@ -288,6 +292,10 @@ class SearchConfig:
                 raise ValueError(f"search.{name}={getattr(self, name)} must be in [0, 1)")
         if self.bitops_target is not None:
             _positive("search.bitops_target", self.bitops_target)
+        if self.xi is not None:
+            if not self.second_order:
+                raise ValueError(f"search.xi={self.xi} only applies to the unrolled step; add search.second_order=true or drop search.xi")
+            _positive("search.xi", self.xi)
         if self.size_weight < 0 or self.group_lasso < 0 or self.curvature_weight < 0:
             raise ValueError("search.size_weight, search.group_lasso and search.curvature_weight must be >= 0")
 

@@ -122,6 +122,35 @@ def test_second_order_step_runs_and_restores_weights(tiny_cfg):
     assert all(_changed(sets.arch, a0))
 
 
+def _arch_grads(step, sets, arch_batch, train_batch):
+    for p in step.upper:
+        p.grad = None
+    step.model.eval()  # no dropout: the two gradients see the same network
+    if step.second_order:
+        step._unrolled_grads(arch_batch, train_batch)
+    else:
+        size, _ = step._size_terms()
+        (step.loss_fn(step.model, arch_batch) + size).backward(inputs=step.upper)
+    return torch.cat([p.grad.flatten() for p in sets.arch])
+
+
+def test_the_unrolled_gradient_tends_to_the_first_order_one_as_xi_goes_to_zero(tiny_cfg):
+    arch_batch, train_batch = _batches(seed=1)[0], _batches()[0]
+    model, sets, first = _setup(tiny_cfg)
+    w0 = _snapshot(sets.weights)
+    g1 = _arch_grads(first, sets, arch_batch, train_batch)
+    _, _, unrolled = _setup(tiny_cfg, second_order=True, weight_lr=1e-3)
+    assert unrolled.xi == 1e-3  # by default the weights' lr, as DARTS
+    unrolled.model, unrolled.weights, unrolled.upper = model, sets.weights, sets.arch + sets.scales  # same network
+    unrolled.xi = 1e-9
+    g_small = _arch_grads(unrolled, sets, arch_batch, train_batch)
+    assert torch.allclose(g_small, g1, rtol=1e-3, atol=1e-7)
+    unrolled.xi = 10.0
+    g_large = _arch_grads(unrolled, sets, arch_batch, train_batch)
+    assert (g_large - g1).norm() > 0.05 * g1.norm()
+    assert all(torch.allclose(p, b, atol=1e-6) for p, b in zip(sets.weights, w0))  # the virtual step is undone
+
+
 def test_temperature_mass_and_group_lasso(tiny_cfg):
     assert temperature(0, 10, 2.0, 0.5) == 2.0 and abs(temperature(9, 10, 2.0, 0.5) - 0.5) < 1e-9
     model, _, _ = _setup(tiny_cfg)

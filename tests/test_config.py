@@ -105,6 +105,7 @@ def test_typo_or_wrong_type_fails_at_compose(override):
     ("eval.batch_size=0", "eval.batch_size"),
     ("search.lr=-1e-5", "search.lr=-1e-05"),
     ("search.curvature_weight=-1", "search.curvature_weight"),
+    ("search.xi=1e-3", "add search.second_order=true"),
     ("space.w_bits=[0,1,2]", "space.w_grid=MIDRISE"),
     ("space.w_grid=UNSIGNED", "space.w_grid=UNSIGNED"),
     ("space.a_mode=MIDRISE", "space.a_mode=MIDRISE"),
@@ -115,6 +116,12 @@ def test_bad_values_fail_in_to_config_with_one_line(override, needle):
         to_config(_compose(override))
     message = str(info.value)
     assert needle in message and "\n" not in message
+
+
+def test_the_unrolled_step_size_must_be_positive():
+    assert to_config(_compose("search.second_order=true", "search.xi=1e-3")).search.xi == 1e-3
+    with pytest.raises(UserError, match="search.xi=-0.1 is invalid"):
+        to_config(_compose("search.second_order=true", "search.xi=-0.1"))
 
 
 def test_a_search_weight_lr_of_zero_is_allowed():

@@ -182,6 +182,24 @@ def test_a_search_with_the_curvature_price_runs_and_logs_it(env, tmp_path, caplo
     assert Architecture.load(run_dir / "architecture.json").n_groups() > 0
 
 
+def test_a_second_order_search_takes_its_step_size_from_the_config(env, tmp_path, monkeypatch):  # noqa: F811
+    import search.dnas
+
+    seen = []
+
+    class Recording(search.dnas.BilevelStep):
+        def _unrolled_grads(self, arch_batch, train_batch):
+            seen.append(self.xi)
+            return super()._unrolled_grads(arch_batch, train_batch)
+
+    monkeypatch.setattr(search.dnas, "BilevelStep", Recording)
+    run_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "search.second_order=true",
+                          "search.xi=0.25"), run_dir) == 0
+    assert seen and set(seen) == {0.25}
+    assert Architecture.load(run_dir / "architecture.json").n_groups() > 0
+
+
 def test_a_distilled_search_runs_and_shares_its_teacher_table_with_qat(env, tmp_path, caplog):  # noqa: F811
     assert run_stage(_cfg(env, tmp_path, "stage=finetune", "max_steps=2"), tmp_path / "ft") == 0
     model = f"model.name_or_path={tmp_path / 'ft' / 'checkpoint'}"  # a head of its own, which every load shares
