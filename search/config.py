@@ -253,7 +253,7 @@ class SearchConfig:
     arch_warmup_ratio: float = 0.1  # share of steps before the architecture starts moving
     second_order: bool = False  # DARTS unrolled step (finite-difference Hessian-vector product)
     # the unrolled step's virtual SGD step size; None: the weights' lr (DARTS). With AdamW at 2e-5 that SGD step
-    # moves a weight ~1000x less than a real Adam step, and the second-order gradient is the first-order one
+    # moves a weight ~540x less than a real Adam step, and the second-order gradient is the first-order one
     # (cosine 0.99998 on MiniLM-L6 and MRPC, tools/unrolled_check.py)
     xi: Optional[float] = None
     relaxation: supernet.Relaxation = supernet.Relaxation.SOFTMAX
