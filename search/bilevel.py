@@ -195,7 +195,9 @@ class BilevelStep:
         self.arch_batches, self.size_term, self.loss_fn = arch_batches, size_term, loss_fn
         self.backward = backward or (lambda loss, **kw: loss.backward(**kw))
         self.warmup_steps, self.second_order = warmup_steps, second_order
-        self.xi = xi if xi is not None else weight_opt.param_groups[0]["lr"]
+        # by default the weights' lr; a scheduler keeps the base in initial_lr (a warmup sets lr to 0 at first)
+        group = weight_opt.param_groups[0]
+        self.xi = xi if xi is not None else group.get("initial_lr", group["lr"])
         self.max_grad_norm, self.group_lasso_weight = max_grad_norm, group_lasso_weight
         self.relaxation, self.tau, self.total_steps = Relaxation(relaxation), tau, total_steps
         self.log_mass_every = log_mass_every

@@ -151,6 +151,17 @@ def test_the_unrolled_gradient_tends_to_the_first_order_one_as_xi_goes_to_zero(t
     assert all(torch.allclose(p, b, atol=1e-6) for p, b in zip(sets.weights, w0))  # the virtual step is undone
 
 
+def test_the_default_xi_is_the_weights_base_lr_even_under_a_warmup(tiny_cfg):
+    from search.loop import linear_warmup
+
+    model, sets, _ = _setup(tiny_cfg)
+    opt = torch.optim.AdamW(sets.weights, lr=3e-4)
+    linear_warmup(opt, 10, 0.5)  # the optimiser's lr is 0 until the warmup starts
+    assert opt.param_groups[0]["lr"] == 0
+    step = BilevelStep(model, sets.weights, sets.arch, opt, [], cycle(_batches()), SizeTerm(1.0, None), second_order=True)
+    assert step.xi == 3e-4
+
+
 def test_temperature_mass_and_group_lasso(tiny_cfg):
     assert temperature(0, 10, 2.0, 0.5) == 2.0 and abs(temperature(9, 10, 2.0, 0.5) - 0.5) < 1e-9
     model, _, _ = _setup(tiny_cfg)

@@ -198,6 +198,10 @@ def test_a_second_order_search_takes_its_step_size_from_the_config(env, tmp_path
                           "search.xi=0.25"), run_dir) == 0
     assert seen and set(seen) == {0.25}
     assert Architecture.load(run_dir / "architecture.json").n_groups() > 0
+    seen.clear()  # by default the weights' lr, not the 0 the warmup starts the optimiser at
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "search.second_order=true",
+                          "search.lr=3e-4", "search.lr_warmup_ratio=0.5"), tmp_path / "s2") == 0
+    assert seen and set(seen) == {3e-4}
 
 
 def test_a_distilled_search_runs_and_shares_its_teacher_table_with_qat(env, tmp_path, caplog):  # noqa: F811
