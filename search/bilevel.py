@@ -233,8 +233,16 @@ class BilevelStep:
         return {"loss/weights": loss.item()}
 
     def arch_step(self, arch_batch: Batch, train_batch: Batch) -> dict[str, float]:
-        for opt in self.upper_opts:
-            opt.zero_grad(set_to_none=True)
+        loss, size_logs = self.arch_gradients(arch_batch, train_batch)
+        for opt in self.upper_opts:  # logits and steps may have optimisers of their own
+            opt.step()
+        return {"loss/arch_task": loss, **size_logs}
+
+    def arch_gradients(self, arch_batch: Batch, train_batch: Batch) -> tuple[float, dict[str, float]]:
+        """Set the gradients of the logits and steps for one architecture step (first order, or DARTS unrolled),
+        without stepping; returns the architecture batch's task loss and the size terms' logs."""
+        for p in self.upper:
+            p.grad = None
         if self.second_order:
             loss, size_logs = self._unrolled_grads(arch_batch, train_batch)
         else:
@@ -249,9 +257,7 @@ class BilevelStep:
                 for p in fisher:
                     p.grad = None  # the weight step takes its own gradients
             loss = task.item()
-        for opt in self.upper_opts:  # logits and steps may have optimisers of their own
-            opt.step()
-        return {"loss/arch_task": loss, **size_logs}
+        return loss, size_logs
 
     def _size_terms(self) -> tuple[torch.Tensor, dict[str, float]]:
         """The size penalty, plus the curvature term when there is one."""

@@ -124,8 +124,7 @@ def run_search(
         net, groups.weights, groups.arch + groups.scales, w_opt, u_opts, cycle(arch_loader),
         SizeTerm(cfg.size_weight, budget, cfg.penalty, scope, cfg.bitops_weight, cfg.bitops_target), loss_fn=loss_fn,
         backward=accelerator.backward, weight_scheduler=scheduler,
-        warmup_steps=int(cfg.arch_warmup_ratio * steps), second_order=cfg.second_order,
-        xi=cfg.xi if cfg.xi is not None else cfg.lr,  # not the optimiser's lr: the warmup starts it at 0
+        warmup_steps=int(cfg.arch_warmup_ratio * steps), second_order=cfg.second_order, xi=cfg.xi,
         max_grad_norm=cfg.max_grad_norm, group_lasso_weight=cfg.group_lasso, relaxation=cfg.relaxation,
         tau=(cfg.tau_start, cfg.tau_end), total_steps=steps, log_mass_every=cfg.log_mass_every,
         curvature=CurvatureTerm(net, cfg.curvature_weight) if cfg.curvature_weight > 0 else None,

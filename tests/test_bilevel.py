@@ -123,14 +123,8 @@ def test_second_order_step_runs_and_restores_weights(tiny_cfg):
 
 
 def _arch_grads(step, sets, arch_batch, train_batch):
-    for p in step.upper:
-        p.grad = None
     step.model.eval()  # no dropout: the two gradients see the same network
-    if step.second_order:
-        step._unrolled_grads(arch_batch, train_batch)
-    else:
-        size, _ = step._size_terms()
-        (step.loss_fn(step.model, arch_batch) + size).backward(inputs=step.upper)
+    step.arch_gradients(arch_batch, train_batch)
     return torch.cat([p.grad.flatten() for p in sets.arch])
 
 

@@ -42,14 +42,8 @@ def batches(args: argparse.Namespace, tokenizer) -> tuple[list[dict], list[dict]
 
 
 def arch_grad(step: BilevelStep, logits: list, arch_batch: dict, train_batch: dict) -> torch.Tensor:
-    """The architecture logits' gradient of one architecture step (no optimiser step, no dropout)."""
-    for p in step.upper:
-        p.grad = None
-    if step.second_order:
-        step._unrolled_grads(arch_batch, train_batch)
-    else:
-        size, _ = step._size_terms()
-        (step.loss_fn(step.model, arch_batch) + size).backward(inputs=step.upper)
+    """The architecture logits' gradient of one architecture step (no optimiser step)."""
+    step.arch_gradients(arch_batch, train_batch)
     return torch.cat([p.grad.flatten() for p in logits]).clone()
 
 
