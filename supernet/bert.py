@@ -19,7 +19,6 @@ from transformers import (
 
 from .groups import make_grouping
 from .mixed import ActQuantizer, MixedEmbedding, MixedLinear, sites
-from .quantizers import CandidateSet
 from .space import SearchSpace, SiteKind
 
 log = logging.getLogger(__name__)

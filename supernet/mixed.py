@@ -204,7 +204,6 @@ class MixedLinear(nn.Linear):
         self.bias = linear.bias
         self.kind = kind
         self.grouping = grouping
-        g = grouping.n_groups
         self.wq = WeightQuantizer(wcands, self.to_groups(self.weight.detach()), rule)
         if isinstance(acands, ActQuantizer) or acands is None:
             self.aq = acands  # shared with the sites that read the same input
