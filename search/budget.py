@@ -208,7 +208,7 @@ def _uniform_extreme(template: Architecture, candidates: dict[str, tuple[int, ..
     for name, site in template:
         bits = pick(candidates[name])
         sites.append((name, dataclasses.replace(site, bits=(bits,) * len(site.bits))))
-    return Architecture(tuple(sites), template.other_params, template.scale_bits)
+    return dataclasses.replace(template, sites=tuple(sites))
 
 
 def uniform(template: Architecture, bits: int, kinds: tuple[SiteKind, ...] = (SiteKind.ENCODER,)) -> Architecture:
@@ -217,4 +217,4 @@ def uniform(template: Architecture, bits: int, kinds: tuple[SiteKind, ...] = (Si
     for name, site in template:
         new = dataclasses.replace(site, bits=(bits,) * len(site.bits)) if site.kind in kinds else site
         sites.append((name, new))
-    return Architecture(tuple(sites), template.other_params, template.scale_bits)
+    return dataclasses.replace(template, sites=tuple(sites))

@@ -125,10 +125,8 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True) -> tuple[
     elif fill:
         move(+1)
 
-    result = Architecture(
-        tuple((name, _with_bits(site, [prices[name][0][i] for i in choice[name]])) for name, site in arch),
-        arch.other_params, arch.scale_bits,
-    )
+    result = dataclasses.replace(
+        arch, sites=tuple((name, _with_bits(site, [prices[name][0][i] for i in choice[name]])) for name, site in arch))
     report.final = budget.of(result)
     if not budget.fits(result):  # the linear prices and the cost model disagree: a bug, not bad input
         raise AssertionError(f"derivation reached {report.final} against {budget.target}")

@@ -190,5 +190,4 @@ def build_knapsack(supernet: nn.Module, template: Architecture, curvature: Curva
 def to_architecture(template: Architecture, knapsack: Knapsack, choice: Sequence[np.ndarray]) -> Architecture:
     """`template` with every group at its chosen bits (activation bits and all else as in the template)."""
     chosen = {n: tuple(int(b[i]) for i in c) for n, b, c in zip(knapsack.names, knapsack.bits, choice)}
-    return Architecture(tuple((n, dataclasses.replace(s, bits=chosen[n])) for n, s in template),
-                        template.other_params, template.scale_bits)
+    return dataclasses.replace(template, sites=tuple((n, dataclasses.replace(s, bits=chosen[n])) for n, s in template))

@@ -160,5 +160,5 @@ def with_activation_bits(arch: Architecture, supernet: nn.Module, knapsack: Knap
     """`arch` with every site's activation bits as chosen (the sites sharing a quantizer alike)."""
     chosen = {n: knapsack.bits[i][int(c[0])] for i, (n, c) in enumerate(zip(knapsack.names, choice))}
     per_site = {name: chosen[act.name] for act in activation_sites(supernet) for name in act.names}
-    return Architecture(tuple((n, dataclasses.replace(s, a_bits=per_site.get(n, s.a_bits))) for n, s in arch),
-                        arch.other_params, arch.scale_bits)
+    return dataclasses.replace(arch, sites=tuple((n, dataclasses.replace(s, a_bits=per_site.get(n, s.a_bits)))
+                                                 for n, s in arch))

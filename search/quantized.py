@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,12 @@ QUANTIZED_DIR = "quantized"
 SPACE_FILE = "space.json"
 WEIGHTS_FILE = "model.safetensors"
 
+log = logging.getLogger(__name__)
+
 
 def space_for(arch: Architecture, base: SearchSpace) -> SearchSpace:
-    """`base` with, per kind of site, exactly the bits `arch` uses as candidates (and its group counts)."""
+    """`base` with, per kind of site, exactly the bits `arch` uses as candidates (and its group counts), on
+    the weight grid `arch` records (base's when it records none)."""
 
     def used(kind: SiteKind) -> list[int]:
         return sorted({b for _, s in arch if s.kind is kind for b in s.bits}) or [32]
@@ -47,7 +51,7 @@ def space_for(arch: Architecture, base: SearchSpace) -> SearchSpace:
     return dataclasses.replace(
         base, w_bits=used(SiteKind.ENCODER), a_bits=a_bits, embedding_bits=used(SiteKind.EMBEDDING),
         head_bits=used(SiteKind.HEAD), groups=groups(SiteKind.ENCODER) or base.groups,
-        embedding_groups=groups(SiteKind.EMBEDDING),
+        embedding_groups=groups(SiteKind.EMBEDDING), w_grid=arch.w_grid or base.w_grid,
     )
 
 
@@ -69,6 +73,9 @@ def load_architecture(path: str, option: str) -> Architecture:
 
 def quantize_user_model(model: nn.Module, arch: Architecture, base: SearchSpace, arch_name: str, source: str) -> nn.Module:
     """`quantize`, with an architecture that does not fit the model (it names the site) as a UserError."""
+    if arch.w_grid is not None and arch.w_grid is not base.w_grid:
+        log.warning("%s is on the %s weight grid, and the model is built on it (not on space.w_grid=%s)",
+                    arch_name, arch.w_grid.name, base.w_grid.name)
     try:
         return quantize(model, arch, base)
     except ValueError as e:

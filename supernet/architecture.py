@@ -21,7 +21,7 @@ from torch import nn
 from .cost import FP32_BITS, MIB, CostEntry, Scope, SiteShape, Size, bitops, size
 from .mixed import sites
 from .params import other_fp32_params
-from .quantizers import check_bits
+from .quantizers import WEIGHT_GRIDS, QuantMode, check_bits
 from .space import SiteKind
 
 FORMAT = "bert-mpq.architecture"
@@ -68,6 +68,9 @@ class Architecture:
     sites: tuple[tuple[str, SiteArch], ...]
     other_params: int
     scale_bits: int = FP32_BITS
+    # the integer grid of its weights (space.w_grid): the same bits are other levels on another grid.
+    # None: not recorded (a hand-written file, or one from before the field); the space in use decides.
+    w_grid: QuantMode | None = None
 
     def __post_init__(self) -> None:
         names = [n for n, _ in self.sites]
@@ -75,6 +78,9 @@ class Architecture:
             raise ValueError("an architecture names a site twice")
         if not names:
             raise ValueError("an architecture needs at least one site")
+        if self.w_grid is not None and QuantMode(self.w_grid) not in WEIGHT_GRIDS:
+            raise ValueError(f"w_grid {QuantMode(self.w_grid).name} is not a weight grid; use one of "
+                             f"{[g.name for g in WEIGHT_GRIDS]}")
 
     # --- lookup --------------------------------------------------------------------------------
     @property
@@ -154,6 +160,7 @@ class Architecture:
             "summary": self.summary(),
             "other_fp32_params": self.other_params,
             "scale_bits": self.scale_bits,
+            **({"w_grid": self.w_grid.value} if self.w_grid is not None else {}),
             "sites": {
                 name: {
                     "kind": s.kind.value,
@@ -193,7 +200,12 @@ class Architecture:
                     )))
                 except (KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{source}: site {name!r} is malformed ({type(e).__name__}: {e})") from None
-            return cls(tuple(built), int(d["other_fp32_params"]), int(d.get("scale_bits", FP32_BITS)))
+            grid = d.get("w_grid")
+            if grid is not None and grid not in [g.value for g in WEIGHT_GRIDS]:
+                raise ValueError(f"{source}: \"w_grid\" is {grid!r}; use one of {[g.value for g in WEIGHT_GRIDS]} "
+                                 f"or leave it out")
+            return cls(tuple(built), int(d["other_fp32_params"]), int(d.get("scale_bits", FP32_BITS)),
+                       None if grid is None else QuantMode(grid))
         except (KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{source} is malformed: missing or wrong {e}") from None
 
@@ -225,8 +237,9 @@ class Architecture:
     # --- supernet ------------------------------------------------------------------------------
     @classmethod
     def from_supernet(cls, model: nn.Module, scale_bits: int = FP32_BITS) -> "Architecture":
-        """Argmax of every group's logits (or its fixed choice)."""
+        """Argmax of every group's logits (or its fixed choice), on the model's weight grid."""
         built = []
+        grids = {site.wq.cands.mode for _, site in sites(model)}
         for name, site in sites(model):
             shape = site.shape()
             a_bits = None
@@ -236,7 +249,7 @@ class Architecture:
                                          shape.in_features, shape.bias, a_bits)))
         if not built:
             raise ValueError("the model has no mixed-precision sites; convert it with supernet.to_supernet first")
-        return cls(tuple(built), other_fp32_params(model), scale_bits)
+        return cls(tuple(built), other_fp32_params(model), scale_bits, grids.pop() if len(grids) == 1 else None)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Fix every site of a supernet to this architecture (in place); returns the model."""
@@ -251,6 +264,9 @@ class Architecture:
         act_bits: dict[int, tuple[str, int | None]] = {}  # shared input quantizers must agree (Q/K/V)
         for name, arch in self.sites:
             site = model_sites[name]
+            if self.w_grid is not None and site.wq.cands.mode is not self.w_grid:
+                raise ValueError(f"the architecture is for the {self.w_grid.name} weight grid, {name} uses "
+                                 f"{site.wq.cands.mode.name}; convert with space.w_grid={self.w_grid.name}")
             if site.aq is not None:
                 first = act_bits.setdefault(id(site.aq), (name, arch.a_bits))
                 if first[1] != arch.a_bits:

@@ -8,6 +8,7 @@ from transformers import BertForSequenceClassification
 
 from supernet import (
     Architecture,
+    QuantMode,
     SearchSpace,
     SiteArch,
     SiteKind,
@@ -119,6 +120,8 @@ def test_apply_fixes_the_model_and_derive_reads_it_back(tiny_cfg):
     ('{"format": "bert-mpq.architecture", "version": 1, "other_fp32_params": 1, "sites": {"a": {"kind": "encoder"}}}', "site 'a' is malformed"),
     ('{"format": "bert-mpq.architecture", "version": 1, "other_fp32_params": 1, "sites": {"a": {"kind": "encoder", "bits": [3, 5, 7, 9], '
      '"group_numel": 1, "rows_per_group": 1, "in_features": 1, "bias": true}}}', "bit-width 9"),
+    ('{"format": "bert-mpq.architecture", "version": 1, "other_fp32_params": 1, "w_grid": "unsigned", "sites": {"a": '
+     '{"kind": "encoder", "bits": [2], "group_numel": 1, "rows_per_group": 1, "in_features": 1, "bias": true}}}', "w_grid"),
 ])
 def test_malformed_architecture_is_a_clear_error(text, match):
     with pytest.raises(ValueError, match=match):
@@ -135,6 +138,27 @@ def test_apply_to_a_different_model_raises(tiny_cfg):
     other = _supernet(tiny_cfg, dataclasses.replace(SPACE, groups=2))
     with pytest.raises(ValueError, match="groups"):
         arch.apply(other)
+
+
+def test_the_weight_grid_is_part_of_the_architecture(tmp_path, tiny_cfg):
+    """The same bits are other levels on another grid: the file records the grid, and applying it to a model
+    built on another grid is an error that says which grid to convert with."""
+    midrise = dataclasses.replace(SPACE, w_grid=QuantMode.MIDRISE)
+    arch = Architecture.from_supernet(_supernet(tiny_cfg, midrise))
+    assert arch.w_grid is QuantMode.MIDRISE
+    assert Architecture.from_supernet(_supernet(tiny_cfg)).w_grid is QuantMode.SYMMETRIC
+    path = arch.save(tmp_path / "architecture.json")
+    assert json.loads(path.read_text())["w_grid"] == "midrise"
+    assert Architecture.load(path) == arch
+    arch.apply(_supernet(tiny_cfg, midrise))
+    with pytest.raises(ValueError, match="space.w_grid=MIDRISE"):
+        arch.apply(_supernet(tiny_cfg))
+    # a file without the field (hand-written, or older) reads as "not recorded" and fits either grid
+    d = json.loads(path.read_text())
+    del d["w_grid"]
+    unrecorded = Architecture.from_dict(d)
+    assert unrecorded.w_grid is None and unrecorded.sites == arch.sites
+    unrecorded.apply(_supernet(tiny_cfg))
 
 
 def test_parameter_sets_are_disjoint_and_cover_the_model(tiny_cfg):
