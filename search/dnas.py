@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
-from supernet import Architecture, SearchSpace, param_sets, sites, to_supernet
+from supernet import Architecture, SearchSpace, param_sets, sites
 
 from .bilevel import BilevelStep, CurvatureTerm, SizeTerm, cycle, task_loss
 from .budget import Budget, Penalty, site_candidates, start_at_budget
@@ -29,7 +29,7 @@ from .derive import candidate_probs, derive
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
 from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
-from .models import load_task_model, load_tokenizer
+from .models import convert, load_task_model, load_tokenizer
 from .plots import plot_architecture
 from .prepare import TRAIN, task_data
 from .rundir import RunDir, write_text_atomic
@@ -84,7 +84,7 @@ def run_search(
     net = load_task_model(model.name_or_path, spec.name)
     # the teacher is the model the search starts from (a head the checkpoint lacks included), in FP32
     teacher = copy.deepcopy(net).eval() if cfg.kd_weight > 0 else None
-    to_supernet(net, space)
+    convert(net, space, model.name_or_path)
     if not any(s.wq.searchable for _, s in sites(net)):
         raise UserError(f"space.w_bits={list(space.w_bits)} offers one candidate: there is nothing to search; "
                         f"give two or more (e.g. [0,2,4,8]) or run stage=qat with that precision")

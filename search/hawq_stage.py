@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from supernet import Architecture, SearchSpace, SiteKind, sites, to_supernet
+from supernet import Architecture, SearchSpace, SiteKind, sites
 
 from .budget import Budget, site_candidates, uniform
 from .config import BudgetConfig, EvalConfig, HawqConfig, MixedPrecision, ModelConfig, NegativeCurvature, Sensitivity, TaskConfig
@@ -38,7 +38,7 @@ from .hawq import Curvature, build_knapsack, measure_curvature, to_architecture
 from .hawq_act import activation_knapsack, activation_traces, activation_width, with_activation_bits
 from .knapsack import Knapsack
 from .loop import make_accelerator
-from .models import load_task_model, load_tokenizer
+from .models import convert, load_task_model, load_tokenizer
 from .plots import plot_architecture, plot_convergence, plot_frontier
 from .prepare import TRAIN, task_data
 from .rundir import RunDir, write_text_atomic
@@ -165,7 +165,7 @@ def run_hawq(
     tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
     net = load_task_model(model.name_or_path, spec.name)
     fp = copy.deepcopy(net)  # the FP model whose Hessian is taken (the supernet's quantizers have none)
-    to_supernet(net, space)
+    convert(net, space, model.name_or_path)
     candidates = site_candidates(net)
     if not any(s.wq.searchable for _, s in sites(net)):
         raise UserError(f"space.w_bits={list(space.w_bits)} offers one candidate: there is nothing to allocate; "

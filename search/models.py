@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from search.errors import UserError, first_line
+from supernet import SearchSpace, to_supernet
 from search.rundir import replace_dir, temp_beside
 from search.tasks import TaskKind, TaskSpec, get_task
 
@@ -123,6 +124,15 @@ def load_task_model(name_or_path: str, task: str) -> PreTrainedModel:
         ) from e
     log.info("loaded %s for %s (%s)", name_or_path, task, type(model).__name__)
     return model
+
+
+def convert(net: PreTrainedModel, space: SearchSpace, source: str) -> PreTrainedModel:
+    """`supernet.to_supernet`, with a space the model cannot take (groups that do not divide a matrix, a
+    layout that is not BERT's) as a one-line UserError that names the model."""
+    try:
+        return to_supernet(net, space)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"cannot convert {source} with this space: {e}") from e
 
 
 def save_checkpoint(

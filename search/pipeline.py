@@ -14,14 +14,14 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from supernet import Architecture, to_supernet
+from supernet import Architecture
 
 from .budget import Budget, site_candidates
 from .config import BudgetConfig, Config, ModelConfig, QatInit
 from .dnas import run_search
 from .finetune import finetune
 from .hawq_stage import run_hawq
-from .models import TASK_FILE, load_task_model
+from .models import TASK_FILE, convert, load_task_model
 from .qat import SUPERNET_STATE, run_qat
 from .rundir import RunDir, run_step
 from .tasks import get_task
@@ -41,7 +41,7 @@ def finetuned_on(name_or_path: str, task: str) -> bool:
 def check_budgets_up_front(c: Config, budgets: Sequence[Budget]) -> Architecture:
     """Impossible budgets fail now, not after fine-tuning and an hour of search; returns the architecture
     skeleton of `c.model` converted with `c.space` (its sites and groups, at the argmax of fresh logits)."""
-    net = to_supernet(load_task_model(c.model.name_or_path, c.task.name), c.space)
+    net = convert(load_task_model(c.model.name_or_path, c.task.name), c.space, c.model.name_or_path)
     skeleton = Architecture.from_supernet(net)
     candidates = site_candidates(net)
     for budget in budgets:

@@ -343,3 +343,21 @@ def test_a_one_bit_architecture_on_the_symmetric_grid_is_a_one_line_error(env, t
     assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={tmp_path / 'uniform1.json'}",
                           "space.w_grid=MIDRISE"), qat_dir) == 0
     assert _metrics(qat_dir)["architecture"]["encoder_avg_bits"] == 1.0
+    # a file that records its grid (as every search, hawq and compare run writes it) needs no override
+    from supernet import QuantMode
+
+    dataclasses.replace(one, w_grid=QuantMode.MIDRISE).save(tmp_path / "uniform1_midrise.json")
+    recorded_dir = tmp_path / "q_recorded"
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={tmp_path / 'uniform1_midrise.json'}"),
+                     recorded_dir) == 0
+    assert json.loads((recorded_dir / "quantized" / "space.json").read_text())["w_grid"] == "midrise"
+    assert _metrics(recorded_dir)["main_metric"] == _metrics(qat_dir)["main_metric"]  # the same model and training
+
+
+@pytest.mark.parametrize("stage", ["search", "hawq", "pipeline"])
+def test_groups_that_do_not_divide_a_matrix_are_a_one_line_error(env, tmp_path, capsys, stage):  # noqa: F811
+    run_dir = tmp_path / "bad_groups"
+    assert run_stage(_cfg(env, tmp_path, f"stage={stage}", "budget.avg_bits=3", "space.groups=5"), run_dir) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "cannot convert" in err and "5 groups do not divide" in err
+    assert not run_dir.exists()
