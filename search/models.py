@@ -27,9 +27,9 @@ from transformers import (
 )
 
 from search.errors import UserError, first_line
-from supernet import SearchSpace, to_supernet
 from search.rundir import replace_dir, temp_beside
 from search.tasks import TaskKind, TaskSpec, get_task
+from supernet import SearchSpace, to_supernet
 
 __all__ = ["MODEL_CLASSES", "TASK_FILE", "check_local", "load_tokenizer", "load_task_model", "save_checkpoint"]
 

@@ -78,9 +78,11 @@ class Architecture:
             raise ValueError("an architecture names a site twice")
         if not names:
             raise ValueError("an architecture needs at least one site")
-        if self.w_grid is not None and QuantMode(self.w_grid) not in WEIGHT_GRIDS:
-            raise ValueError(f"w_grid {QuantMode(self.w_grid).name} is not a weight grid; use one of "
-                             f"{[g.name for g in WEIGHT_GRIDS]}")
+        if self.w_grid is not None:
+            object.__setattr__(self, "w_grid", QuantMode(self.w_grid))  # a value string ("midrise") as well
+            if self.w_grid not in WEIGHT_GRIDS:
+                raise ValueError(f"w_grid {self.w_grid.name} is not a weight grid; use one of "
+                                 f"{[g.name for g in WEIGHT_GRIDS]}")
 
     # --- lookup --------------------------------------------------------------------------------
     @property

@@ -159,6 +159,9 @@ def test_the_weight_grid_is_part_of_the_architecture(tmp_path, tiny_cfg):
     unrecorded = Architecture.from_dict(d)
     assert unrecorded.w_grid is None and unrecorded.sites == arch.sites
     unrecorded.apply(_supernet(tiny_cfg))
+    assert dataclasses.replace(arch, w_grid="midrise") == arch  # the value string is the member
+    with pytest.raises(ValueError, match="not a weight grid"):
+        dataclasses.replace(arch, w_grid=QuantMode.UNSIGNED)
 
 
 def test_parameter_sets_are_disjoint_and_cover_the_model(tiny_cfg):
