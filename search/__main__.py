@@ -13,6 +13,7 @@ never removed. Everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from pathlib import Path
@@ -20,13 +21,15 @@ from typing import Any, Callable, Sequence
 
 import hydra
 from accelerate.utils import set_seed
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from search.config import Config, Stage, register, to_config
 from search.compare import run_compare
 from search.dnas import run_search
-from search.errors import USER_ERRORS, UserError, one_line
+from search.errors import USER_ERRORS, UserError, first_line, one_line
 from search.evaluate import run_eval
 from search.export import run_export
 from search.finetune import finetune
@@ -36,7 +39,7 @@ from search.pipeline import run_pipeline
 from search.qat import run_qat
 from search.rundir import RunDir, check_reusable, remove_if_empty, warn_resumed_changes
 
-__all__ = ["CONF_DIR", "STAGES", "check_group_choices", "run_stage", "main"]
+__all__ = ["CONF_DIR", "STAGES", "check_group_choices", "check_overrides", "run_stage", "main"]
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -124,6 +127,44 @@ def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> 
             raise UserError(f"unknown {key} {value!r}; choose one of: {', '.join(options)}")
 
 
+def _keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config tree, groups as well as their leaves."""
+    if not isinstance(node, dict):
+        return []
+    return [k for key, value in node.items() for k in (f"{prefix}{key}", *_keys(value, f"{prefix}{key}."))]
+
+
+def check_overrides(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """Compose the config once before hydra does, so that a value of the wrong type, an unknown option or a
+    malformed override is one line (hydra's own report is several, and names no fix). Command lines with
+    flags (-m and its sweeps, --cfg, --help) and hydra.* settings are left to hydra."""
+    check_group_choices(overrides, conf_dir)
+    if any(arg.startswith("-") for arg in overrides):
+        return
+    plain = [arg for arg in overrides if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        try:
+            compose("config", overrides=plain)
+            return
+        except OverrideParseException as e:
+            raise UserError(f"{first_line(e)}; write overrides as key=value, lists as key=[a,b]") from None
+        except ConfigCompositionException as e:
+            message, cause = str(e), e.__cause__
+            if message.startswith("Could not override '"):  # an option the config does not have
+                key = message.split("'")[1]
+                known = _keys(OmegaConf.to_container(compose("config"), resolve=False))
+                known = [k for k in known if not key.startswith(f"{k}.")]  # not the group the key is in
+                close = difflib.get_close_matches(key, known, n=3)
+                hint = f"did you mean {' or '.join(close)}?" if close else "README.md lists the options"
+                raise UserError(f"unknown option {key}; {hint}") from None
+            if message.startswith("Ambiguous value for argument '"):
+                raise UserError(f"{message.split(chr(39))[1]} is ambiguous; write a list as key=[a,b], a string "
+                                f"as key='a,b', or sweep it with -m") from None
+            where = message.removeprefix("Error merging override ")
+            detail = f": {first_line(cause)}" if cause is not None else ""
+            raise UserError(f"{first_line(Exception(where))}{detail}; fix the value") from None
+
+
 def run_stage(cfg: DictConfig, run_dir: Path) -> int:
     """Run the composed `cfg` into `run_dir`; the exit code (non-zero after a one-line error)."""
     try:
@@ -164,7 +205,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:
-        check_group_choices(sys.argv[1:])
+        check_overrides(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -19,7 +19,7 @@ from transformers import BertModel
 
 from conftest import ROOT, tiny_config
 from data_fixtures import GLUE_FILES, tiny_tokenizer, write_conll, write_glue, write_squad
-from search.__main__ import CONF_DIR, check_group_choices, run_stage
+from search.__main__ import CONF_DIR, check_group_choices, check_overrides, run_stage
 from search.config import LoggerConfig, LoggerKind, WandbMode
 from search.errors import UserError
 from search.logger import NullLogger, make_logger, wandb_mode
@@ -204,6 +204,29 @@ def test_unknown_group_option():
     check_group_choices(["task=rte", "model=minilm-l6", "task.max_seq_len=5", "experiment=null", "+x=1"])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["task=sst3"], "unknown task 'sst3'"),  # the group check comes first
+    (["search.lr=fast"], "^search.lr=fast: Value 'fast' of type 'str' could not be converted to Float; fix the value$"),
+    (["task=mrpc", "compare.budgets=[2,abc]"], "^compare.budgets=\\[2,abc\\]: .*'abc'.*; fix the value$"),
+    (["space.w_grid=FOO"], "expected one of .*MIDRISE"),
+    (["qat.epoch=3"], "^unknown option qat.epoch; did you mean qat.epochs"),
+    (["tasks=mrpc"], "^unknown option tasks; did you mean task\\?$"),
+    (["nosuch.key=1"], "^unknown option nosuch.key; README.md lists the options$"),
+    (["budget.avg_bits=[1"], "write overrides as key=value"),
+    (["compare.budgets=1,2"], "^compare.budgets=1,2 is ambiguous; write a list as key=\\[a,b\\]"),
+])
+def test_bad_overrides_are_one_line(overrides, message):
+    with pytest.raises(UserError, match=message) as e:
+        check_overrides(overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_good_overrides_and_hydra_flags_pass():
+    check_overrides(["task=mrpc", "space=lowbit", "budget.avg_bits=2", "compare.budgets=[4,2]", "hydra.run.dir=x",
+                     "+x=1"])
+    check_overrides(["-m", "seed=1,2", "search.lr=1e-4,2e-5"])  # a sweep: hydra's to read
+
+
 # ----------------------------------------------------------------------------- subprocess
 
 
@@ -224,11 +247,12 @@ def test_python_m_search_subprocess(env, tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "checkpoint", "config.yaml", "metrics.json", "run.log", "train_state"]
 
-    # an unknown task option: one line, non-zero, no run directory
+    # a misspelt option: one line, non-zero, no run directory
     bad_dir = tmp_path / "bad"
-    done = _python_m_search(*base[:-1], "task=sst3", f"hydra.run.dir={bad_dir}", cwd=tmp_path)
+    done = _python_m_search(*base[:-1], "search.lrr=1e-4", f"hydra.run.dir={bad_dir}", cwd=tmp_path)
     assert done.returncode != 0
-    assert done.stderr.strip().splitlines()[-1].startswith("error: unknown task 'sst3'")
+    assert done.stderr.strip().splitlines() == ["error: unknown option search.lrr; did you mean search.lr or "
+                                                "search.arch_lr or search.xi?"]
     assert not bad_dir.exists()
 
 
