@@ -149,20 +149,19 @@ def check_overrides(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None
         except OverrideParseException as e:
             raise UserError(f"{first_line(e)}; write overrides as key=value, lists as key=[a,b]") from None
         except ConfigCompositionException as e:
-            message, cause = str(e), e.__cause__
+            message, cause = first_line(e), e.__cause__
+            quoted = message.split("'")[1] if message.count("'") >= 2 else message  # the key or override named
             if message.startswith("Could not override '"):  # an option the config does not have
-                key = message.split("'")[1]
                 known = _keys(OmegaConf.to_container(compose("config"), resolve=False))
-                known = [k for k in known if not key.startswith(f"{k}.")]  # not the group the key is in
-                close = difflib.get_close_matches(key, known, n=3)
+                known = [k for k in known if not quoted.startswith(f"{k}.")]  # not the group the key is in
+                close = difflib.get_close_matches(quoted, known, n=3)
                 hint = f"did you mean {' or '.join(close)}?" if close else "README.md lists the options"
-                raise UserError(f"unknown option {key}; {hint}") from None
+                raise UserError(f"unknown option {quoted}; {hint}") from None
             if message.startswith("Ambiguous value for argument '"):
-                raise UserError(f"{message.split(chr(39))[1]} is ambiguous; write a list as key=[a,b], a string "
-                                f"as key='a,b', or sweep it with -m") from None
-            where = message.removeprefix("Error merging override ")
+                raise UserError(f"{quoted} is ambiguous; write a list as key=[a,b], a string as key='a,b', "
+                                f"or sweep it with -m") from None
             detail = f": {first_line(cause)}" if cause is not None else ""
-            raise UserError(f"{first_line(Exception(where))}{detail}; fix the value") from None
+            raise UserError(f"{message.removeprefix('Error merging override ')}{detail}; fix the value") from None
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> int:

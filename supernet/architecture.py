@@ -78,11 +78,12 @@ class Architecture:
             raise ValueError("an architecture names a site twice")
         if not names:
             raise ValueError("an architecture needs at least one site")
-        if self.w_grid is not None:
-            object.__setattr__(self, "w_grid", QuantMode(self.w_grid))  # a value string ("midrise") as well
-            if self.w_grid not in WEIGHT_GRIDS:
-                raise ValueError(f"w_grid {self.w_grid.name} is not a weight grid; use one of "
-                                 f"{[g.name for g in WEIGHT_GRIDS]}")
+        if self.w_grid is not None:  # a member, or its value string ("midrise", as architecture.json has it)
+            grid = next((g for g in WEIGHT_GRIDS if self.w_grid in (g, g.value)), None)
+            if grid is None:
+                raise ValueError(f"w_grid {getattr(self.w_grid, 'value', self.w_grid)!r} is not a weight grid; use "
+                                 f"one of {[g.value for g in WEIGHT_GRIDS]} or leave it out")
+            object.__setattr__(self, "w_grid", grid)
 
     # --- lookup --------------------------------------------------------------------------------
     @property
@@ -202,12 +203,11 @@ class Architecture:
                     )))
                 except (KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{source}: site {name!r} is malformed ({type(e).__name__}: {e})") from None
-            grid = d.get("w_grid")
-            if grid is not None and grid not in [g.value for g in WEIGHT_GRIDS]:
-                raise ValueError(f"{source}: \"w_grid\" is {grid!r}; use one of {[g.value for g in WEIGHT_GRIDS]} "
-                                 f"or leave it out")
-            return cls(tuple(built), int(d["other_fp32_params"]), int(d.get("scale_bits", FP32_BITS)),
-                       None if grid is None else QuantMode(grid))
+            try:
+                return cls(tuple(built), int(d["other_fp32_params"]), int(d.get("scale_bits", FP32_BITS)),
+                           d.get("w_grid"))
+            except ValueError as e:  # the whole record's checks (__post_init__), named with the file
+                raise ValueError(f"{source}: {e}") from None
         except (KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{source} is malformed: missing or wrong {e}") from None
 
@@ -240,9 +240,9 @@ class Architecture:
     @classmethod
     def from_supernet(cls, model: nn.Module, scale_bits: int = FP32_BITS) -> "Architecture":
         """Argmax of every group's logits (or its fixed choice), on the model's weight grid."""
-        built = []
-        grids = {site.wq.cands.mode for _, site in sites(model)}
+        built, grids = [], set()
         for name, site in sites(model):
+            grids.add(site.wq.cands.mode)
             shape = site.shape()
             a_bits = None
             if site.aq is not None and not site.aq.cands.is_identity:
