@@ -23,6 +23,8 @@ import hydra
 from accelerate.utils import set_seed
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
@@ -134,20 +136,49 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
     return [k for key, value in node.items() for k in (f"{prefix}{key}", *_keys(value, f"{prefix}{key}."))]
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+LISTABLE_SWEEPS = (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.RANGE_SWEEP)
+
+
+def _sweep_variants(overrides: Sequence[str]) -> list[list[str]] | None:
+    """Enough of a `-m` sweep's command lines that each swept value is composed once: every sweep at its first
+    value, then each further value of each sweep on its own. None for sweeps that cannot be listed without the
+    sweeper (intervals, globs, an empty range): those are left to hydra."""
+    choices: list[list[str]] = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if not override.is_sweep_override():
+            choices.append([override.input_line])
+            continue
+        if override.value_type not in LISTABLE_SWEEPS:
+            return None
+        key = override.get_key_element()
+        values = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        if not values:
+            return None
+        choices.append(values)
+    first = [values[0] for values in choices]
+    return [first] + [first[:i] + [value] + first[i + 1:] for i, values in enumerate(choices) for value in values[1:]]
+
+
 def check_overrides(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
-    """Compose the config once before hydra does, so that a value of the wrong type, an unknown option or a
-    malformed override is one line (hydra's own report is several, and names no fix). Command lines with
-    flags (-m and its sweeps, --cfg, --help) and hydra.* settings are left to hydra."""
+    """Compose the config before hydra does, so that a value of the wrong type, an unknown option or a
+    malformed override is one line (hydra's own report is several, and names no fix). Under -m, each swept
+    value is composed once (a sweep of n values and m values costs 1 + (n-1) + (m-1) compositions). Command
+    lines with other flags (--cfg, --help, ...) and hydra.* settings are left to hydra."""
     check_group_choices(overrides, conf_dir)
-    if any(arg.startswith("-") for arg in overrides):
+    multirun = any(arg in MULTIRUN_FLAGS for arg in overrides)
+    args = [arg for arg in overrides if arg not in MULTIRUN_FLAGS]
+    if any(arg.startswith("-") for arg in args):
         return
-    plain = [arg for arg in overrides if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    plain = [arg for arg in args if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         try:
-            compose("config", overrides=plain)
-            return
+            variants = _sweep_variants(plain) if multirun else [plain]
+            for variant in variants or []:
+                check_group_choices(variant, conf_dir)
+                compose("config", overrides=variant)
         except OverrideParseException as e:
-            raise UserError(f"{first_line(e)}; write overrides as key=value, lists as key=[a,b]") from None
+            raise UserError(f"{e.override}: {first_line(e)}; write overrides as key=value, lists as key=[a,b]") from None
         except ConfigCompositionException as e:
             message, cause = first_line(e), e.__cause__
             quoted = message.split("'")[1] if message.count("'") >= 2 else message  # the key or override named

@@ -212,7 +212,7 @@ def test_unknown_group_option():
     (["qat.epoch=3"], "^unknown option qat.epoch; did you mean qat.epochs"),
     (["tasks=mrpc"], "^unknown option tasks; did you mean task\\?$"),
     (["nosuch.key=1"], "^unknown option nosuch.key; README.md lists the options$"),
-    (["budget.avg_bits=[1"], "write overrides as key=value"),
+    (["budget.avg_bits=[1"], "^budget.avg_bits=\\[1: .*; write overrides as key=value"),
     (["compare.budgets=1,2"], "^compare.budgets=1,2 is ambiguous; write a list as key=\\[a,b\\]"),
 ])
 def test_bad_overrides_are_one_line(overrides, message):
@@ -221,10 +221,28 @@ def test_bad_overrides_are_one_line(overrides, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["seed=42,43", "search.epochs=abc"], "^search.epochs=abc: Value 'abc'.*; fix the value$"),
+    (["budget.avg_bits=2,abc"], "^budget.avg_bits=abc: Value 'abc'"),  # a value after the first
+    (["seed=1,2", "search.lr=1e-4,fast"], "^search.lr=fast: "),  # the second of two sweeps
+    (["task=mrpc,sst3"], "^unknown task 'sst3'; choose one of"),
+    (["seed=range(1,3)", "qat.epoch=1"], "^unknown option qat.epoch; did you mean qat.epochs"),
+    (["seed=1,2", "budget.avg_bits=[1"], "^budget.avg_bits=\\[1: .*; write overrides as key=value"),
+])
+def test_bad_sweep_values_are_one_line(overrides, message):
+    for flag in ("-m", "--multirun"):
+        with pytest.raises(UserError, match=message) as e:
+            check_overrides([flag, *overrides])
+        assert "\n" not in str(e.value)
+
+
 def test_good_overrides_and_hydra_flags_pass():
     check_overrides(["task=mrpc", "space=lowbit", "budget.avg_bits=2", "compare.budgets=[4,2]", "hydra.run.dir=x",
                      "+x=1"])
-    check_overrides(["-m", "seed=1,2", "search.lr=1e-4,2e-5"])  # a sweep: hydra's to read
+    check_overrides(["-m", "seed=1,2", "search.lr=1e-4,2e-5", "task=mrpc,cola", "budget.avg_bits=range(2,4)",
+                     "hydra.sweep.dir=x"])
+    check_overrides(["-m", "seed=interval(1,2)", "task=glob(*)"])  # not listable without the sweeper: hydra's
+    check_overrides(["--cfg", "job", "search.lr=fast"])  # other flags: hydra's to read
 
 
 # ----------------------------------------------------------------------------- subprocess
