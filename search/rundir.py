@@ -106,9 +106,13 @@ def check_reusable(path: Path, resume: bool) -> None:
     if resume or not path.is_dir():
         return
     found = [name for name in RESULTS if (path / name).exists()]
+    if not found:  # a compare or pipeline run stopped part-way holds its results in its steps' folders
+        found = sorted(str(p.relative_to(path)) for name in RESULTS for p in path.glob(f"*/**/{name}"))
+        found = [p for p in found if not any(p.startswith(f"{q}/") for q in found)]  # not what a result holds
     if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
         raise UserError(
-            f"run directory {path} already holds a run ({', '.join(found)}); pass resume=true to "
+            f"run directory {path} already holds a run ({', '.join(found[:3])}{more}); pass resume=true to "
             f"continue it, or choose another hydra.run.dir"
         )
 

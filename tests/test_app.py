@@ -23,7 +23,7 @@ from search.__main__ import CONF_DIR, check_group_choices, check_overrides, run_
 from search.config import LoggerConfig, LoggerKind, WandbMode
 from search.errors import UserError
 from search.logger import NullLogger, make_logger, wandb_mode
-from search.rundir import LOCK, RunDir
+from search.rundir import LOCK, RunDir, check_reusable
 
 WORDS = ["the", "cat", "sat", "on", "mat", "washington", "unaffable", "a", "is", "it", "where", "who"]
 
@@ -118,6 +118,28 @@ def test_resume_finishes_an_interrupted_run(env, tmp_path):
     assert run_stage(_cfg(env, tmp_path, "max_steps=6", "resume=true"), run_dir) == 0
     m = _metrics(run_dir)
     assert m["train"]["start_step"] == 3 and m["train"]["steps"] == 6
+
+
+def test_a_run_stopped_part_way_through_its_steps_needs_resume(tmp_path):
+    """A compare or pipeline run interrupted after some steps holds its results only in the steps' folders."""
+    run_dir = tmp_path / "run"
+    for name in ("config.yaml", "run.log"):
+        (run_dir / "b2" / "s42" / "search").mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("")
+    check_reusable(run_dir, resume=False)  # nothing finished yet: nothing to protect
+    (run_dir / "fp32").mkdir()
+    (run_dir / "fp32" / "metrics.json").write_text("{}")
+    (run_dir / "b2" / "s42" / "search" / "train_state" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"holds a run \(b2/s42/search/train_state, fp32/metrics.json\); pass "
+                                        r"resume=true") as e:
+        check_reusable(run_dir, resume=False)
+    assert "\n" not in str(e.value)
+    check_reusable(run_dir, resume=True)
+    for i in range(3):
+        (run_dir / f"c{i}").mkdir()
+        (run_dir / f"c{i}" / "metrics.json").write_text("{}")
+    with pytest.raises(UserError, match=r"\(b2/s42/search/train_state, c0/metrics.json, c1/metrics.json and 2 more\)"):
+        check_reusable(run_dir, resume=False)
 
 
 # ----------------------------------------------------------------------------- bad inputs
