@@ -199,8 +199,10 @@ class CompareConfig:
     methods: List[Method] = field(default_factory=lambda: [Method.searched, Method.hawq, Method.uniform])
 
     def __post_init__(self) -> None:
-        if not self.budgets or not self.seeds or not self.methods:
-            raise ValueError("compare.budgets, compare.seeds and compare.methods need at least one entry each")
+        examples = {"budgets": "[4,3,2]", "seeds": "[42,43,44]", "methods": "[searched,hawq,uniform]"}
+        for name, example in examples.items():
+            if not getattr(self, name):
+                raise ValueError(f"compare.{name} is empty; give at least one, e.g. compare.{name}={example}")
         for b in self.budgets:
             _positive("compare.budgets entry", b)
         for name in ("budgets", "seeds", "methods"):

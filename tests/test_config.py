@@ -110,6 +110,10 @@ def test_typo_or_wrong_type_fails_at_compose(override):
     ("space.w_grid=UNSIGNED", "space.w_grid=UNSIGNED"),
     ("space.a_mode=MIDRISE", "space.a_mode=MIDRISE"),
     ("space.a_bits=[1,8]", "space.a_bits=[1, 8]"),
+    ("compare.budgets=[]", "compare.budgets is empty; give at least one, e.g. compare.budgets=[4,3,2]"),
+    ("compare.seeds=[]", "compare.seeds is empty"),
+    ("compare.methods=[]", "compare.methods is empty"),
+    ("compare.seeds=[42,42]", "compare.seeds=[42, 42] repeats an entry"),
 ])
 def test_bad_values_fail_in_to_config_with_one_line(override, needle):
     with pytest.raises(UserError) as info:
