@@ -1,5 +1,6 @@
 """The bilevel architect: each step moves only its own parameters, the finite-difference HVP is right,
 and a size penalty drives the expected size down to a derivable architecture within the budget."""
+import pytest
 import torch
 from torch import nn
 from transformers import BertForSequenceClassification
@@ -161,7 +162,12 @@ def test_temperature_mass_and_group_lasso(tiny_cfg):
     model, _, _ = _setup(tiny_cfg)
     mass = probability_mass(model)
     assert abs(sum(v for k, v in mass.items() if k.startswith("mass/all/")) - 1) < 1e-6
-    assert group_lasso(model).item() > 0
+    # the sum of the groups' L2 norms (groups of whole output rows) over the sites that can prune
+    prunable = [site for _, site in sites(model) if 0 in site.wq.cands.bits]
+    assert 0 < len(prunable) < len(list(sites(model)))  # the 8-bit-only embeddings are left out
+    expected = sum(float(site.weight.detach().reshape(site.grouping.n_groups, -1).norm(dim=1).sum())
+                   for site in prunable)
+    assert group_lasso(model).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_the_step_trains_in_training_mode_with_gumbel_noise(tiny_cfg):

@@ -18,6 +18,8 @@ from search.budget import Budget, uniform
 from search.config import NegativeCurvature, Sensitivity, TraceLevel
 from search.hawq import (FLOOR, Curvature, build_knapsack, curvature_floor, group_view, measure_curvature, quantization_errors, sensitivities,
                          to_architecture)
+from search.bilevel import task_loss
+from search.hessian import Hessian, hutchinson
 from search.knapsack import Knapsack
 from supernet import Architecture, SearchSpace, sites, to_supernet
 
@@ -240,11 +242,19 @@ def test_curvature_of_the_fp_model_per_site_and_group(batch):
     batches = [{**batch, "labels": torch.tensor([0, 1, 1])}]
     trace = measure_curvature(fp, net, batches, Sensitivity.trace, max_probes=2, tol=0.0, seed=0)
     eig = measure_curvature(fp, net, batches, Sensitivity.top_eigenvalue, max_probes=2, tol=1e-3, seed=0)
-    for name, site in sites(net):
-        g = site.grouping.n_groups
+    # the same probes drawn here over the sites' FP weights, looked up by name: each site gets its own groups' traces
+    named = list(sites(net))
+    weights = [fp.get_submodule(name).weight for name, _ in named]
+    loss = lambda: task_loss(fp, batches[0])  # noqa: E731
+    direct = hutchinson(Hessian([loss], weights), [group_view(site) for _, site in named], max_probes=2, tol=0.0, seed=0)
+    assert len({tuple(t) for t in trace.estimate.values()}) == len(named)  # every site's traces differ
+    for (name, site), mean in zip(named, direct.mean()):
+        g, n = site.grouping.n_groups, site.wq.group_numel
         assert len(trace.estimate[name]) == len(trace.stderr[name]) == g
+        assert trace.estimate[name] == pytest.approx(mean.tolist(), rel=1e-9)
+        assert torch.allclose(trace.per_weight(name, n), mean.double() / n)
         assert len(eig.estimate[name]) == g and len(set(eig.estimate[name])) == 1  # one eigenvalue per site
-        assert torch.equal(eig.per_weight(name, site.wq.group_numel), torch.tensor(eig.estimate[name], dtype=torch.float64))
+        assert torch.equal(eig.per_weight(name, n), torch.tensor(eig.estimate[name], dtype=torch.float64))
     assert trace.probes == 2 and len(trace.running) == 2 and eig.probes <= 2
     assert Curvature.from_dict(json.loads(json.dumps(trace.to_dict()))) == trace
 

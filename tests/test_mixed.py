@@ -22,6 +22,14 @@ def test_groups_must_divide_rows():
     assert make_grouping("x", 12, PER_ROW).n_groups == 12
 
 
+def test_groups_that_span_heads_are_allowed_and_logged(caplog):
+    with caplog.at_level("WARNING"):
+        g = make_grouping("span.q", 72, 3, heads=8)  # groups of 24 rows, heads of 9 (warned once per shape)
+    assert not g.head_aligned and g.size == 24
+    assert "span.q (and sites like it): 3 groups do not nest in 8 heads (groups of 24 rows, heads of 9)" in caplog.text
+    assert (g.group_of_feature() == torch.arange(72) // 24).all()
+
+
 @pytest.mark.parametrize("n_groups", [4, 8, 16, 2, 1])
 def test_qkv_groups_nest_in_heads(n_groups):
     g = make_grouping("q", 32, n_groups, heads=4)  # heads of 8 rows
@@ -116,13 +124,24 @@ def test_gradients_reach_weights_logits_and_steps():
 def test_asymmetric_activations_learn_an_offset():
     from supernet import QuantMode
 
+    torch.manual_seed(0)
     lin = nn.Linear(6, 4)
     site = MixedLinear(lin, SiteKind.ENCODER, CandidateSet((4,)), make_grouping("s", 4, 1),
                        CandidateSet((4, 8), QuantMode.ASYMMETRIC), InitRule.MSE)
     x = torch.rand(5, 6) + 2.0  # all positive, far from zero
     site(x).sum().backward()
-    assert site.aq.offset.grad is not None and site.aq.alpha.grad is not None
-    assert site.aq.offset[0, 0] > 1.5  # the grid was moved onto the data
+    assert site.aq.alpha.grad is not None
+    start = site.aq.offset.detach().clone()
+    assert (start > 1.5).all()  # the first batch put every candidate's grid onto the data
+    # data moved above the grid: gradient steps on the offset alone follow it
+    opt = torch.optim.SGD([site.aq.offset], lr=0.5)
+    for _ in range(20):
+        opt.zero_grad()
+        shifted = x + 3.0  # a new tensor each step: the shared quantizer reuses results only for the same one
+        (site.aq(shifted) - shifted).pow(2).mean().backward()
+        assert site.aq.offset.grad.abs().min() > 0
+        opt.step()
+    assert (site.aq.offset.detach() > start + 0.25).all()  # the 4-bit grid clips more, so it moves further
 
 
 def test_shared_input_quantizer_reuses_its_result_only_for_the_same_unchanged_tensor():
