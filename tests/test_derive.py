@@ -105,6 +105,22 @@ def test_repair_is_no_worse_than_downgrading_blindly(tiny_cfg):
     assert report.probability_lost == pytest.approx(spent, abs=1e-9)
 
 
+def test_repair_downgrades_the_groups_that_lose_least_probability(tiny_cfg):
+    """Every group's argmax is 8 bits; one site is sure of it, the others barely prefer it: the repair takes the
+    budget's bits from the unsure sites only (model or name order would start with the sure one)."""
+    model = _supernet(tiny_cfg)
+    searched = sorted(name for name, site in sites(model) if len(site.wq.cands.bits) > 1)
+    sure = searched[0]
+    with torch.no_grad():
+        for name, site in sites(model):
+            if site.wq.alpha is not None:
+                site.wq.alpha.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0 if name == sure else 0.1]))
+    arch, report = derive(model, Budget(avg_bits=6.0))
+    assert report.downgraded_groups > 0
+    assert dict(arch)[sure].bits == (8,) * len(dict(arch)[sure].bits)
+    assert any(min(site.bits) < 8 for name, site in arch if name != sure)
+
+
 def test_budget_reachability_is_checked_up_front(tiny_cfg):
     model = _supernet(tiny_cfg)
     template = Architecture.from_supernet(model)
