@@ -175,7 +175,8 @@ def check_overrides(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None
         try:
             variants = _sweep_variants(plain) if multirun else [plain]
             for variant in variants or []:
-                check_group_choices(variant, conf_dir)
+                if multirun:  # swept group choices; the plain ones were checked above
+                    check_group_choices(variant, conf_dir)
                 compose("config", overrides=variant)
         except OverrideParseException as e:
             raise UserError(f"{e.override}: {first_line(e)}; write overrides as key=value, lists as key=[a,b]") from None

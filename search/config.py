@@ -205,7 +205,7 @@ class CompareConfig:
                 raise ValueError(f"compare.{name} is empty; give at least one, e.g. compare.{name}={example}")
         for b in self.budgets:
             _positive("compare.budgets entry", b)
-        for name in ("budgets", "seeds", "methods"):
+        for name in examples:
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 raise ValueError(f"compare.{name}={list(values)} repeats an entry")

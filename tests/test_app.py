@@ -123,8 +123,8 @@ def test_resume_finishes_an_interrupted_run(env, tmp_path):
 def test_a_run_stopped_part_way_through_its_steps_needs_resume(tmp_path):
     """A compare or pipeline run interrupted after some steps holds its results only in the steps' folders."""
     run_dir = tmp_path / "run"
+    (run_dir / "b2" / "s42" / "search").mkdir(parents=True)
     for name in ("config.yaml", "run.log"):
-        (run_dir / "b2" / "s42" / "search").mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text("")
     check_reusable(run_dir, resume=False)  # nothing finished yet: nothing to protect
     (run_dir / "fp32").mkdir()
