@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import re
 import statistics
 from dataclasses import asdict, dataclass, fields
@@ -80,7 +81,7 @@ def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Ro
     """The row of one run's metrics.json; a file that cannot be read as one is a ValueError naming it."""
     try:
         return _read_row(path, method, budget, seed)
-    except (KeyError, TypeError, ValueError) as e:  # truncated, or not a finished stage's metrics.json
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # truncated, or not a finished stage's metrics.json
         raise ValueError(f"{path} is not a finished run's metrics.json ({type(e).__name__}: {e}); "
                          f"re-run that step or move the file out of the way") from e
 
@@ -141,7 +142,34 @@ def collect(roots: Iterable[Path]) -> list[Row]:
             b, s = _CELL[0].match(budget_dir_), _CELL[1].match(seed_dir)
             if method is not None and b and s:
                 rows.append(_row(path, method, float(b.group(1)), int(s.group(1))))
-    return _fp32_sizes(rows)
+    return _fp32_sizes(_one_each(rows))
+
+
+def _same(x: float, y: float) -> bool:
+    return x == y or (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def _one_each(rows: list[Row]) -> list[Row]:
+    """`rows` with each run once, checked to belong to one table. The same run reached twice (a directory and
+    its copy, or one passed twice) counts once; two different results for one (method, budget, seed), two FP32
+    references that differ, or two metrics are a ValueError naming both runs: such directories come from
+    different settings, checkpoints or tasks, and pooling them would make the medians and seed counts wrong."""
+    kept: dict[tuple[Kind, float | None, int | None], Row] = {}
+    for r in rows:
+        first = next(iter(kept.values()), None)
+        if first is not None and r.metric_name != first.metric_name:
+            raise ValueError(f"{r.run_dir} reports {r.metric_name} but {first.run_dir} reports {first.metric_name}; "
+                             f"pass the directories of one task at a time")
+        key = (r.method, r.budget, r.seed)
+        seen = kept.get(key)
+        if seen is None:
+            kept[key] = r
+        elif not _same(seen.metric, r.metric):
+            what = "the FP32 reference" if r.method is Kind.fp32 else f"{r.method.value} at {r.budget:g} bits, seed {r.seed}"
+            raise ValueError(f"two different results for {what}: {seen.metric:.4f} in {seen.run_dir} and "
+                             f"{r.metric:.4f} in {r.run_dir}; they come from different settings, checkpoints or "
+                             f"tasks: pass only the directories of one comparison")
+    return list(kept.values())
 
 
 @dataclass(frozen=True)
@@ -182,8 +210,12 @@ def aggregate(rows: Sequence[Row]) -> list[Point]:
 
         names = [k for k, _ in rs[0].others]
         others = tuple((k, statistics.median(dict(r.others).get(k, float("nan")) for r in rs)) for k in names)
-        points.append(Point(method, budget, len(rs), rs[0].metric_name, statistics.median(values), min(values),
-                            max(values), med("encoder_avg_bits"), med("encoder_mb"), med("total_mb"),
+        # a run whose metric is not a number (STS-B's Pearson on constant predictions) makes the cell one:
+        # sorting NaN among numbers would give a median that depends on the order of the runs
+        median, low, high = ((statistics.median(values), min(values), max(values)) if not any(map(math.isnan, values))
+                             else (math.nan,) * 3)
+        points.append(Point(method, budget, len(rs), rs[0].metric_name, median, low,
+                            high, med("encoder_avg_bits"), med("encoder_mb"), med("total_mb"),
                             med("compression"), med("pruned_groups"), others))
     order = list(Kind)
     return sorted(points, key=lambda p: (-(p.budget or 99), order.index(p.method)))
@@ -217,7 +249,10 @@ def verdict(points: Sequence[Point]) -> list[str]:
             b = _find(points, base, budget)
             if b is not None:
                 delta = s.median - b.median
-                word = "above" if delta > 0 else ("below" if delta < 0 else "equal to")
+                if math.isnan(delta):
+                    parts.append(f"not comparable with {base.value} (a metric is not a number)")
+                    continue
+                word = "above" if delta > 0 else "below"
                 parts.append(f"{abs(delta):.2f} points {word} {base.value}" if delta else f"equal to {base.value}")
         target = target_met(points, budget)
         met = "" if target is None else (" - target met" if target else " - **target not met**")

@@ -111,6 +111,54 @@ def test_the_fp32_reference_counts_once_across_multirun_jobs(tmp_path):
     assert next(p for p in points if p.method is Kind.searched).seeds == 2
 
 
+def test_the_same_run_reached_twice_counts_once(tmp_path):
+    # a comparison and its copy (the benchmarks reuse finished cells with cp -a), or one directory passed twice
+    _tree(tmp_path / "a", {("qat", 2, 1): 80.0, ("qat", 2, 2): 82.0, ("hawq_qat", 2, 1): 79.0})
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    _metrics(tmp_path / "copy" / "b1.5" / "s1" / "qat", 75.0, bits=1.5)  # the copy went on to another budget
+    rows = collect([tmp_path / "a", tmp_path / "copy", tmp_path / "a"])
+    assert sorted((r.method.value, r.budget, r.seed) for r in rows if r.budget) == [
+        ("hawq", 2.0, 1), ("searched", 1.5, 1), ("searched", 2.0, 1), ("searched", 2.0, 2)]
+    points = {(p.method, p.budget): p for p in aggregate(rows)}
+    assert points[(Kind.searched, 2.0)].seeds == 2 and points[(Kind.fp32, None)].seeds == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (("b2/s1/qat", 81.0), "two different results for searched at 2 bits, seed 1: 80.0000 in"),
+    (("fp32", 90.0), "two different results for the FP32 reference: 85.0000 in"),  # another checkpoint
+])
+def test_two_results_for_one_run_are_an_error_naming_both(tmp_path, change, message):
+    # pooled, the second run would count as another seed and move the median
+    _tree(tmp_path / "a", {("qat", 2, 1): 80.0})
+    _tree(tmp_path / "b", {("qat", 2, 1): 80.0})
+    _metrics(tmp_path / "b" / change[0], change[1])
+    with pytest.raises(ValueError, match=message) as e:
+        collect([tmp_path / "a", tmp_path / "b"])
+    assert f"{tmp_path / 'a'}/" in str(e.value) and f"{tmp_path / 'b'}/" in str(e.value)
+
+
+def test_runs_of_two_tasks_are_not_pooled(tmp_path):
+    _tree(tmp_path / "mrpc", {("qat", 2, 1): 80.0})
+    _tree(tmp_path / "cola", {("qat", 2, 2): 20.0})
+    path = tmp_path / "cola" / "b2" / "s2" / "qat" / "metrics.json"
+    path.write_text(path.read_text().replace('"f1"', '"matthews_corr"'))
+    with pytest.raises(ValueError, match="reports matthews_corr but .* reports f1; pass the directories of one task"):
+        collect([tmp_path / "mrpc", tmp_path / "cola"])
+
+
+def test_a_metric_that_is_not_a_number_is_said_so(tmp_path):
+    # STS-B's Pearson correlation of a model that predicts one constant is NaN
+    _tree(tmp_path, {("qat", 2, 1): 80.0, ("qat", 2, 2): 82.0, ("qat", 2, 3): 81.0, ("hawq_qat", 2, 1): 79.0})
+    path = tmp_path / "b2" / "s2" / "qat" / "metrics.json"
+    path.write_text(path.read_text().replace("82.0", "NaN"))
+    points = aggregate(collect([tmp_path]))
+    searched = next(p for p in points if p.method is Kind.searched)
+    assert searched.seeds == 3 and all(v != v for v in (searched.median, searched.low, searched.high))
+    (line,) = verdict(points)
+    assert "not comparable with hawq (a metric is not a number)" in line and "target not met" in line
+    assert "equal to" not in line
+
+
 @pytest.mark.parametrize("searched, hawq, uniform, budget, expected", [
     (81.0, 80.5, 79.0, 3, "target met"),  # <= 4 bits: at least HAWQ-V2
     (80.0, 80.5, 79.0, 3, "target not met"),
@@ -178,8 +226,11 @@ def test_standings_tool_puts_every_task_budget_and_lead_in_one_table(tmp_path):
     assert out[3].endswith("| 1 | 0/1 | - |")
     _metrics(tmp_path / "c" / "b2" / "s1" / "qat", 80.0)
     (tmp_path / "c" / "b2" / "s1" / "qat" / "metrics.json").write_text("{}")  # in the layout, not a finished run's
-    for bad, message in ((f"T1{tmp_path}", "is not NAME=GLOB"), (f"T3={tmp_path}/none*", "no finished comparison runs"),
-                         (f"T4={tmp_path}/c", "c/b2/s1/qat/metrics.json is not a finished run's metrics.json")):
+    _metrics(tmp_path / "d" / "fp32", 85.0)  # a comparison whose quantized runs have not finished yet
+    for bad, message in ((f"T1{tmp_path}", "is not NAME=GLOB"), (f"T3={tmp_path}/none*", "none*' matches no directory"),
+                         (f"T1={tmp_path}/a*,{tmp_path}/typo", "typo' matches no directory"),  # not a seed fewer
+                         (f"T4={tmp_path}/c", "c/b2/s1/qat/metrics.json is not a finished run's metrics.json"),
+                         (f"T5={tmp_path}/d", "T5: only the FP32 reference in")):
         run = subprocess.run([*tool, bad], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode == 2 and message in run.stderr and run.stderr.count("\n") == 1
 
@@ -379,3 +430,25 @@ def test_graft_tool_puts_a_search_variant_beside_the_same_baseline_runs(tmp_path
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "has no cell b3/s1" in bad.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out", "variant"]  # no out2, no half-built temp
+    shutil.rmtree(tmp_path / "variant" / "b3")
+    for out in ("base", "variant", "."):  # OUT is replaced: it must not be what it is built from
+        bad = subprocess.run([*tool, str(tmp_path / "base"), str(tmp_path / "variant"), str(tmp_path / out)], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "whose runs it is built from" in bad.stderr
+    assert json.loads((tmp_path / "base" / "b2" / "s1" / "qat" / "metrics.json").read_text())["main_metric"]["value"] == 80.0
+
+
+def test_the_run_table_tool_fails_in_one_line_and_never_prints_an_empty_table(tmp_path):
+    tool = [sys.executable, "tools/collect_runs.py"]
+    (tmp_path / "empty").mkdir()
+    _metrics(tmp_path / "ok" / "qat", 80.0)
+    (tmp_path / "bad" / "qat").mkdir(parents=True)
+    (tmp_path / "bad" / "qat" / "metrics.json").write_text('{"main_metric": ')  # a step killed while writing
+    for args, message in (([str(tmp_path / "none")], "no such directory"),
+                          ([str(tmp_path / "empty")], "no runs (metrics.json) below"),
+                          (["--exports", str(tmp_path / "ok")], "no stage=export runs below"),
+                          ([str(tmp_path / "bad")], "bad/qat/metrics.json is not valid JSON")):
+        run = subprocess.run([*tool, *args], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 2 and run.stdout == "" and run.stderr.count("\n") == 1 and message in run.stderr
+    out = subprocess.run([*tool, str(tmp_path / "ok")], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.count("\n") == 3 and f"`{tmp_path / 'ok' / 'qat'}`" in out

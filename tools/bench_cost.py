@@ -257,8 +257,15 @@ def main() -> None:
     p.add_argument("--json-out")
     args = p.parse_args()
     if args.table:
-        table(args.table)
+        try:
+            table(args.table)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: --table takes the files --json-out wrote; {type(e).__name__}: {e}")
         return
+    unknown = sorted(set(args.only or ()) - {label for label, _, _ in CONFIGS})
+    if unknown:  # before the model loads, not after timing nothing
+        raise SystemExit(f"error: --only {', '.join(map(repr, unknown))} is not a configuration; "
+                         f"use labels of: {', '.join(repr(c[0]) for c in CONFIGS)}")
     global DEVICE
     DEVICE = args.device
     if args.memory_child:

@@ -4,6 +4,7 @@
 # Each run becomes OUT/<its path with / as _>: stage=export (packed/, metrics.json with the size accounting
 # and the verification on the dev split). Summarise with `python tools/collect_runs.py --exports OUT`.
 set -euo pipefail
+if [ $# -lt 3 ]; then sed -n 2,5p "$0" >&2; exit 2; fi
 OUT=$1; TASK=$2; shift 2
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 for src in "$@"; do

@@ -3,9 +3,10 @@
 #   MPQ_ASSETS=../shared/assets bash tools/bench_search.sh CHECKPOINT TASK OUT "BUDGETS" "SEEDS" [extra overrides...]
 # e.g. bash tools/bench_search.sh runs/bench/fp/mrpc/checkpoint mrpc runs/bench/search/mrpc "3 2" "42"
 # For each budget b and seed: stage=search (budget.avg_bits=b) -> stage=qat of its architecture, and
-# stage=qat of the uniform architecture at ceil(b) bits (the nearest uniform precision that exists).
+# stage=qat of the uniform architecture at max(2, ceil(b)) bits (the nearest uniform precision that exists).
 # Summarise with `python tools/collect_runs.py OUT`.
 set -euo pipefail
+if [ $# -lt 5 ]; then sed -n 2,7p "$0" >&2; exit 2; fi
 CKPT=$1; TASK=$2; OUT=$3; BUDGETS=$4; SEEDS=$5; shift 5
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 common=(model.name_or_path="$CKPT" task="$TASK" logger=none progress_bar=false "$@")

@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
 def rows(roots: list[Path]) -> list[dict]:
+    """Every metrics.json below `roots`; ValueError names a missing root or a file that is not a run's summary."""
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:
+        raise ValueError(f"no such directory: {', '.join(missing)}")
     found = []
     for root in roots:
         for path in sorted(root.rglob("metrics.json")):
-            found.append({"dir": str(path.parent), **json.loads(path.read_text())})
+            try:
+                m = json.loads(path.read_text())
+            except ValueError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); re-run that step or move the file out of the way") from e
+            if not isinstance(m, dict):
+                raise ValueError(f"{path} is not a run's metrics.json; re-run that step or move the file out of the way")
+            found.append({"dir": str(path.parent), **m})
     return found
 
 
@@ -51,18 +62,29 @@ def export_table(found: list[dict]) -> None:
               f"| {diff} | {same} | {m['name']} {m['value']:.2f} |")
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("roots", nargs="+", type=Path)
     p.add_argument("--exports", action="store_true", help="the size table of stage=export runs")
     args = p.parse_args()
+    try:
+        found = rows(args.roots)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.exports:
-        export_table(rows(args.roots))
-        return
+        found = [r for r in found if r.get("stage") == "export"]
+    if not found:  # a header alone reads as "nothing went wrong"
+        what = "stage=export runs" if args.exports else "runs (metrics.json)"
+        print(f"error: no {what} below {', '.join(map(str, args.roots))}", file=sys.stderr)
+        return 2
+    if args.exports:
+        export_table(found)
+        return 0
     print("| stage | task | model | encoder bits/weight | encoder MiB | pruned groups | dev metrics (%) | steps | epochs "
           "| wall (min) | train examples/s | run dir |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows(args.roots):
+    for r in found:
         train = r.get("train", {})
         arch = r.get("architecture") or {}
         bits = f"{arch['encoder_avg_bits']:.3f}" if arch else "32 (FP)"
@@ -71,7 +93,8 @@ def main() -> None:
               f"| {arch.get('pruned_groups', '')} | {fmt_metrics(r.get('splits', {}))} "
               f"| {train.get('steps', '')} | {train.get('epochs', 0):.2f} | {train.get('wall_s', 0) / 60:.1f} "
               f"| {train.get('examples_per_s', 0):.1f} | `{r['dir']}` |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

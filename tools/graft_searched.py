@@ -35,6 +35,9 @@ def _encoder_bits(step: Path) -> float | None:
 
 def graft(base: Path, variant: Path, out: Path) -> list[str]:
     """Build OUT; returns one line per grafted cell. ValueError names what is missing."""
+    for given, name in ((base, "BASE"), (variant, "VARIANT")):
+        if out.resolve() == given.resolve() or given.resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"OUT {out} would replace {name} {given}, whose runs it is built from: give a new OUT")
     if not (base / "fp32" / "metrics.json").is_file():
         raise ValueError(f"{base} has no finished fp32/ run: pass a comparison directory with the baselines")
     cells = sorted(p.parent.parent.relative_to(variant) for p in variant.glob("b*/s*/qat/metrics.json"))

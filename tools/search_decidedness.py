@@ -62,11 +62,17 @@ def main() -> None:
     p.add_argument("--choices", action="store_true", help="add the start, curvature weight and groups per bit-width")
     args = p.parse_args()
     extra = " start | curvature weight | encoder groups per bit-width |" if args.choices else ""
+    lines = []
+    for run in args.runs:  # every row before the header: a bad run leaves no half-printed table
+        try:
+            lines.append(row(run, args.choices))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # a truncated or foreign json file
+            raise SystemExit(f"error: {run} is not a finished search run ({type(e).__name__}: {e}); "
+                             f"re-run it or leave it out")
     print(f"| search run | logits | temperature | epochs | median top probability | groups decided (>= {DECIDED}) | "
           f"argmax / budget | groups moved by derivation | pruned groups | derived, before QAT | after QAT |{extra}")
     print("|---" * (11 + 3 * args.choices) + "|")
-    for run in args.runs:
-        print(row(run, args.choices))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ writes them; see search/comparison.py). Per task and budget it prints the median
 model, HAWQ-V2 and uniform QAT over the seeds found, the searched model's lead over each baseline (negative
 where it loses) and whether issue #6's target holds (>= HAWQ-V2 at <= 4 bits; at <= 2.5 bits +1 point over
 HAWQ-V2 and more over uniform). `--seeds-ahead` adds, per baseline, on how many seeds the searched model
-scores higher than it, paired by seed (k/n).
+scores higher than it, paired by seed (k/n). A pattern that matches no directory, a task with no finished
+quantized run, or runs that cannot be pooled (two results for one method, budget and seed; two tasks) are errors.
 """
 from __future__ import annotations
 
@@ -31,14 +32,22 @@ def main() -> int:
         if not sep or not name or not patterns:
             print(f"error: {spec!r} is not NAME=GLOB[,GLOB...]; e.g. 'SST-2=runs/compare/sst2_*'", file=sys.stderr)
             return 2
-        dirs = sorted({Path(d) for pat in patterns.split(",") for d in glob.glob(pat) if Path(d).is_dir()})
+        dirs: set[Path] = set()
+        for pat in patterns.split(","):
+            found = {Path(d) for d in glob.glob(pat) if Path(d).is_dir()}
+            if not found:  # a typo in one of several patterns would silently drop its seeds
+                print(f"error: {name}: {pat!r} matches no directory; check the pattern", file=sys.stderr)
+                return 2
+            dirs |= found
         try:
-            rows = collect(dirs)
-        except ValueError as e:  # a metrics.json in the layout that is not a finished run's
-            print(f"error: {e}", file=sys.stderr)
+            rows = collect(sorted(dirs))
+        except ValueError as e:  # a metrics.json that is not a finished run's, or runs of different settings
+            print(f"error: {name}: {e}", file=sys.stderr)
             return 2
-        if not rows:
-            print(f"error: {name}: no finished comparison runs in {patterns} (expected {LAYOUT})", file=sys.stderr)
+        if not any(r.budget is not None for r in rows):
+            what = "only the FP32 reference" if rows else "no finished comparison runs"
+            print(f"error: {name}: {what} in {patterns} (expected {LAYOUT}); wait for the quantized runs to finish",
+                  file=sys.stderr)
             return 2
         tasks.append((name, rows))
     print(standings(tasks, by_seed=args.seeds_ahead), end="")

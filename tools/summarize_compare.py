@@ -6,7 +6,9 @@ runs, or run trees laid out like one (e.g. tools/bench_search.sh output).
 Reads every metrics.json below the given directories laid out as `fp32/`, `b<budget>/s<seed>/{qat,
 hawq_qat,uniform<bits>}/` (see search/comparison.py), takes the median and [min, max] over seeds per method
 and budget, and writes comparison.md, comparison.csv, runs.csv and pareto.png to --out (default: the first
-directory). Prints comparison.md. With `--before DIR [DIR ...]` (the same runs under other settings) it also
+directory). A run found twice (a directory and its copy) counts once; two different results for one method,
+budget and seed, two FP32 references that differ, or two metrics (two tasks) are an error naming both runs, since
+pooling them would miscount the seeds. Prints comparison.md. With `--before DIR [DIR ...]` (the same runs under other settings) it also
 prints, for every run found in both, the metric before and after and the change (and the change of every other
 metric both report, such as SST-2's labelled test set), and the median changes per method and budget.
 """
@@ -33,7 +35,7 @@ def main() -> int:
         return 2
     try:
         rows, before = collect(args.roots), collect(args.before)
-    except ValueError as e:  # a metrics.json in the layout that is not a finished run's
+    except ValueError as e:  # a metrics.json that is not a finished run's, or runs of different settings
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not rows:
@@ -41,7 +43,11 @@ def main() -> int:
               file=sys.stderr)
         return 2
     out = args.out or args.roots[0]
-    _, paths = write_comparison(rows, out, args.title or " + ".join(str(r) for r in args.roots))
+    try:
+        _, paths = write_comparison(rows, out, args.title or " + ".join(str(r) for r in args.roots))
+    except OSError as e:
+        print(f"error: cannot write the summary to {out}: {e.strerror or e}; give a writable --out", file=sys.stderr)
+        return 2
     print(paths["comparison.md"].read_text())
     if args.before:
         print(paired(rows, before))
