@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from supernet import Relaxation, Scope, expected_bitops, expected_size, set_relaxation, sites
+from supernet.cost import FP32_BITS
 from supernet.quantizers import group_errors
 
 from .budget import Budget, Penalty
@@ -46,10 +47,11 @@ class SizeTerm:
     scope: Scope = Scope.ENCODER
     bitops_weight: float = 0.0
     bitops_target: float | None = None  # GBOPs per token
+    scale_bits: int = FP32_BITS  # the bits of each group's stored step (space.scale_bits), part of its size
 
     def __call__(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
         scope = self.budget.scope if self.budget is not None else self.scope
-        size = expected_size(model, scope)
+        size = expected_size(model, scope, self.scale_bits)
         if self.budget is not None:
             term = self.budget.penalty(size, self.penalty)
         else:

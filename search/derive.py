@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from supernet import Architecture, SiteArch, sites
+from supernet.cost import FP32_BITS
 
 from .budget import Budget
 
@@ -66,9 +67,11 @@ def decidedness(probs: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> tuple
     return float(top.median()), float((top >= DECIDED).double().mean())
 
 
-def derive(model: nn.Module, budget: Budget | None, fill: bool = True) -> tuple[Architecture, DeriveReport]:
-    """Argmax architecture of `model`, repaired down to `budget` and (with `fill`) filled up to it."""
-    arch = Architecture.from_supernet(model)
+def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
+           scale_bits: int = FP32_BITS) -> tuple[Architecture, DeriveReport]:
+    """Argmax architecture of `model`, repaired down to `budget` and (with `fill`) filled up to it; sizes count
+    each group's step at `scale_bits` (space.scale_bits)."""
+    arch = Architecture.from_supernet(model, scale_bits)
     probs = candidate_probs(model)
     median, share = decidedness(probs)
     if median is not None and median < UNDECIDED:

@@ -122,7 +122,8 @@ def run_search(
 
     step_fn = BilevelStep(
         net, groups.weights, groups.arch + groups.scales, w_opt, u_opts, cycle(arch_loader),
-        SizeTerm(cfg.size_weight, budget, cfg.penalty, scope, cfg.bitops_weight, cfg.bitops_target), loss_fn=loss_fn,
+        SizeTerm(cfg.size_weight, budget, cfg.penalty, scope, cfg.bitops_weight, cfg.bitops_target, space.scale_bits),
+        loss_fn=loss_fn,
         backward=accelerator.backward, weight_scheduler=scheduler,
         warmup_steps=int(cfg.arch_warmup_ratio * steps), second_order=cfg.second_order, xi=cfg.xi,
         max_grad_norm=cfg.max_grad_norm, group_lasso_weight=cfg.group_lasso, relaxation=cfg.relaxation,
@@ -137,7 +138,7 @@ def run_search(
         teacher.save()
 
     supernet = accelerator.unwrap_model(net)
-    arch, report = derive(supernet, budget)
+    arch, report = derive(supernet, budget, scale_bits=space.scale_bits)
     probs = {name: {"bits": list(bits), "probs": [[round(v, 4) for v in row] for row in p.tolist()]}
              for name, (bits, p) in candidate_probs(supernet).items()}
     summary = arch.summary()

@@ -272,3 +272,19 @@ def test_the_curvature_price_pushes_every_group_off_pruning_and_toward_its_fines
         grad, bits = site.wq.alpha.grad, site.wq.cands.bits
         assert (grad[:, bits.index(0)] > 0).all() and (grad[:, bits.index(8)] < 0).all()
         assert (grad.argmin(-1) == bits.index(8)).all() and (grad.argmax(-1) == bits.index(0)).all()
+
+
+def test_the_size_term_and_derivation_price_steps_at_space_scale_bits(tiny_cfg):
+    # 16-bit steps (space.scale_bits=16) make every group cheaper: a budget in MiB holds more bits, and the
+    # derived architecture must be the one the penalty priced, written with its step width
+    torch.manual_seed(0)
+    model = to_supernet(BertForSequenceClassification(tiny_cfg), SPACE)
+    fp32_steps, _ = SizeTerm(1.0, None, scope=Scope.ENCODER)(model)
+    fp16_steps, logs = SizeTerm(1.0, None, scope=Scope.ENCODER, scale_bits=16)(model)
+    assert fp16_steps.item() == pytest.approx(expected_size(model, Scope.ENCODER, 16).mb.item())
+    assert fp16_steps.item() < fp32_steps.item()
+    mb = expected_size(model, Scope.ENCODER, 16).mb.item()
+    arch, report = derive(model, Budget(mb=mb), scale_bits=16)
+    assert arch.scale_bits == 16 and arch.size_mb("encoder") <= mb * (1 + 1e-9)
+    assert report.final == pytest.approx(arch.size_mb("encoder"))
+    assert derive(model, Budget(mb=mb))[0].scale_bits == 32

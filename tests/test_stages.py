@@ -171,6 +171,14 @@ def test_a_search_started_at_the_budget_that_does_not_move_derives_the_uniform_a
     assert encoder and all(set(s.bits) == {2} for s in encoder)
 
 
+def test_a_search_prices_and_writes_steps_at_space_scale_bits(env, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "space.scale_bits=16"), run_dir) == 0
+    arch = Architecture.load(run_dir / "architecture.json")
+    assert arch.scale_bits == 16
+    assert _metrics(run_dir)["architecture"]["encoder_mb"] == round(arch.size_mb("encoder"), 4)
+
+
 def test_a_search_with_the_curvature_price_runs_and_logs_it(env, tmp_path, caplog):  # noqa: F811
     run_dir = tmp_path / "s"
     with caplog.at_level("INFO", logger="search.loop"):
