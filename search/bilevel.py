@@ -13,8 +13,9 @@ half and runs both optimisers, so the loop itself is the same one fine-tuning an
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -174,7 +175,7 @@ class BilevelStep:
         upper: Sequence[nn.Parameter],
         weight_opt: torch.optim.Optimizer,
         upper_opts: Sequence[torch.optim.Optimizer],
-        arch_batches: Iterator[Batch],
+        arch_batches: Endless,
         size_term: SizeTerm,
         *,
         loss_fn: LossFn = task_loss,
@@ -215,7 +216,8 @@ class BilevelStep:
         set_relaxation(self.model, self.relaxation, tau)
         logs: dict[str, float] = {"temperature": tau}
         if step >= self.warmup_steps:
-            logs.update(self.arch_step(next(self.arch_batches), batch))
+            # by position, not by what this process drew before: a resumed search takes the same batch
+            logs.update(self.arch_step(self.arch_batches.at(step - self.warmup_steps), batch))
         if self.train_weights:
             logs.update(self.weight_step(batch))
         if self.log_mass_every and step % self.log_mass_every == 0:
@@ -297,13 +299,32 @@ class BilevelStep:
         return task.item(), size_logs
 
 
-def cycle(loader) -> Iterator[Batch]:
-    """Endless iteration over a loader (a new epoch each time it runs out)."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
+class Endless:
+    """A loader's batches as one endless sequence (a new epoch each time it runs out), read by position:
+    `at(n)` is the n-th batch drawn, the same whether or not the run was interrupted before it. Epoch e of a
+    seedable loader is shuffled with seed + e (`set_epoch`), and a position inside an epoch is reached by
+    skipping (`skip(loader, k)`: accelerate's skip_first_batches for a prepared loader), so a resumed search
+    draws the architecture batches an uninterrupted one would. `next()` draws the batch after the last."""
+
+    def __init__(self, loader, skip: Callable[..., object] | None = None) -> None:
+        self.loader, self.per_epoch = loader, len(loader)
+        if self.per_epoch == 0:
             raise ValueError("the architecture half of the training set is empty")
+        self.skip = skip or (lambda batches, k: itertools.islice(batches, k, None))
+        self.position, self._batches = 0, None
+
+    def at(self, index: int) -> Batch:
+        epoch, offset = divmod(index, self.per_epoch)
+        if self._batches is None or index != self.position or offset == 0:
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(epoch)
+            self._batches = iter(self.skip(self.loader, offset) if offset else self.loader)
+        self.position = index + 1
+        return next(self._batches)
+
+    def __iter__(self) -> "Endless":
+        return self
+
+    def __next__(self) -> Batch:
+        return self.at(self.position)
 

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 
 from supernet import Architecture, SearchSpace, param_sets, sites
 
-from .bilevel import BilevelStep, CurvatureTerm, SizeTerm, cycle, task_loss
+from .bilevel import BilevelStep, CurvatureTerm, Endless, SizeTerm, task_loss
 from .budget import Budget, Penalty, site_candidates, start_at_budget
 from .config import AlphaInit, ArchOptimizer, BudgetConfig, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
 from .data import make_loader, split_for_search
@@ -121,7 +121,8 @@ def run_search(
              f"; distilling from the checkpoint (search.kd_weight={cfg.kd_weight:g})" if teacher is not None else "")
 
     step_fn = BilevelStep(
-        net, groups.weights, groups.arch + groups.scales, w_opt, u_opts, cycle(arch_loader),
+        net, groups.weights, groups.arch + groups.scales, w_opt, u_opts,
+        Endless(arch_loader, accelerator.skip_first_batches),
         SizeTerm(cfg.size_weight, budget, cfg.penalty, scope, cfg.bitops_weight, cfg.bitops_target, space.scale_bits),
         loss_fn=loss_fn,
         backward=accelerator.backward, weight_scheduler=scheduler,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers import BertForSequenceClassification
 
-from search.bilevel import BilevelStep, CurvatureTerm, SizeTerm, cycle, finite_difference_hvp, group_lasso, probability_mass, temperature
+from search.bilevel import BilevelStep, CurvatureTerm, SizeTerm, Endless, finite_difference_hvp, group_lasso, probability_mass, temperature
 from search.budget import Budget
 from search.derive import derive
 from supernet import Scope, SearchSpace, expected_size, param_sets, sites, to_supernet
@@ -30,7 +30,7 @@ def _setup(cfg, size_weight=1.0, budget=None, second_order=False, warmup=0, step
     step = BilevelStep(
         model, sets.weights, upper, torch.optim.AdamW(sets.weights, lr=weight_lr),
         [torch.optim.SGD(sets.arch, lr=0.5), torch.optim.Adam(sets.scales, lr=1e-3)],
-        cycle(_batches(seed=1)), SizeTerm(size_weight, budget), second_order=second_order,
+        Endless(_batches(seed=1)), SizeTerm(size_weight, budget), second_order=second_order,
         warmup_steps=warmup, total_steps=steps, tau=(2.0, 0.5),
         curvature=None if curvature is None else CurvatureTerm(model, curvature, decay=0.5),
     )
@@ -153,7 +153,7 @@ def test_the_default_xi_is_the_weights_base_lr_even_under_a_warmup(tiny_cfg):
     opt = torch.optim.AdamW(sets.weights, lr=3e-4)
     linear_warmup(opt, 10, 0.5)  # the optimiser's lr is 0 until the warmup starts
     assert opt.param_groups[0]["lr"] == 0
-    step = BilevelStep(model, sets.weights, sets.arch, opt, [], cycle(_batches()), SizeTerm(1.0, None), second_order=True)
+    step = BilevelStep(model, sets.weights, sets.arch, opt, [], Endless(_batches()), SizeTerm(1.0, None), second_order=True)
     assert step.xi == 3e-4
 
 
@@ -209,7 +209,7 @@ def _searched_sites(model):
 def test_the_curvature_term_folds_the_architecture_batch_fisher_and_moves_only_logits_and_scales(tiny_cfg):
     for second_order in (False, True):
         model, sets, step = _setup(tiny_cfg, curvature=1.0, second_order=second_order)
-        batch = next(cycle(_batches(seed=1)))  # the batch the architecture step draws first
+        batch = next(Endless(_batches(seed=1)))  # the batch the architecture step draws first
         site = _searched_sites(model)[0]
         grad = torch.autograd.grad(model(**batch).loss, site.weight)[0] if not second_order else None
         w0, a0 = _snapshot(sets.weights), _snapshot(sets.arch)
@@ -223,7 +223,7 @@ def test_the_curvature_term_folds_the_architecture_batch_fisher_and_moves_only_l
             assert torch.allclose(curv.fisher[0], 4 * 0.5 * grad.pow(2), rtol=1e-3, atol=1e-18)
     # after a weight step, whose gradients stay on the weights, the next batch folds in its own gradient alone
     model, sets, step = _setup(tiny_cfg, curvature=1.0)
-    arch = cycle(_batches(seed=1))
+    arch = Endless(_batches(seed=1))
     step(_batches()[0], 0)  # an architecture step, then a weight step
     next(arch)
     site = _searched_sites(model)[0]

@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from search.__main__ import CONF_DIR, run_stage
+from search.bilevel import BilevelStep
 from supernet import Architecture
 
 from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
@@ -177,6 +178,27 @@ def test_a_search_prices_and_writes_steps_at_space_scale_bits(env, tmp_path):  #
     arch = Architecture.load(run_dir / "architecture.json")
     assert arch.scale_bits == 16
     assert _metrics(run_dir)["architecture"]["encoder_mb"] == round(arch.size_mb("encoder"), 4)
+
+
+def test_an_interrupted_search_resumes_to_the_result_of_an_uninterrupted_one(env, tmp_path, monkeypatch):  # noqa: F811
+    # 12 steps over two epochs of the architecture half (3 batches each), the first architecture step at step 1
+    overrides = ("stage=search", "budget.avg_bits=3", "search.epochs=4", "max_steps=12", "search.checkpoint_every=4",
+                 "search.log_every=1")
+    assert run_stage(_cfg(env, tmp_path, *overrides), tmp_path / "whole") == 0
+    step = BilevelStep.__call__
+
+    def interrupted(self, batch, i):
+        if i == 9:  # the last train state is step 8's: architecture batch 7, inside the third epoch
+            raise KeyboardInterrupt
+        return step(self, batch, i)
+
+    monkeypatch.setattr(BilevelStep, "__call__", interrupted)
+    assert run_stage(_cfg(env, tmp_path, *overrides), tmp_path / "cut") == 130
+    monkeypatch.setattr(BilevelStep, "__call__", step)
+    assert run_stage(_cfg(env, tmp_path, *overrides, "resume=true"), tmp_path / "cut") == 0
+    assert _metrics(tmp_path / "cut")["train"]["start_step"] == 8 and _metrics(tmp_path / "cut")["train"]["steps"] == 12
+    for name in ("alphas.json", "architecture.json"):
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
 
 
 def test_a_search_with_the_curvature_price_runs_and_logs_it(env, tmp_path, caplog):  # noqa: F811
