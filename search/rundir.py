@@ -289,11 +289,23 @@ def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]
 
 
 def warn_resumed_changes(run: RunDir, name: str, settings: Sequence[str]) -> None:
-    """Stage `name` run alone with resume=true: warn when the train state it resumes from was written under other
-    `settings` (top-level sections) than this run has. Call before `run` opens, which writes the new config.yaml."""
-    if settings and saved_train_state(run.train_state) is not None:
-        _warn_changed(run, run, name, settings, "started with other settings",
-                      "it resumes from its train state, which has them")
+    """Stage `name` run alone with resume=true under other `settings` (top-level sections) than the run it
+    continues. A finished run is refused (a UserError): resuming it would replace its result with one derived under
+    the new settings from training done under the old. An unfinished one gets a warning: it continues from its
+    train state and finishes under the new settings. Call before `run` opens, which writes the new config.yaml."""
+    saved = run.path / "config.yaml"
+    if not settings or not saved.is_file() or run._config_yaml is None:
+        return
+    changed = changed_settings(saved.read_text(), run._config_yaml, settings, schema_defaults())
+    if not changed:
+        return
+    listed = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+    if (run.path / "metrics.json").is_file():  # what every stage writes last
+        raise UserError(f"{name} in {run.path} finished with other settings ({listed}); resume=true would replace its "
+                        f"result: give a new hydra.run.dir, or run with the settings it had")
+    if saved_train_state(run.train_state) is not None:
+        log.warning("%s started with other settings (%s); it continues from its train state, written under the old "
+                    "ones, and finishes under the new: delete %s to rerun it", name, listed, run.path)
 
 
 def drop_train_state(state_dir: Path, keep: Sequence[str] = ()) -> None:

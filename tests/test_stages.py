@@ -252,16 +252,26 @@ def test_a_distilled_search_runs_and_shares_its_teacher_table_with_qat(env, tmp_
     assert any(m.startswith(f"teacher outputs from {table} (") for m in messages)  # and QAT reads them back
 
 
-def test_a_stage_resumed_alone_under_other_settings_says_its_train_state_has_the_old_ones(env, tmp_path, caplog):  # noqa: F811
+def test_a_stage_resumed_alone_under_other_settings_is_refused_when_finished_and_warned_when_not(env, tmp_path, caplog, capsys):  # noqa: F811
     run_dir = tmp_path / "s"
     assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3"), run_dir) == 0
     with caplog.at_level("WARNING", logger="search.rundir"):
         assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "max_steps=6", "resume=true"), run_dir) == 0
         assert not [r for r in caplog.records if r.name == "search.rundir"]  # more steps alone change nothing it had
+    # finished: resuming under another budget would replace its result with one derived from a 3-bit search
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "run.log"}
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=2.5", "resume=true"), run_dir) == 2
+    assert "finished with other settings (budget.avg_bits: 3.0 -> 2.5); resume=true would replace its result" in \
+        capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "run.log"} == before
+    # interrupted: it continues, and says under which settings
+    (run_dir / "metrics.json").unlink()
+    with caplog.at_level("WARNING", logger="search.rundir"):
         assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "max_steps=8", "search.arch_lr=0.01",
                               "resume=true"), run_dir) == 0
     [warning] = [r.getMessage() for r in caplog.records if r.name == "search.rundir" and r.levelname == "WARNING"]
-    assert warning.startswith("stage=search started with other settings (search.arch_lr: 0.05 -> 0.01); it resumes from")
+    assert warning.startswith("stage=search started with other settings (search.arch_lr: 0.05 -> 0.01); it continues "
+                              "from its train state, written under the old ones, and finishes under the new")
 
 
 def test_pipeline_checks_the_budget_before_fine_tuning(env, tmp_path, capsys):  # noqa: F811
