@@ -8,6 +8,7 @@ with one-hot probabilities, i.e. the same function that prices the supernet duri
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -59,6 +60,20 @@ class SiteArch:
         idx = torch.tensor([cands.index(b) for b in self.bits])
         probs = torch.nn.functional.one_hot(idx, len(cands)).double()  # [G] -> [G, K]; float64: exact sizes
         return CostEntry(self.shape, cands, probs, float(self.a_bits or FP32_BITS))
+
+
+def _whole(value: Any, field: str) -> int:
+    """A whole number from a hand-written file: 4 or 4.0, not 2.7 (which int() would silently make 2) or true."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+        raise ValueError(f"{field} {value!r} is not a whole number")
+    return int(value)
+
+
+def _flag(value: Any, field: str) -> bool:
+    """true or false; the string "false" is not false (bool() would make it true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field} {value!r} is not true or false")
+    return value
 
 
 @dataclass(frozen=True)
@@ -197,9 +212,11 @@ class Architecture:
             for name, s in site_items:
                 try:
                     built.append((name, SiteArch(
-                        kind=SiteKind(s["kind"]), bits=tuple(int(b) for b in s["bits"]), group_numel=int(s["group_numel"]),
-                        rows_per_group=int(s["rows_per_group"]), in_features=int(s["in_features"]), bias=bool(s["bias"]),
-                        a_bits=None if s.get("a_bits") is None else int(s["a_bits"]),
+                        kind=SiteKind(s["kind"]), bits=tuple(_whole(b, "bits") for b in s["bits"]),
+                        group_numel=_whole(s["group_numel"], "group_numel"),
+                        rows_per_group=_whole(s["rows_per_group"], "rows_per_group"),
+                        in_features=_whole(s["in_features"], "in_features"), bias=_flag(s["bias"], "bias"),
+                        a_bits=None if s.get("a_bits") is None else _whole(s["a_bits"], "a_bits"),
                     )))
                 except (KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{source}: site {name!r} is malformed ({type(e).__name__}: {e})") from None
@@ -224,6 +241,9 @@ class Architecture:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "w") as f:
             f.write(self.to_json())
         os.replace(tmp, path)
@@ -280,6 +300,13 @@ class Architecture:
                     f"{name}: architecture has {len(arch.bits)} groups of {arch.group_numel} weights, the model "
                     f"{shape.n_groups} of {shape.group_numel}; convert with the space the architecture was made for"
                 )
+            # the rest of the record prices the site: a wrong one would report a size the model does not have
+            for field, ours, theirs in (("kind", arch.kind, shape.kind), ("rows_per_group", arch.rows_per_group,
+                                        shape.rows_per_group), ("in_features", arch.in_features, shape.in_features),
+                                        ("bias", arch.bias, shape.bias)):
+                if ours != theirs:
+                    raise ValueError(f"{name}: the architecture's {field} is {ours!r}, the model's {theirs!r}; "
+                                     f"write the architecture from this model (a search or hawq run's architecture.json)")
             site.wq.fix(arch.bits)
             if site.aq is not None and not site.aq.cands.is_identity:
                 site.aq.fix([arch.a_bits if arch.a_bits is not None else site.aq.chosen_bits()[0]])

@@ -1,6 +1,8 @@
 """Cost model, Architecture and parameter sets: exact sizes by hand, expected == exact, JSON, disjoint sets."""
 import dataclasses
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -126,6 +128,41 @@ def test_apply_fixes_the_model_and_derive_reads_it_back(tiny_cfg):
 def test_malformed_architecture_is_a_clear_error(text, match):
     with pytest.raises(ValueError, match=match):
         Architecture.from_json(text)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("bits", [2.7], "bits 2.7 is not a whole number"),  # int() would make it 2, silently
+    ("bits", [True], "bits True is not a whole number"),
+    ("bits", ["4"], "bits '4' is not a whole number"),
+    ("bias", "false", "bias 'false' is not true or false"),  # bool() would make it true
+    ("in_features", 1e400, "in_features inf is not a whole number"),
+    ("a_bits", 7.5, "a_bits 7.5 is not a whole number"),
+])
+def test_hand_written_values_are_taken_as_written_or_refused(field, value, match):
+    site = {"kind": "encoder", "bits": [2], "group_numel": 4, "rows_per_group": 1, "in_features": 4, "bias": True}
+    d = {"format": "bert-mpq.architecture", "version": 1, "other_fp32_params": 1, "sites": {"a": {**site, field: value}}}
+    with pytest.raises(ValueError, match=f"site 'a' is malformed .*{re.escape(match)}"):
+        Architecture.from_dict(d)
+    assert Architecture.from_dict({**d, "sites": {"a": {**site, "bits": [4.0]}}}).site("a").bits == (4,)
+
+
+@pytest.mark.parametrize("field, value", [("in_features", 1), ("bias", False), ("rows_per_group", 3), ("kind", "embedding")])
+def test_an_architecture_that_prices_a_site_otherwise_than_the_model_does_not_apply(tiny_cfg, field, value):
+    # the group count and size match, so the model would take it, and report sizes it does not have
+    arch = Architecture.from_supernet(_supernet(tiny_cfg))
+    name = "bert.encoder.layer.0.attention.self.query"
+    d = arch.to_dict()
+    assert d["sites"][name][field] != value
+    d["sites"][name][field] = value
+    with pytest.raises(ValueError, match=f"{name}: the architecture's {field} is"):
+        Architecture.from_dict(d).apply(_supernet(tiny_cfg))
+
+
+def test_an_architecture_file_is_as_readable_as_any_other_file(tmp_path, tiny_cfg):
+    path = Architecture.from_supernet(_supernet(tiny_cfg)).save(tmp_path / "architecture.json")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_missing_architecture_file_names_it(tmp_path):
