@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForQuestionAnswering,
@@ -117,7 +118,7 @@ def load_task_model(name_or_path: str, task: str) -> PreTrainedModel:
         model = MODEL_CLASSES[spec.kind].from_pretrained(
             str(Path(name_or_path).expanduser()), dtype=torch.float32, **_head_kwargs(spec)
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated model.safetensors
         raise UserError(
             f"cannot load {name_or_path!r} as a {spec.kind.value} model ({first_line(e)}); set "
             f"model.name_or_path to a BERT checkpoint (hub id or local directory)"

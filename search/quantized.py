@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig
@@ -114,17 +115,21 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Architecture, str]:
     if not is_quantized_dir(path):
         raise FileNotFoundError(f"{path} is not a quantized model folder (needs architecture.json, {SPACE_FILE}, "
                                 f"{WEIGHTS_FILE}); pass the quantized/ folder a qat run wrote")
-    arch = Architecture.load(path / "architecture.json")
-    space = load_space(path)
-    task = json.loads((path / TASK_FILE).read_text())["task"]
-    config = AutoConfig.from_pretrained(str(path))
-    model = MODEL_CLASSES[get_task(task).kind].from_config(config)
-    to_supernet(model, space)
-    arch.apply(model)
-    missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    try:  # a truncated or edited file of the folder is the user's to write again, not a bert-mpq bug
+        arch = Architecture.load(path / "architecture.json")
+        space = load_space(path)
+        task = json.loads((path / TASK_FILE).read_text())["task"]
+        config = AutoConfig.from_pretrained(str(path))
+        model = MODEL_CLASSES[get_task(task).kind].from_config(config)
+        to_supernet(model, space)
+        arch.apply(model)
+        missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    except (ValueError, OSError, KeyError, SafetensorError) as e:
+        raise UserError(f"{path} cannot be read as a quantized model ({type(e).__name__}: {first_line(e)}); "
+                        f"run the qat stage again to write it") from e
     if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match its architecture ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[:2]}); re-run qat")
+        raise UserError(f"{path / WEIGHTS_FILE} does not match its architecture ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected tensors, e.g. {(missing or unexpected)[:2]}); re-run qat")
     for module in model.modules():  # the fixed choices and initialised flags came in as buffers
         if hasattr(module, "_refresh"):
             module._refresh()

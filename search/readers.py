@@ -47,7 +47,11 @@ def task_dir(spec: TaskSpec, data_dir: Path) -> Path:
 
 def read_local(spec: TaskSpec, path: Path) -> Dataset:
     """Read one original-format file of task `spec` into the normalised columns."""
-    return _READERS[spec.kind](spec, path)
+    try:
+        return _READERS[spec.kind](spec, path)
+    except UnicodeDecodeError as e:  # a file saved as Latin-1 or cp1252
+        raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        f"save it as UTF-8") from None
 
 
 def _read_tsv(spec: TaskSpec, path: Path) -> Dataset:
@@ -192,6 +196,7 @@ def _read_squad(spec: TaskSpec, path: Path) -> Dataset:
             for paragraph in article["paragraphs"]:
                 context = paragraph["context"]
                 for qa in paragraph["qas"]:
+                    _check_answers(path, qa, context)
                     rows["id"].append(str(qa["id"]))
                     rows["question"].append(qa["question"])
                     rows["context"].append(context)
@@ -211,6 +216,19 @@ def _read_squad(spec: TaskSpec, path: Path) -> Dataset:
         "answers": {"text": List(Value("string")), "answer_start": List(Value("int32"))},
     })
     return Dataset.from_dict(rows, features=features)
+
+
+def _check_answers(path: Path, qa: dict, context: str) -> None:
+    """SQuAD v1.1: every question has an answer, and every answer lies inside its context; a span past its end
+    would train the model on the wrong tokens without a word."""
+    if not qa["answers"]:
+        raise DataError(f"{path}: question {qa['id']!r} has no answer; SQuAD v1.1 questions all have one "
+                        f"(v2's unanswerable questions are not supported)")
+    for a in qa["answers"]:
+        start, text = int(a["answer_start"]), a["text"]
+        if start < 0 or start + len(text) > len(context):
+            raise DataError(f"{path}: question {qa['id']!r}: answer_start {start} with a {len(text)}-character answer "
+                            f"lies outside its {len(context)}-character context; fix the offset")
 
 
 _READERS = {

@@ -6,6 +6,7 @@ the offline assets (MiniLM-L6 on SST-2)."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import random
 import subprocess
@@ -184,6 +185,19 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(env, tmp_path, capsys, case
     assert rc != 0
     assert err[-1].startswith("error: ") and needle in err[-1], err[-1]
     assert "Traceback" not in "\n".join(err)
+    assert not run_dir.exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_and_leaves_no_run_dir(env, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(env["model"], checkpoint)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy that stopped part-way
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={checkpoint}"), run_dir) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot load '{checkpoint}'") and "Traceback" not in "\n".join(err)
     assert not run_dir.exists()
 
 

@@ -12,7 +12,7 @@ from datasets import Dataset
 
 import search.data as data_mod
 from data_fixtures import (
-    GLUE_FILES, GLUE_TASK_DIRS, SQUAD_CONTEXT, real_assets, real_tokenizer, tiny_tokenizer,
+    GLUE_FILES, GLUE_TASK_DIRS, SQUAD, SQUAD_CONTEXT, real_assets, real_tokenizer, tiny_tokenizer,
     write_conll, write_glue, write_squad,
 )
 from search.data import DataError, iob1_to_iob2, load_raw, make_loader, split_for_search, tokenize
@@ -367,6 +367,28 @@ def test_error_malformed_json(tmp_path):
     (tmp_path / "squad" / "dev-v1.1.json").write_text(json.dumps({"data": [{"title": "x"}]}))
     msg = _one_line_error(load_raw, "squad", tmp_path, ["validation"])
     assert "'paragraphs'" in msg
+
+
+@pytest.mark.parametrize("answers, message", [
+    ([{"text": "France", "answer_start": 500}], "'q2': answer_start 500 with a 6-character answer lies outside"),
+    ([], "question 'q2' has no answer"),  # SQuAD v2's unanswerable questions
+])
+def test_error_squad_answer_outside_its_context(tmp_path, answers, message):
+    data = json.loads(json.dumps(SQUAD))
+    data["data"][0]["paragraphs"][0]["qas"][1]["answers"] = answers
+    write_squad(tmp_path, data)
+    msg = _one_line_error(load_raw, "squad", tmp_path, ["train"])
+    assert "train-v1.1.json" in msg and message in msg
+
+
+@pytest.mark.parametrize("task, folder, name", [("sst2", "SST-2", "SST-2/train.tsv"),
+                                               ("conll03", "conll2003", "conll2003/eng.train")])
+def test_error_a_file_that_is_not_utf8(tmp_path, task, folder, name):
+    (tmp_path / folder).mkdir()
+    text = "sentence\tlabel\ncaf\xe9 au lait\t1\n" if task == "sst2" else "caf\xe9 NN I-NP O\n"
+    (tmp_path / name).write_bytes(text.encode("latin-1"))
+    msg = _one_line_error(load_raw, task, tmp_path, ["train"])
+    assert name.split("/")[1] in msg and "is not UTF-8 text (byte 0xe9" in msg and "save it as UTF-8" in msg
 
 
 @pytest.mark.parametrize("bad", [4, 513, 10_000, "128", 128.0, True, None])

@@ -97,6 +97,24 @@ def test_load_quantized_rejects_a_wrong_folder(tmp_path):
         load_quantized(tmp_path)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "architecture.json").write_text('{"format":'), "JSONDecodeError|not valid JSON"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "SafetensorError"),
+    (lambda d: (d / "bert_mpq.json").write_text("{}"), "KeyError"),  # which task it is for
+])
+def test_a_damaged_quantized_folder_is_the_users_to_rewrite(tmp_path, tiny_cfg, damage, message):
+    # eval and export read this folder: a truncated file in it is not a bert-mpq bug, and says which folder
+    from search.errors import UserError
+
+    arch = _arch(tiny_cfg, seed=2)
+    model = quantize(BertForSequenceClassification(tiny_cfg), arch, SPACE)
+    folder = tmp_path / "quantized"
+    save_quantized(model, arch, space_for(arch, SPACE), tiny_tokenizer(tmp_path / "tok"), "sst2", folder)
+    damage(folder)
+    with pytest.raises(UserError, match=f"{folder} cannot be read as a quantized model \\(.*({message}).*run the qat stage again"):
+        load_quantized(folder)
+
+
 def _fixed_uniform(cfg, bits: int = 2, space: SearchSpace = SPACE):
     from search.budget import uniform
 
