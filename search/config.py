@@ -219,6 +219,10 @@ class ExportConfig:
     verify: bool = True  # reload the folder and check its dev-set predictions equal the QAT model's
     tolerance: float = 1e-5  # the largest logit difference verify accepts
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tolerance < float("inf"):  # NaN fails too
+            raise ValueError(f"export.tolerance={self.tolerance} is invalid; use a value >= 0, e.g. 1e-5")
+
 
 class ArchOptimizer(_ValueStr):
     sgd = "sgd"  # AQ-BERT's choice, lr 0.1

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from supernet import MIB, save_packed
+from supernet.cost import FP32_BITS
 
 from .config import EvalConfig, ExportConfig, MixedPrecision, TaskConfig
 from .errors import UserError
@@ -82,7 +83,13 @@ def run_export(
     qat_model, arch, trained_on = load_quantized(source)
     if trained_on != task.name:
         raise UserError(f"{source} was trained on {trained_on}, not {task.name}; set task={trained_on}")
+    if arch.scale_bits != FP32_BITS:  # QAT trains fp32 steps: rounding them would change the model
+        raise UserError(f"{source}'s architecture prices {arch.scale_bits}-bit steps (space.scale_bits="
+                        f"{arch.scale_bits}), but QAT trains fp32 ones, which a {arch.scale_bits}-bit export would "
+                        f"round; export stores fp32 steps: run the search (or hawq) and qat with space.scale_bits=32")
     tokenizer = load_tokenizer(str(source))
+    # the data before the run directory: a bad task.data_dir leaves nothing behind
+    _, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=False)
 
     run.open()
     packed = run.path / PACKED_DIR
@@ -97,7 +104,6 @@ def run_export(
              sized.act_scale_bytes, sized.buffer_bytes, 100 * sized.overhead, sized.fp32_bytes / MIB,
              sized.fp32_bytes / sized.file_bytes, sized.folder_bytes / MIB)
 
-    _, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=False)
     accelerator = make_accelerator(mixed_precision, seed)
     model, qat_model = model.to(accelerator.device), qat_model.to(accelerator.device)
     verify = None

@@ -132,7 +132,7 @@ def pack_model(model: nn.Module, arch: Architecture) -> tuple[dict[str, torch.Te
             tensors[f"{name}.s{b}"] = step.to(scale_dtype).contiguous()
             if not torch.equal(tensors[f"{name}.s{b}"].float(), step):
                 raise ValueError(f"{name}: its steps are not {arch.scale_bits}-bit floats, so a {arch.scale_bits}-bit "
-                                 f"export would change the model; export with scale_bits=32")
+                                 f"export would change the model; write the architecture with scale_bits 32")
             extra["padding_bytes"] += tensors[f"{name}.q{b}"].numel() - unsigned.numel() * b / 8
         if site.bias is not None:
             tensors[f"{name}.bias"] = site.bias.detach()[_kept_rows(sa).to(site.bias.device)].float().contiguous()

@@ -2,6 +2,7 @@
 quantized and packed folders, and the start-up errors of bad input (no run directory left behind)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -111,6 +112,27 @@ def test_export_input_errors(env, tmp_path, capsys, overrides, message):  # noqa
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and message in err
     assert not run_dir.exists()
+
+
+def test_export_refuses_before_writing_anything(env, tmp_path, capsys):  # noqa: F811
+    # a QAT run of an architecture priced with fp16 steps (QAT trains fp32 ones, which packing would round)
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "space.scale_bits=16", "max_steps=2"),
+                     tmp_path / "s") == 0
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={tmp_path / 's' / 'architecture.json'}",
+                          "space.scale_bits=16", "max_steps=2"), tmp_path / "q") == 0
+    arch = Architecture.load(tmp_path / "s" / "architecture.json")
+    dataclasses.replace(arch, scale_bits=32).save(tmp_path / "a32.json")
+    assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={tmp_path / 'a32.json'}", "max_steps=2"),
+                     tmp_path / "q32") == 0
+    for qat, overrides, message in (("q", [], "prices 16-bit steps (space.scale_bits=16), but QAT trains fp32 ones"),
+                                    ("q32", ["export.tolerance=-1"], "export.tolerance=-1.0 is invalid"),
+                                    ("q32", [f"task.data_dir={tmp_path / 'nowhere'}"], "no data folder for task 'sst2'")):
+        run_dir = tmp_path / "e"
+        run_dir.mkdir()  # hydra creates the run directory before the app runs
+        assert run_stage(_cfg(env, tmp_path, "stage=export", f"export.run_dir={tmp_path / qat}", *overrides), run_dir) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error:") and message in err[-1] and "Traceback" not in "\n".join(err)
+        assert not run_dir.exists()
 
 
 def test_eval_of_a_tampered_packed_folder_is_a_one_line_error(env, tmp_path, capsys):  # noqa: F811
