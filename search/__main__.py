@@ -36,7 +36,7 @@ from search.evaluate import run_eval
 from search.export import run_export
 from search.finetune import finetune
 from search.hawq_stage import run_hawq
-from search.logger import make_logger
+from search.logger import check_logger, make_logger
 from search.pipeline import run_pipeline
 from search.qat import run_qat
 from search.rundir import RunDir, check_reusable, remove_if_empty, warn_resumed_changes
@@ -201,6 +201,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
     try:
         config = to_config(cfg)
         stage = STAGES[config.stage]
+        check_logger(config.logger)
         check_reusable(run_dir, config.resume)
         set_seed(config.seed)
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -16,8 +16,9 @@ from typing import Any, Mapping, Protocol
 from urllib.parse import urlparse
 
 from search.config import LoggerConfig, LoggerKind, WandbMode
+from search.errors import UserError
 
-__all__ = ["RunLogger", "NullLogger", "WandbLogger", "make_logger", "wandb_mode"]
+__all__ = ["RunLogger", "NullLogger", "WandbLogger", "check_logger", "make_logger", "wandb_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class WandbLogger:
         import wandb  # imported here: `logger=none` runs never load it
 
         mode = wandb_mode(cfg.mode)
+        check_logger(cfg)
         self._run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
@@ -106,6 +108,16 @@ def wandb_mode(mode: WandbMode) -> str | None:
     if os.environ.get("WANDB_MODE"):
         return None
     return "online" if _has_api_key() else "offline"
+
+
+def check_logger(cfg: LoggerConfig) -> None:
+    """A wandb logger that must go online needs an API key: say so before the run starts, not in a traceback."""
+    if cfg.kind is not LoggerKind.wandb:
+        return
+    mode = wandb_mode(cfg.mode) or os.environ.get("WANDB_MODE", "")
+    if mode == "online" and not _has_api_key():
+        raise UserError("logger.mode=online needs a wandb API key (WANDB_API_KEY, or `wandb login`); "
+                        "log offline with logger.mode=offline (sync later with `wandb sync`) or use logger=none")
 
 
 def _has_api_key() -> bool:

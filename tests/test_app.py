@@ -339,6 +339,20 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
+def test_wandb_online_without_an_api_key_is_one_line_before_the_run_dir(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    for mode, env_mode in (("online", None), ("auto", "online")):  # asked for, or through $WANDB_MODE
+        monkeypatch.delenv("WANDB_MODE", raising=False) if env_mode is None else monkeypatch.setenv("WANDB_MODE", env_mode)
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        assert run_stage(_cfg(env, tmp_path, "logger=wandb", f"logger.mode={mode}"), run_dir) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["error: logger.mode=online needs a wandb API key (WANDB_API_KEY, or `wandb login`); log offline "
+                       "with logger.mode=offline (sync later with `wandb sync`) or use logger=none"]
+        assert not run_dir.exists()
+
+
 # ----------------------------------------------------------------------------- real assets
 
 
