@@ -22,7 +22,7 @@ from torch import nn
 from .cost import FP32_BITS, MIB, CostEntry, Scope, SiteShape, Size, bitops, size
 from .mixed import sites
 from .params import other_fp32_params
-from .quantizers import WEIGHT_GRIDS, QuantMode, check_bits
+from .quantizers import MIDRISE_BITS, WEIGHT_GRIDS, QuantMode, check_bits
 from .space import SiteKind
 
 FORMAT = "bert-mpq.architecture"
@@ -99,6 +99,11 @@ class Architecture:
                 raise ValueError(f"w_grid {getattr(self.w_grid, 'value', self.w_grid)!r} is not a weight grid; use "
                                  f"one of {[g.value for g in WEIGHT_GRIDS]} or leave it out")
             object.__setattr__(self, "w_grid", grid)
+            one_bit = next((n for n, site in self.sites if MIDRISE_BITS in site.bits), None)
+            if one_bit is not None and grid is not QuantMode.MIDRISE:
+                raise ValueError(f"{one_bit} has {MIDRISE_BITS}-bit groups, which only the mid-rise grid has, but the "
+                                 f"architecture is on the {grid.value} grid; set \"w_grid\": \"{QuantMode.MIDRISE.value}\" "
+                                 f"or give those groups 2 bits or more")
 
     # --- lookup --------------------------------------------------------------------------------
     @property

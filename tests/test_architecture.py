@@ -201,6 +201,19 @@ def test_the_weight_grid_is_part_of_the_architecture(tmp_path, tiny_cfg):
         dataclasses.replace(arch, w_grid=QuantMode.UNSIGNED)
 
 
+def test_one_bit_groups_on_the_symmetric_grid_are_refused_with_the_fix(tiny_cfg):
+    # the file's grid decides the model's, so the fix is in the file, not in space.w_grid
+    from search.budget import uniform
+
+    arch = Architecture.from_supernet(_supernet(tiny_cfg))
+    assert arch.w_grid is QuantMode.SYMMETRIC
+    with pytest.raises(ValueError, match='has 1-bit groups, which only the mid-rise grid has, but the architecture is on '
+                                         'the symmetric grid; set "w_grid": "midrise" or give those groups 2 bits'):
+        uniform(arch, 1)  # tools/uniform_arch.py ARCH 1
+    assert uniform(dataclasses.replace(arch, w_grid=QuantMode.MIDRISE), 1).avg_bits("encoder") == 1
+    assert uniform(dataclasses.replace(arch, w_grid=None), 1).avg_bits("encoder") == 1  # not recorded: the space decides
+
+
 def test_parameter_sets_are_disjoint_and_cover_the_model(tiny_cfg):
     model = _supernet(tiny_cfg)
     sets = param_sets(model)
