@@ -37,6 +37,7 @@ from search.export import run_export
 from search.finetune import finetune
 from search.hawq_stage import run_hawq
 from search.logger import check_logger, make_logger
+from search.progress import configure as configure_progress
 from search.pipeline import run_pipeline
 from search.qat import run_qat
 from search.rundir import RunDir, check_reusable, remove_if_empty, warn_resumed_changes
@@ -202,6 +203,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
         config = to_config(cfg)
         stage = STAGES[config.stage]
         check_logger(config.logger)
+        configure_progress(config.progress_bar)
         check_reusable(run_dir, config.resume)
         set_seed(config.seed)
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -127,7 +127,8 @@ def temperature(step: int, total: int, start: float, end: float) -> float:
 
 
 def probability_mass(model: nn.Module) -> dict[str, float]:
-    """Share of the weights each candidate holds, overall and per site (noise-free probabilities)."""
+    """Share of the weights each candidate holds, overall (`mass/<bits>`) and per site (`mass/<site>/<bits>`, which
+    the tracker gets and run.log's step lines leave out), from the noise-free probabilities."""
     out: dict[str, float] = {}
     overall: dict[int, float] = {}
     total = 0
@@ -139,7 +140,7 @@ def probability_mass(model: nn.Module) -> dict[str, float]:
             for b, m in zip(site.wq.cands.bits, p.tolist()):
                 out[f"mass/{name}/{b}"] = m
                 overall[b] = overall.get(b, 0.0) + m * n
-    out.update({f"mass/all/{b}": v / total for b, v in sorted(overall.items())})
+    out.update({f"mass/{b}": v / total for b, v in sorted(overall.items())})
     return out
 
 

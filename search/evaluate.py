@@ -29,6 +29,7 @@ from search.loop import make_accelerator
 from search.metrics import compute_metrics, ids_to_tags, postprocess_qa, squad_references
 from search.models import load_task_model, load_tokenizer
 from search.prepare import EvalSet, task_data
+from search.progress import progress_bar
 from search.quantized import load_any_quantized, load_architecture, quantize_user_model
 from search.rundir import RunDir
 from search.tasks import TaskKind, TaskSpec, get_task
@@ -118,7 +119,8 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     outputs = []
-    for batch in loader:
+    main = accelerator is None or accelerator.is_local_main_process
+    for batch in progress_bar(loader, main=main, desc=f"eval {split or task}", leave=False, dynamic_ncols=True):
         if accelerator is None:
             batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**{k: v for k, v in batch.items() if k in _INPUTS})

@@ -213,9 +213,9 @@ def train(
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr")})
             if log_fn is not None:
                 log_fn(metrics, step)
-            if step % log_every == 0 or step == steps:
+            if step % log_every == 0 or step == steps:  # per-site detail (a/b/c) goes to the tracker only
                 log.info("step %d/%d %s", step, steps,
-                         " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                         " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.count("/") < 2))
             if eval_fn is not None and eval_every and step % eval_every == 0 and step < steps:
                 last_eval = dict(eval_fn())
                 log.info("step %d eval %s", step, last_eval)

@@ -161,7 +161,8 @@ def test_temperature_mass_and_group_lasso(tiny_cfg):
     assert temperature(0, 10, 2.0, 0.5) == 2.0 and abs(temperature(9, 10, 2.0, 0.5) - 0.5) < 1e-9
     model, _, _ = _setup(tiny_cfg)
     mass = probability_mass(model)
-    assert abs(sum(v for k, v in mass.items() if k.startswith("mass/all/")) - 1) < 1e-6
+    overall = {k: v for k, v in mass.items() if k.count("/") == 1}  # mass/<bits>; per site: mass/<site>/<bits>
+    assert sorted(overall) == [f"mass/{b}" for b in sorted(SPACE.w_bits)] and abs(sum(overall.values()) - 1) < 1e-6
     # the sum of the groups' L2 norms (groups of whole output rows) over the sites that can prune
     prunable = [site for _, site in sites(model) if 0 in site.wq.cands.bits]
     assert 0 < len(prunable) < len(list(sites(model)))  # the 8-bit-only embeddings are left out

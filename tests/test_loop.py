@@ -201,3 +201,33 @@ def test_progress_bars_show_only_on_the_main_process_of_a_terminal(monkeypatch):
         monkeypatch.setattr(sys, "stderr", stream)
         assert list(progress_bar(range(3), desc="work", progress=progress, main=main)) == [0, 1, 2]
         assert ("work: 100%" in stream.getvalue()) == shown
+
+
+def test_evaluation_shows_a_bar_and_the_run_setting_turns_every_bar_off(monkeypatch):
+    # evaluating a large split takes minutes; progress_bar=false also silences datasets' and transformers' bars
+    import io
+    import sys
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from search import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    accelerator, model, *_ = _setup()
+    rows = [{"input_ids": torch.tensor([1, 2, 3]), "attention_mask": torch.ones(3, dtype=torch.long), "labels": 1}] * 8
+    try:
+        for setting, shown in ((True, True), (False, False)):
+            progress.configure(setting)
+            assert datasets.is_progress_bar_enabled() is False and hf_logging.is_progress_bar_enabled() is False  # no tty
+            stream = Terminal()
+            monkeypatch.setattr(sys, "stderr", stream)
+            progress.configure(setting)
+            assert datasets.is_progress_bar_enabled() is setting and hf_logging.is_progress_bar_enabled() is setting
+            evaluate(model, DataLoader(rows, batch_size=4), "sst2", split="validation")
+            assert ("eval validation: " in stream.getvalue()) == shown
+    finally:
+        progress.configure(True)

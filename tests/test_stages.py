@@ -230,6 +230,7 @@ def test_a_search_with_the_curvature_price_runs_and_logs_it(env, tmp_path, caplo
                               "search.log_every=1"), run_dir) == 0
     steps = [r.getMessage() for r in caplog.records if r.name == "search.loop" and r.getMessage().startswith("step ")]
     assert len(steps) == 3 and "loss/curvature" not in steps[0]  # no Fisher before the first architecture step
+    assert " mass/0 " in steps[0] and "mass/bert" not in steps[0]  # the overall mass; per site only to the tracker
     assert all("loss/curvature" in m for m in steps[1:])
     assert Architecture.load(run_dir / "architecture.json").n_groups() > 0
 
