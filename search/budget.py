@@ -63,7 +63,7 @@ class Budget:
                 raise BudgetError("give one of budget.avg_bits, budget.mb and budget.match")
             try:
                 return cls.matching(Architecture.load(match), scope)
-            except ValueError as e:  # malformed file: the user's to fix (a missing one raises FileNotFoundError)
+            except (ValueError, FileNotFoundError) as e:  # a malformed or missing file: the user's to fix
                 raise BudgetError(f"budget.match: {e}") from e
         if avg_bits is None and mb is None:
             return None
@@ -128,9 +128,17 @@ class Budget:
         lo_v, hi_v = self.of(lo), self.of(hi)
         unit = "bits per weight" if self.unit == "avg_bits" else "MiB"
         if self.target < lo_v * (1 - TOLERANCE):
+            searched = [c for c in candidates.values() if len(c) > 1]
+            if any(min(c) > 0 for c in searched) or not searched:
+                fix = " or add smaller candidates (0 prunes a group)"
+            elif self.scope is Scope.TOTAL:  # every searched group pruned: what is left, the search does not choose
+                fix = (", lower space.embedding_bits, or budget the encoder alone (budget.scope=ENCODER): there every "
+                       "searched group is pruned, and the rest is the fixed-precision sites and the FP32 parameters")
+            else:
+                fix = " (there every searched group is pruned)"
             raise BudgetError(
                 f"budget {self} is below the smallest size this space reaches ({lo_v:.4g} {unit}, every group at its "
-                f"fewest bits); raise the budget or add smaller candidates (0 prunes a group)"
+                f"fewest bits); raise the budget{fix}"
             )
         if self.target >= hi_v:
             raise BudgetError(

@@ -391,6 +391,9 @@ class HawqConfig:
     def __post_init__(self) -> None:
         for name in ("max_probes", "tol", "batch_size", "num_batches", "frontier_points", "solver_time_limit"):
             _positive(f"hawq.{name}", getattr(self, name))
+        if self.a_avg_bits is not None and not self.activations:  # it would be ignored without a word
+            raise ValueError(f"hawq.a_avg_bits={self.a_avg_bits} needs hawq.activations=true (activation bits are "
+                             f"allocated only then); add it, or drop hawq.a_avg_bits")
 
 
 @dataclass

@@ -41,7 +41,7 @@ def task_dir(spec: TaskSpec, data_dir: Path) -> Path:
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise DataError(
         f"no data folder for task {spec.name!r} (expected {spec.file_for('train')!r} in one of: "
-        f"{tried}); point data_dir at the folder that holds {spec.local_parent or '.'}/{spec.local_dir}"
+        f"{tried}); point data_dir at the folder that holds {'/'.join(filter(None, (spec.local_parent, spec.local_dir)))}/"
     )
 
 

@@ -33,7 +33,10 @@ def _bits_list(name: str, bits: List[int], allow_zero: bool) -> tuple[int, ...]:
     if not bits:
         raise ValueError(f"space.{name} is empty; give at least one bit-width, e.g. [8]")
     for b in bits:
-        check_bits(b)
+        try:
+            check_bits(b)
+        except ValueError as e:
+            raise ValueError(f"space.{name}={list(bits)}: {e}") from None
     if not allow_zero and 0 in bits:
         raise ValueError(f"space.{name} cannot contain 0: activations cannot be pruned")
     if len(set(bits)) != len(bits):

@@ -305,6 +305,8 @@ def test_make_loader_drops_columns_caps_and_seeds(tok):
 def test_error_missing_folder(tmp_path):
     msg = _one_line_error(load_raw, "sst2", tmp_path / "nowhere")
     assert "train.tsv" in msg and "SST-2" in msg and "nowhere" in msg
+    assert msg.endswith("point data_dir at the folder that holds glue/SST-2/")
+    assert _one_line_error(load_raw, "squad", tmp_path / "nowhere").endswith("the folder that holds squad/")
 
 
 def test_error_missing_file(tmp_path):

@@ -128,8 +128,13 @@ def test_budget_reachability_is_checked_up_front(tiny_cfg):
     with pytest.raises(ValueError, match="at or above the largest size"):
         Budget(avg_bits=8.0).check_reachable(template, _cands(model))
     no_prune = {n: tuple(b for b in c if b) for n, c in _cands(model).items()}
-    with pytest.raises(ValueError, match="below the smallest size"):
+    with pytest.raises(ValueError, match="below the smallest size .* or add smaller candidates"):
         Budget(avg_bits=1.5).check_reachable(template, no_prune)
+    # with 0 offered everywhere, smaller candidates cannot help: the floor is what the search does not choose
+    with pytest.raises(ValueError, match="below the smallest size .* lower space.embedding_bits, or budget the "
+                                         "encoder alone") as e:
+        Budget(avg_bits=0.5, scope="total").check_reachable(template, _cands(model))
+    assert "add smaller candidates" not in str(e.value)
     with pytest.raises(ValueError, match="exactly one"):
         Budget(avg_bits=3.0, mb=1.0)
     with pytest.raises(ValueError, match="positive"):

@@ -266,7 +266,9 @@ def test_curvature_of_the_fp_model_per_site_and_group(batch):
     (["budget.avg_bits=3", "hawq.activations=true", "space.a_bits=[4,8]"], "needs hawq.a_avg_bits"),
     (["budget.avg_bits=3", "hawq.activations=true", "space.a_bits=[4,8]", "hawq.a_avg_bits=2"], "at least 4"),
     (["budget.avg_bits=3", "space.w_bits=[4]"], "nothing to allocate"),
-    (["budget.match=/nonexistent/architecture.json"], "does not exist"),
+    (["budget.match=/nonexistent/architecture.json"], "budget.match: architecture file /nonexistent/architecture.json does not exist"),
+    (["budget.avg_bits=3", "hawq.a_avg_bits=6"], "hawq.a_avg_bits=6.0 needs hawq.activations=true"),  # not ignored
+    (["budget.avg_bits=3", "space.w_bits=[0,2,3,9]"], "space.w_bits=[0, 2, 3, 9]: bit-width 9 is not supported"),
 ])
 def test_bad_hawq_settings_fail_at_start_up(env, tmp_path, capsys, overrides, message):  # noqa: F811
     run_dir = tmp_path / "bad"
