@@ -138,6 +138,19 @@ def supervised_step(
     return step
 
 
+class _SharedInputQuantizers(logging.Filter):
+    """Q, K and V share one input quantizer (supernet), so every saved train state holds tensors under several
+    names and accelerate warns, at each save, that it dropped the aliases and to check the reload. It is expected,
+    and a resumed run equals an uninterrupted one (tests/test_loop.py, tests/test_stages.py), so the warning is
+    dropped rather than printed thousands of times over a comparison."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK 0] "
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_SharedInputQuantizers())
+
+
 def save_train_state(accelerator: Accelerator, state_dir: Path, step: int) -> None:
     """Everything `accelerator` checkpoints, plus the step, written atomically to `state_dir`."""
     tmp = state_dir.with_name(state_dir.name + ".tmp")  # not temp_beside: every process must name the same folder

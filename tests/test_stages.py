@@ -202,7 +202,7 @@ def test_a_search_prices_and_writes_steps_at_space_scale_bits(env, tmp_path):  #
     assert _metrics(run_dir)["architecture"]["encoder_mb"] == round(arch.size_mb("encoder"), 4)
 
 
-def test_an_interrupted_search_resumes_to_the_result_of_an_uninterrupted_one(env, tmp_path, monkeypatch):  # noqa: F811
+def test_an_interrupted_search_resumes_to_the_result_of_an_uninterrupted_one(env, tmp_path, monkeypatch, caplog):  # noqa: F811
     # 12 steps over two epochs of the architecture half (3 batches each), the first architecture step at step 1
     overrides = ("stage=search", "budget.avg_bits=3", "search.epochs=4", "max_steps=12", "search.checkpoint_every=4",
                  "search.log_every=1")
@@ -221,6 +221,8 @@ def test_an_interrupted_search_resumes_to_the_result_of_an_uninterrupted_one(env
     assert _metrics(tmp_path / "cut")["train"]["start_step"] == 8 and _metrics(tmp_path / "cut")["train"]["steps"] == 12
     for name in ("alphas.json", "architecture.json"):
         assert (tmp_path / "cut" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    # the Q/K/V input quantizer shared under three names is expected, not a warning at every save
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
 
 
 def test_a_search_with_the_curvature_price_runs_and_logs_it(env, tmp_path, caplog):  # noqa: F811
