@@ -101,6 +101,7 @@ def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
     budget = Budget.from_args(c.budget.avg_bits, c.budget.mb, c.budget.scope, c.budget.match)
     if budget is not None:
         check_budgets_up_front(c, [budget])
+    run.open()  # inputs checked: from here run.log keeps the steps' headers, and the directory is locked
     common = common_args(c)
     results: dict[str, Any] = {}
     model = fine_tuned_model(c, run, results)
@@ -123,6 +124,5 @@ def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
         "splits": results["qat"]["splits"],
         "quantized": results["qat"]["quantized"],
     }
-    run.open()
     run.write_json("metrics.json", summary)
     return summary

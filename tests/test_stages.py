@@ -30,12 +30,15 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path):  # noqa: F811
+def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path, caplog):  # noqa: F811
+    caplog.set_level("INFO")  # as hydra's logging has it
     run_dir = tmp_path / "pipe"
     assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "search.size_weight=5",
                           "qat.init=supernet"), run_dir) == 0
     for step in ("finetune", "search", "qat"):
         assert (run_dir / step / "metrics.json").is_file(), step
+    log = (run_dir / "run.log").read_text()  # the whole run, step by step, not only its last lines
+    assert all(f"[search.rundir][INFO] - {step}\n" in log for step in ("finetune", "search", "qat"))
     arch = Architecture.load(run_dir / "search" / "architecture.json")
     assert arch.avg_bits("encoder") <= 3.0
     assert (run_dir / "search" / "architecture.png").stat().st_size > 1000
