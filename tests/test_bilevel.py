@@ -289,3 +289,29 @@ def test_the_size_term_and_derivation_price_steps_at_space_scale_bits(tiny_cfg):
     assert arch.scale_bits == 16 and arch.size_mb("encoder") <= mb * (1 + 1e-9)
     assert report.final == pytest.approx(arch.size_mb("encoder"))
     assert derive(model, Budget(mb=mb))[0].scale_bits == 32
+
+
+def test_the_architecture_batches_are_read_by_position_across_epochs_as_a_new_process_would():
+    # a resumed search (a new process) starts reading at batch n of an epoch >= 1: it must get the batches that
+    # an uninterrupted one gets there, and those are the plain endless loop's (earlier benchmarks used it)
+    from torch.utils.data import DataLoader
+
+    from search.config import MixedPrecision
+    from search.loop import make_accelerator
+
+    def prepared():
+        accelerator = make_accelerator(MixedPrecision.fp32, 42)
+        rows = [{"x": torch.tensor([i])} for i in range(10)]  # 4 batches per epoch, the last one short
+        loader = DataLoader(rows, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(43))
+        return Endless(accelerator.prepare(loader), accelerator.skip_first_batches)
+
+    def ids(batch):
+        return batch["x"].flatten().tolist()
+
+    loader = prepared().loader
+    plain = [ids(b) for _, b in zip(range(10), (b for _ in range(3) for b in loader))]
+    assert [ids(b) for _, b in zip(range(10), prepared())] == plain
+    assert plain[:4] != plain[4:8]  # each epoch its own order
+    for start in (5, 4, 9):
+        batches = prepared()
+        assert [ids(batches.at(i)) for i in range(start, 10)] == plain[start:]
