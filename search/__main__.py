@@ -211,9 +211,9 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
             run_dir,
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
             logger_factory=lambda: make_logger(config.logger, run_dir, resolved),
+            before_writing=(lambda r: warn_resumed_changes(r, f"stage={config.stage}",
+                                                           RESUME_SETTINGS.get(config.stage, ()))) if config.resume else None,
         )
-        if config.resume:
-            warn_resumed_changes(run, f"stage={config.stage}", RESUME_SETTINGS.get(config.stage, ()))
         with run:
             stage(config, run)
     except USER_ERRORS as e:

@@ -134,10 +134,14 @@ class RunDir:
         config_yaml: str | None = None,
         logger_factory: Callable[[], RunLogger] = NullLogger,
         main_process: bool = True,
+        before_writing: Callable[["RunDir"], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self._config_yaml = config_yaml
         self._logger_factory = logger_factory
+        # called by `open` once the directory is locked and before config.yaml is written (a check that the run
+        # may go on here: one that raises leaves the directory as it was)
+        self._before_writing = before_writing
         self.main_process = main_process
         self.logger: RunLogger = NullLogger()
         self._handler: logging.Handler | None = None
@@ -159,6 +163,8 @@ class RunDir:
         if self.main_process:
             self.path.mkdir(parents=True, exist_ok=True)
             self._acquire()
+        if self._before_writing is not None:
+            self._before_writing(self)
         self.opened = True
         if not self.main_process:
             return
@@ -292,7 +298,8 @@ def warn_resumed_changes(run: RunDir, name: str, settings: Sequence[str]) -> Non
     """Stage `name` run alone with resume=true under other `settings` (top-level sections) than the run it
     continues. A finished run is refused (a UserError): resuming it would replace its result with one derived under
     the new settings from training done under the old. An unfinished one gets a warning: it continues from its
-    train state and finishes under the new settings. Call before `run` opens, which writes the new config.yaml."""
+    train state and finishes under the new settings. Call before `run` writes the new config.yaml (as its
+    `before_writing`: once the directory is locked, so that a run in use is reported as such first)."""
     saved = run.path / "config.yaml"
     if not settings or not saved.is_file() or run._config_yaml is None:
         return
