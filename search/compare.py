@@ -20,6 +20,7 @@ comparison.md, comparison.csv, runs.csv, pareto.png, logged to the tracker at th
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -81,6 +82,12 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
         qat_step(c, run, f"{cell}/uniform{bits}", model, path, seed, _QAT)
 
 
+def _same_architecture(done: Architecture, mine: Architecture) -> bool:
+    """Equal, where a weight grid `done` does not record (a file from before the grid was written, in this same
+    comparison and so on the same space) counts as `mine`'s."""
+    return (done if done.w_grid is not None else dataclasses.replace(done, w_grid=mine.w_grid)) == mine
+
+
 def _reuse_uniform(run: RunDir, step: str, arch: Path, seed: int) -> None:
     """Uniform QAT does not depend on the budget (1.5 and 2 bits both get uniform 2-bit): a finished run of
     the same architecture and seed in another budget's cell is copied into `step` instead of trained again."""
@@ -90,7 +97,7 @@ def _reuse_uniform(run: RunDir, step: str, arch: Path, seed: int) -> None:
     mine = Architecture.load(arch)
     for done in sorted(run.path.glob(f"b*/s{seed}/{target.name}/metrics.json")):  # never `target`: it has none
         other = done.parent.parent / f"{target.name}.json"
-        if other.is_file() and Architecture.load(other) == mine:
+        if other.is_file() and _same_architecture(Architecture.load(other), mine):
             tmp = temp_beside(target)
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(done.parent, tmp)

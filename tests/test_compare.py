@@ -3,6 +3,7 @@ summary tool, and the stage end to end (resumable) on a tiny random BERT."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from search.budget import uniform
 from search.compare import _reuse_uniform, uniform_bits
 from search.comparison import Kind, aggregate, collect, paired, verdict, write_comparison
 from search.rundir import STATE_FILE, RunDir, changed_settings, run_step, schema_defaults
-from supernet import Architecture, SearchSpace, to_supernet
+from supernet import Architecture, QuantMode, SearchSpace, to_supernet
 
 from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
 from test_stages import _cfg
@@ -322,6 +323,15 @@ def test_uniform_qat_of_another_budget_with_the_same_architecture_and_seed_is_re
     four.save(tmp_path / "b3/s1/uniform2.json")
     _reuse_uniform(run, "b3/s1/uniform2", tmp_path / "b3/s1/uniform2.json", seed=1)
     assert json.loads((tmp_path / "b3/s1/uniform2/metrics.json").read_text()) == {"cell": "b4/s1"}
+    # a cell written before architectures recorded their weight grid is the same architecture
+    shutil.rmtree(tmp_path / "b1.5/s1/uniform2")
+    dataclasses.replace(two, w_grid=None).save(tmp_path / "b2/s1/uniform2.json")
+    _reuse_uniform(run, "b1.5/s1/uniform2", tmp_path / "b1.5/s1/uniform2.json", seed=1)
+    assert json.loads((tmp_path / "b1.5/s1/uniform2/metrics.json").read_text()) == {"cell": "b2/s1"}
+    shutil.rmtree(tmp_path / "b1.5/s1/uniform2")  # a recorded other grid is another architecture
+    dataclasses.replace(two, w_grid=QuantMode.MIDRISE).save(tmp_path / "b2/s1/uniform2.json")
+    _reuse_uniform(run, "b1.5/s1/uniform2", tmp_path / "b1.5/s1/uniform2.json", seed=1)
+    assert not (tmp_path / "b1.5/s1/uniform2").exists()
 
 
 def test_compare_checks_every_budget_before_anything_runs(env, tmp_path, capsys):  # noqa: F811
