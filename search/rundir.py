@@ -306,7 +306,7 @@ def warn_resumed_changes(run: RunDir, name: str, settings: Sequence[str]) -> Non
     changed = changed_settings(saved.read_text(), run._config_yaml, settings, schema_defaults())
     if not changed:
         return
-    listed = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+    listed = _listed(changed)
     if (run.path / "metrics.json").is_file():  # what every stage writes last
         raise UserError(f"{name} in {run.path} finished with other settings ({listed}); resume=true would replace its "
                         f"result: give a new hydra.run.dir, or run with the settings it had")
@@ -332,6 +332,9 @@ def _warn_changed(run: RunDir, child: RunDir, name: str, settings: Sequence[str]
         return
     changed = changed_settings(saved.read_text(), run._config_yaml, settings, schema_defaults())
     if changed:
-        more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
-        log.warning("%s %s (%s%s); %s: delete %s to rerun it", name, what, "; ".join(changed[:4]), more, then,
-                    child.path)
+        log.warning("%s %s (%s); %s: delete %s to rerun it", name, what, _listed(changed), then, child.path)
+
+
+def _listed(changed: Sequence[str]) -> str:
+    """The first four changed settings, and how many more."""
+    return "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
