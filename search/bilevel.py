@@ -13,7 +13,6 @@ half and runs both optimisers, so the loop itself is the same one fine-tuning an
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -25,7 +24,7 @@ from supernet.cost import FP32_BITS
 from supernet.quantizers import group_errors
 
 from .budget import Budget, Penalty
-from .loop import batch_size
+from .loop import Endless, batch_size
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -298,34 +297,3 @@ class BilevelStep:
         for u, g, h in zip(self.upper, d_upper, hvp):
             u.grad = g - self.xi * h
         return task.item(), size_logs
-
-
-class Endless:
-    """A loader's batches as one endless sequence (a new epoch each time it runs out), read by position:
-    `at(n)` is the n-th batch drawn, the same whether or not the run was interrupted before it. Epoch e of a
-    seedable loader is shuffled with seed + e (`set_epoch`), and a position inside an epoch is reached by
-    skipping (`skip(loader, k)`: accelerate's skip_first_batches for a prepared loader), so a resumed search
-    draws the architecture batches an uninterrupted one would. `next()` draws the batch after the last."""
-
-    def __init__(self, loader, skip: Callable[..., object] | None = None) -> None:
-        self.loader, self.per_epoch = loader, len(loader)
-        if self.per_epoch == 0:
-            raise ValueError("the architecture half of the training set is empty")
-        self.skip = skip or (lambda batches, k: itertools.islice(batches, k, None))
-        self.position, self._batches = 0, None
-
-    def at(self, index: int) -> Batch:
-        epoch, offset = divmod(index, self.per_epoch)
-        if self._batches is None or index != self.position or offset == 0:
-            if hasattr(self.loader, "set_epoch"):
-                self.loader.set_epoch(epoch)
-            self._batches = iter(self.skip(self.loader, offset) if offset else self.loader)
-        self.position = index + 1
-        return next(self._batches)
-
-    def __iter__(self) -> "Endless":
-        return self
-
-    def __next__(self) -> Batch:
-        return self.at(self.position)
-

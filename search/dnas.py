@@ -21,14 +21,14 @@ from accelerate.utils import set_seed
 
 from supernet import Architecture, SearchSpace, param_sets, sites
 
-from .bilevel import BilevelStep, CurvatureTerm, Endless, SizeTerm, task_loss
+from .bilevel import BilevelStep, CurvatureTerm, SizeTerm, task_loss
 from .budget import Budget, Penalty, site_candidates, start_at_budget
 from .config import AlphaInit, ArchOptimizer, BudgetConfig, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
 from .data import make_loader, split_for_search
 from .derive import candidate_probs, derive
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
-from .loop import decay_groups, linear_warmup, make_accelerator, total_steps, train
+from .loop import Endless, decay_groups, linear_warmup, make_accelerator, total_steps, train
 from .models import convert, load_task_model, load_tokenizer
 from .plots import plot_architecture
 from .prepare import TRAIN, task_data
@@ -122,7 +122,8 @@ def run_search(
 
     step_fn = BilevelStep(
         net, groups.weights, groups.arch + groups.scales, w_opt, u_opts,
-        Endless(arch_loader, accelerator.skip_first_batches),
+        Endless(arch_loader, accelerator.skip_first_batches,
+                empty="the architecture half of the training set is empty"),
         SizeTerm(cfg.size_weight, budget, cfg.penalty, scope, cfg.bitops_weight, cfg.bitops_target, space.scale_bits),
         loss_fn=loss_fn,
         backward=accelerator.backward, weight_scheduler=scheduler,

@@ -18,6 +18,7 @@ same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from search.rundir import STATE_FILE, replace_dir, saved_train_state
 
 __all__ = [
     "batch_size",
+    "Endless",
     "StepFn",
     "LogFn",
     "LoopResult",
@@ -176,6 +178,40 @@ def load_train_state(accelerator: Accelerator, state_dir: Path) -> int | None:
     return step
 
 
+class Endless:
+    """A loader's batches as one endless sequence (a new epoch each time it runs out), read by position:
+    `at(n)` is the n-th batch drawn, the same whether or not the run was interrupted before it. Epoch e of a
+    seedable loader is shuffled with seed + e (`set_epoch`), and a position inside an epoch is reached by
+    skipping (`skip(loader, k)`: accelerate's skip_first_batches for a prepared loader), so a resumed run
+    draws the batches an uninterrupted one would. `next()` draws the batch after the last. `train` reads the
+    training loader this way, the search its architecture half."""
+
+    def __init__(self, loader, skip: Callable[..., Any] | None = None,
+                 empty: str = "the training loader yields no batches") -> None:
+        self.loader, self.per_epoch = loader, len(loader)
+        if self.per_epoch == 0:
+            raise ValueError(empty)
+        self.skip = skip or (lambda batches, k: itertools.islice(batches, k, None))
+        self.position, self._batches = 0, None
+
+    def at(self, index: int) -> Any:
+        epoch, offset = divmod(index, self.per_epoch)
+        if self._batches is None or index != self.position or offset == 0:
+            if self._batches is not None and index == self.position:
+                next(self._batches, None)  # run out the finished epoch: a prepared loader closes it, as a for loop
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(epoch)  # the seedable sampler shuffles epoch e with seed + e
+            self._batches = iter(self.skip(self.loader, offset) if offset else self.loader)
+        self.position = index + 1
+        return next(self._batches)
+
+    def __iter__(self) -> "Endless":
+        return self
+
+    def __next__(self) -> Any:
+        return self.at(self.position)
+
+
 def train(
     step_fn: StepFn,
     loader: Iterable[Any],
@@ -199,9 +235,8 @@ def train(
     With `state_dir`, the train state is saved every `checkpoint_every` steps and at the end; with
     `resume`, training continues from the state found there (from 0, with a warning, if none is).
     """
-    steps_per_epoch = len(loader)  # type: ignore[arg-type]
-    if steps_per_epoch == 0:
-        raise ValueError("the training loader yields no batches")
+    batches = Endless(loader, accelerator.skip_first_batches)
+    steps_per_epoch = batches.per_epoch
     step = 0
     if resume:
         restored = load_train_state(accelerator, state_dir) if state_dir is not None else None
@@ -213,32 +248,26 @@ def train(
                        main=accelerator.is_local_main_process)
     start = time.perf_counter()
     while step < steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)  # the seedable sampler shuffles epoch e with seed + e
-        batches = accelerator.skip_first_batches(loader, offset) if offset else loader
-        for batch in batches:
-            metrics = dict(step_fn(batch, step))
-            step += 1
-            examples += batch_size(batch) * accelerator.num_processes
-            metrics["epoch"] = step / steps_per_epoch
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr")})
+        batch = batches.at(step)
+        metrics = dict(step_fn(batch, step))
+        step += 1
+        examples += batch_size(batch) * accelerator.num_processes
+        metrics["epoch"] = step / steps_per_epoch
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr")})
+        if log_fn is not None:
+            log_fn(metrics, step)
+        if step % log_every == 0 or step == steps:  # per-site detail (a/b/c) goes to the tracker only
+            log.info("step %d/%d %s", step, steps,
+                     " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.count("/") < 2))
+        if eval_fn is not None and eval_every and step % eval_every == 0 and step < steps:
+            last_eval = dict(eval_fn())
+            log.info("step %d eval %s", step, last_eval)
             if log_fn is not None:
-                log_fn(metrics, step)
-            if step % log_every == 0 or step == steps:  # per-site detail (a/b/c) goes to the tracker only
-                log.info("step %d/%d %s", step, steps,
-                         " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.count("/") < 2))
-            if eval_fn is not None and eval_every and step % eval_every == 0 and step < steps:
-                last_eval = dict(eval_fn())
-                log.info("step %d eval %s", step, last_eval)
-                if log_fn is not None:
-                    log_fn(last_eval, step)
-            if state_dir is not None and checkpoint_every and step % checkpoint_every == 0 \
-                    and step < steps:
-                save_train_state(accelerator, state_dir, step)
-            if step >= steps:
-                break
+                log_fn(last_eval, step)
+        if state_dir is not None and checkpoint_every and step % checkpoint_every == 0 \
+                and step < steps:
+            save_train_state(accelerator, state_dir, step)
     bar.close()
     wall = time.perf_counter() - start
     if state_dir is not None and step > start_step:

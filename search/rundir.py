@@ -300,10 +300,7 @@ def warn_resumed_changes(run: RunDir, name: str, settings: Sequence[str]) -> Non
     the new settings from training done under the old. An unfinished one gets a warning: it continues from its
     train state and finishes under the new settings. Call before `run` writes the new config.yaml (as its
     `before_writing`: once the directory is locked, so that a run in use is reported as such first)."""
-    saved = run.path / "config.yaml"
-    if not settings or not saved.is_file() or run._config_yaml is None:
-        return
-    changed = changed_settings(saved.read_text(), run._config_yaml, settings, schema_defaults())
+    changed = _changed(run, run, settings)
     if not changed:
         return
     listed = _listed(changed)
@@ -327,12 +324,18 @@ def drop_train_state(state_dir: Path, keep: Sequence[str] = ()) -> None:
 
 def _warn_changed(run: RunDir, child: RunDir, name: str, settings: Sequence[str], what: str, then: str) -> None:
     """Warn that step `name` in `child` ran (or began) under other `settings` than `run` has now."""
-    saved = child.path / "config.yaml"
-    if not settings or not saved.is_file() or run._config_yaml is None:
-        return
-    changed = changed_settings(saved.read_text(), run._config_yaml, settings, schema_defaults())
+    changed = _changed(run, child, settings)
     if changed:
         log.warning("%s %s (%s); %s: delete %s to rerun it", name, what, _listed(changed), then, child.path)
+
+
+def _changed(run: RunDir, child: RunDir, settings: Sequence[str]) -> list[str]:
+    """The `settings` whose values in `child`'s saved config.yaml differ from `run`'s current ones ([] when either
+    config is missing)."""
+    saved = child.path / "config.yaml"
+    if not settings or not saved.is_file() or run._config_yaml is None:
+        return []
+    return changed_settings(saved.read_text(), run._config_yaml, settings, schema_defaults())
 
 
 def _listed(changed: Sequence[str]) -> str:

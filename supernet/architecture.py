@@ -306,9 +306,8 @@ class Architecture:
                     f"{shape.n_groups} of {shape.group_numel}; convert with the space the architecture was made for"
                 )
             # the rest of the record prices the site: a wrong one would report a size the model does not have
-            for field, ours, theirs in (("kind", arch.kind, shape.kind), ("rows_per_group", arch.rows_per_group,
-                                        shape.rows_per_group), ("in_features", arch.in_features, shape.in_features),
-                                        ("bias", arch.bias, shape.bias)):
+            for field in ("kind", "rows_per_group", "in_features", "bias"):
+                ours, theirs = getattr(arch.shape, field), getattr(shape, field)
                 if ours != theirs:
                     raise ValueError(f"{name}: the architecture's {field} is {ours!r}, the model's {theirs!r}; "
                                      f"write the architecture from this model (a search or hawq run's architecture.json)")

@@ -5,9 +5,10 @@ import torch
 from torch import nn
 from transformers import BertForSequenceClassification
 
-from search.bilevel import BilevelStep, CurvatureTerm, SizeTerm, Endless, finite_difference_hvp, group_lasso, probability_mass, temperature
+from search.bilevel import BilevelStep, CurvatureTerm, SizeTerm, finite_difference_hvp, group_lasso, probability_mass, temperature
 from search.budget import Budget
 from search.derive import derive
+from search.loop import Endless
 from supernet import Scope, SearchSpace, expected_size, param_sets, sites, to_supernet
 
 SPACE = SearchSpace(w_bits=[0, 2, 4, 8], groups=4, a_bits=[8], embedding_bits=[8], embedding_groups=4)
