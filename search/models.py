@@ -31,6 +31,7 @@ from search.errors import UserError, first_line
 from search.rundir import replace_dir, temp_beside
 from search.tasks import TaskKind, TaskSpec, get_task
 from supernet import SearchSpace, to_supernet
+from supernet.files import follow_umask
 
 __all__ = ["MODEL_CLASSES", "TASK_FILE", "check_local", "load_tokenizer", "load_task_model", "save_checkpoint"]
 
@@ -149,6 +150,7 @@ def save_checkpoint(
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / TASK_FILE).write_text(json.dumps({"task": task}) + "\n")
+        follow_umask(tmp)  # safetensors writes 0600
         replace_dir(tmp, target)
         log.info("saved checkpoint to %s", target)
     if accelerator is not None:

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from supernet import Architecture, SearchSpace, SiteKind, is_packed_dir, load_packed, to_supernet
+from supernet.files import follow_umask
 
 from .errors import UserError, first_line
 from .models import MODEL_CLASSES, TASK_FILE
@@ -94,6 +95,7 @@ def save_quantized(model: nn.Module, arch: Architecture, space: SearchSpace, tok
     model.config.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / TASK_FILE).write_text(json.dumps({"task": task}) + "\n")
+    follow_umask(tmp)  # safetensors writes 0600
     replace_dir(tmp, target)
     return target
 

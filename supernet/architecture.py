@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .files import follow_umask
 from .cost import FP32_BITS, MIB, CostEntry, Scope, SiteShape, Size, bitops, size
 from .mixed import sites
 from .params import other_fp32_params
@@ -246,9 +247,7 @@ class Architecture:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the user's group
+        follow_umask(tmp)  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "w") as f:
             f.write(self.to_json())
         os.replace(tmp, path)

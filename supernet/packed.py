@@ -37,6 +37,7 @@ from transformers import AutoConfig
 from .architecture import Architecture, SiteArch
 from .bert import to_supernet
 from .cost import Scope
+from .files import follow_umask
 from .mixed import Site, fixed_codes, sites
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .quantizers import CandidateKind, candidate_kind, dequantize, qrange
@@ -284,6 +285,7 @@ def save_packed(model: nn.Module, arch: Architecture, space: SearchSpace, folder
         manifest = {"format": FORMAT, "version": VERSION, "files": files, "size": sized.to_dict(),
                     "metadata": dict(metadata or {})}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        follow_umask(tmp)  # safetensors writes 0600
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

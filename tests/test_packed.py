@@ -23,6 +23,7 @@ from supernet import (
     to_supernet,
     unpack_codes,
 )
+from supernet.files import umask_mode
 from supernet.packed import MANIFEST_FILE, TENSORS_FILE
 from supernet.quantizers import QuantMode
 
@@ -127,6 +128,9 @@ def test_export_reload_predicts_identically_and_sizes_are_accounted_for(tmp_path
     assert size.exact_bytes == pytest.approx(arch.size_bytes("total"))
     assert abs(size.unaccounted_bytes) < 1e-6
     assert size.padding_bytes > 0  # 3-bit streams of an odd number of codes end mid-byte
+    # every file as readable as the umask allows (safetensors alone would write 0600)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "packed").iterdir()} == {
+        f.name: umask_mode() for f in (tmp_path / "packed").iterdir()}
     assert size.act_scale_bytes == 8 * len({id(s.aq) for _, s in sites(model) if s.aq is not None})  # step + offset
     # the same model exports to the same bytes (hashes of shipped models can be compared)
     save_packed(model, arch, SPACE, tmp_path / "again", metadata={"task": "x"})

@@ -6,10 +6,12 @@ from accelerate import Accelerator
 from transformers import BertForSequenceClassification, get_constant_schedule
 
 from search.qat import dampening, distillation_loss, qat_optimizer, qat_step
+from search.models import save_checkpoint
 from search.quantized import load_quantized, quantize, save_quantized, space_for
 from search.tasks import TaskKind
 from data_fixtures import tiny_tokenizer
 from supernet import Architecture, MixedEmbedding, SearchSpace, SiteKind, sites, to_supernet
+from supernet.files import umask_mode
 
 SPACE = SearchSpace(w_bits=[0, 2, 4, 8], groups=4, a_bits=[8], embedding_bits=[4, 8], embedding_groups=4)
 
@@ -90,6 +92,12 @@ def test_save_and_load_quantized_predicts_identically(tmp_path, tiny_cfg):
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, ref)
     assert dampening(loaded).item() > 0
+    # safetensors alone writes 0600: the model would be hidden from the user's group
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "quantized").iterdir()}
+    assert modes == dict.fromkeys(modes, umask_mode()) and "model.safetensors" in modes
+    save_checkpoint(BertForSequenceClassification(tiny_cfg), tiny_tokenizer(tmp_path / "tok"), tmp_path / "ckpt", "sst2")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "ckpt").iterdir()}
+    assert modes == dict.fromkeys(modes, umask_mode()) and "model.safetensors" in modes
 
 
 def test_load_quantized_rejects_a_wrong_folder(tmp_path):
