@@ -84,7 +84,7 @@ def qat_step(model: nn.Module, teacher: nn.Module | TeacherTable | None, optimiz
         loss = out.loss
         logs = {"loss/task": loss.item()}
         if teacher is not None and (kd_weight > 0 or hidden_weight > 0):
-            t_out = teacher_outputs(teacher, batch, rows, out.logits.device, hidden=want_hidden)
+            t_out = teacher_outputs(teacher, batch, rows, out.loss.device, hidden=want_hidden)  # QA outputs have no .logits
             kd = distillation_loss(out, t_out, kind, kd_temperature, kd_mask(batch, kind))
             loss = (1 - kd_weight) * loss + kd_weight * kd
             logs["loss/kd"] = kd.item()

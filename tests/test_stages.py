@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from search.__main__ import CONF_DIR, run_stage
 from search.bilevel import BilevelStep
@@ -102,6 +103,17 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path, caplog):  
     assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={export_dir / 'packed'}"), packed_eval) == 0
     assert _metrics(packed_eval)["main_metric"] == pytest.approx(qat["main_metric"])
     assert _metrics(packed_eval)["packed_size"]["file_bytes"] == size["file_bytes"]
+
+
+def test_question_answering_runs_the_pipeline_with_distillation(env, tmp_path, caplog):  # noqa: F811
+    # QA outputs carry start/end logits and no .logits: QAT's live teacher once read the latter and crashed
+    caplog.set_level("INFO")
+    run_dir = tmp_path / "qa"
+    assert run_stage(_cfg(env, tmp_path, "task=squad", "task.max_seq_len=24", "task.doc_stride=6", "stage=pipeline",
+                          "budget.avg_bits=3"), run_dir) == 0
+    assert OmegaConf.load(run_dir / "config.yaml").qat.kd_weight > 0  # the default distils
+    assert "loss/kd" in caplog.text
+    assert _metrics(run_dir)["main_metric"]["name"] == "f1"
 
 
 @pytest.mark.parametrize("overrides, message", [
