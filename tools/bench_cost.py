@@ -34,7 +34,7 @@ import statistics
 import time
 
 import torch
-from transformers import BertForSequenceClassification
+from transformers import AutoConfig, BertForSequenceClassification
 
 from benchlib import machine, run_child, step_memory, sync
 from search.bilevel import BilevelStep, SizeTerm, task_loss
@@ -43,6 +43,7 @@ from search.config import SearchConfig, Sensitivity
 from search.dnas import upper_optimizers, weight_optimizer
 from search.hawq import measure_curvature
 from search.hessian import Hessian, rademacher
+from search.loop import Endless
 from supernet import Scope, SearchSpace, param_sets, sites, to_supernet
 
 # (label, w_bits, groups): candidates 2..5 at 128 groups, then groups 1 / 12 / 128 / per row at {0,2,4,8}
@@ -63,9 +64,11 @@ def build(model: str, space: SearchSpace | None) -> torch.nn.Module:
     return net.to(DEVICE).train()
 
 
-def make_batch(batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+def make_batch(batch_size: int, seq_len: int, seed: int, vocab: int = 30522) -> dict[str, torch.Tensor]:
+    """Random tokens of `model`'s vocabulary (ids 1000-29999 of BERT's 30522, as every figure was measured)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 30000, (batch_size, seq_len), generator=g)
+    high = min(30000, vocab)
+    ids = torch.randint(min(1000, high // 2), high, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch_size,), generator=g)}
     return {k: v.to(DEVICE) for k, v in batch.items()}
 
@@ -86,7 +89,7 @@ def search_step(net: torch.nn.Module, weight_batch: dict[str, torch.Tensor], arc
     cfg = SearchConfig()
     w_opt = weight_optimizer(sets.weights, cfg.lr, cfg.weight_decay)
     step_fn = BilevelStep(net, sets.weights, sets.arch + sets.scales, w_opt, upper_optimizers(sets.arch, sets.scales, cfg),
-                          itertools.repeat(arch_batch), SizeTerm(cfg.size_weight, Budget(Scope.ENCODER, avg_bits=3.0)),
+                          Endless([arch_batch]), SizeTerm(cfg.size_weight, Budget(Scope.ENCODER, avg_bits=3.0)),
                           log_mass_every=10**9)
     count = itertools.count()
     return lambda: step_fn(weight_batch, next(count))
@@ -156,7 +159,8 @@ def qat_bench_step(model: str, batch: dict[str, torch.Tensor], table: bool = Fal
 
 def memory_step(kind: str, model: str, batch_size: int, seq_len: int):
     """The step whose peak memory --memory measures: search and QAT at the default space ({0,2,4,8} x 128)."""
-    wb, ab = make_batch(batch_size, seq_len, 0), make_batch(batch_size, seq_len, 1)
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    wb, ab = make_batch(batch_size, seq_len, 0, vocab), make_batch(batch_size, seq_len, 1, vocab)
     steps = {"fp": lambda: fp_step(build(model, None), wb),
              "search": lambda: search_step(build(model, SearchSpace()), wb, ab),
              "probe": lambda: probe_step(model, SearchSpace(), wb),
@@ -278,7 +282,8 @@ def main() -> None:
                 json.dump({"args": vars(args), "machine": machine(DEVICE), "results": rows}, f, indent=2)
         return
     torch.manual_seed(0)
-    wb, ab = make_batch(args.batch_size, args.seq_len, 0), make_batch(args.batch_size, args.seq_len, 1)
+    vocab = AutoConfig.from_pretrained(args.model).vocab_size
+    wb, ab = make_batch(args.batch_size, args.seq_len, 0, vocab), make_batch(args.batch_size, args.seq_len, 1, vocab)
     fp = fp_step(build(args.model, None), wb)
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
     if args.trace:
@@ -314,7 +319,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         del net, other
     if args.trace and args.probes and args.batches:
-        batches = [make_batch(args.batch_size, args.seq_len, 10 + i) for i in range(args.batches)]
+        batches = [make_batch(args.batch_size, args.seq_len, 10 + i, vocab) for i in range(args.batches)]
         new, old = multi_batch_steps(args.model, batches, args.probes)
         t_fp, t_new = interleaved(fp, new, args.rounds)
         _, t_old = interleaved(fp, old, args.rounds)

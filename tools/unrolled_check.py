@@ -13,6 +13,7 @@ and the time of a second-order architecture step over a first-order one (interle
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -21,11 +22,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from search.bilevel import BilevelStep, SizeTerm, cycle, finite_difference_hvp, task_loss
+from search.bilevel import BilevelStep, SizeTerm, finite_difference_hvp, task_loss
 from search.budget import Budget
 from search.config import SearchConfig
 from search.data import load_raw, make_loader, split_for_search, tokenize
 from search.dnas import weight_optimizer
+from search.loop import Endless
 from search.models import load_task_model, load_tokenizer
 from supernet import QuantMode, Scope, SearchSpace, param_sets, to_supernet
 
@@ -53,6 +55,7 @@ def main() -> None:
     ap.add_argument("--task", default="mrpc")
     ap.add_argument("--data-dir", default=os.environ.get("MPQ_ASSETS"), help="the offline data folder (default $MPQ_ASSETS)")
     ap.add_argument("--space", choices=sorted(SPACES), default="lowbit")
+    ap.add_argument("--groups", type=int, default=SearchSpace().groups, help="groups per matrix (-1: one per row)")
     ap.add_argument("--avg-bits", type=float, default=2.0, help="the budget of the size penalty")
     ap.add_argument("--xi", nargs="+", default=["lr", "1e-3", "adam"], help="step sizes: numbers, lr, adam")
     ap.add_argument("--pairs", type=int, default=3, help="(weights batch, architecture batch) pairs")
@@ -68,7 +71,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model)
     w_batches, a_batches = batches(args, tokenizer)
     net = load_task_model(args.model, args.task)
-    to_supernet(net, SPACES[args.space])
+    to_supernet(net, dataclasses.replace(SPACES[args.space], groups=args.groups))
     net.eval()  # no dropout: every gradient below sees the same network
     sets = param_sets(net)
     cfg = SearchConfig()
@@ -76,7 +79,7 @@ def main() -> None:
 
     def make(second: bool, xi: float | None = None) -> BilevelStep:
         return BilevelStep(net, sets.weights, sets.arch + sets.scales, weight_optimizer(sets.weights, cfg.lr, cfg.weight_decay),
-                           [], cycle([]), size, second_order=second, xi=xi)
+                           [], Endless(a_batches), size, second_order=second, xi=xi)  # arch_grad passes its batches
 
     rms = []
     for wb in w_batches:
