@@ -65,7 +65,7 @@ def plot_architecture(arch: Architecture, path: str | Path, title: str = "") -> 
     ax = fig.add_subplot(spec[:, 0])
     bits_values = sorted(hist)
     cmap = plt.get_cmap("viridis", max(len(bits_values), 2))
-    im = ax.imshow(np.vectorize(lambda b: bits_values.index(b) if b in bits_values else np.nan)(grid),
+    im = ax.imshow(np.vectorize(lambda b: bits_values.index(b) if b in bits_values else np.nan, otypes=[float])(grid),
                    aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5, vmax=len(bits_values) - 0.5)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xlabel("group")

@@ -209,6 +209,17 @@ def test_a_search_started_at_the_budget_that_does_not_move_derives_the_uniform_a
     assert encoder and all(set(s.bits) == {2} for s in encoder)
 
 
+@pytest.mark.parametrize("stage", ["search", "hawq"])
+def test_one_group_per_row_searches_and_plots(env, tmp_path, stage):  # noqa: F811
+    # per-row groups give sites different group counts: the plot's padded grid once crashed the run at the end
+    run_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, f"stage={stage}", "budget.avg_bits=3", "space.groups=-1",
+                          "hawq.max_probes=2"), run_dir) == 0
+    arch = Architecture.load(run_dir / "architecture.json")
+    assert len({len(s.bits) for _, s in arch if s.kind.value == "encoder"}) > 1
+    assert (run_dir / "architecture.png").stat().st_size > 1000 and (run_dir / "metrics.json").is_file()
+
+
 def test_a_search_prices_and_writes_steps_at_space_scale_bits(env, tmp_path):  # noqa: F811
     run_dir = tmp_path / "s"
     assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "space.scale_bits=16"), run_dir) == 0
