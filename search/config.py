@@ -285,8 +285,12 @@ class SearchConfig:
     log_mass_every: int = 50  # steps between logs of the probability mass per candidate and site
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "arch_lr", "scale_lr", "tau_start", "tau_end", "epochs", "kd_temperature"):
+        for name in ("batch_size", "arch_lr", "scale_lr", "tau_start", "tau_end", "epochs", "kd_temperature",
+                     "log_every", "log_mass_every"):
             _positive(f"search.{name}", getattr(self, name))
+        for name in ("max_grad_norm", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"search.{name}={getattr(self, name)} is invalid; use a value >= 0")
         if not 0 <= self.kd_weight <= 1:
             raise ValueError(f"search.kd_weight={self.kd_weight} must be in [0, 1] (0: the labels' loss alone)")
         if self.lr < 0:
@@ -338,8 +342,11 @@ class QatConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "lr", "scale_lr", "kd_temperature"):
+        for name in ("epochs", "batch_size", "lr", "scale_lr", "kd_temperature", "log_every"):
             _positive(f"qat.{name}", getattr(self, name))
+        for name in ("max_grad_norm", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"qat.{name}={getattr(self, name)} is invalid; use a value >= 0")
         if not 0 <= self.kd_weight <= 1:
             raise ValueError(f"qat.kd_weight={self.kd_weight} must be in [0, 1]")
         if self.hidden_weight < 0 or self.dampen_weight < 0:

@@ -114,6 +114,11 @@ def test_typo_or_wrong_type_fails_at_compose(override):
     ("compare.seeds=[]", "compare.seeds is empty"),
     ("compare.methods=[]", "compare.methods is empty"),
     ("compare.seeds=[42,42]", "compare.seeds=[42, 42] repeats an entry"),
+    ("search.log_every=0", "search.log_every=0 is invalid"),  # once a ZeroDivisionError mid-run
+    ("search.log_mass_every=0", "search.log_mass_every=0 is invalid"),
+    ("search.checkpoint_every=-1", "search.checkpoint_every=-1 is invalid"),
+    ("qat.log_every=0", "qat.log_every=0 is invalid"),
+    ("qat.max_grad_norm=-1", "qat.max_grad_norm=-1.0 is invalid"),
 ])
 def test_bad_values_fail_in_to_config_with_one_line(override, needle):
     with pytest.raises(UserError) as info:
