@@ -40,7 +40,7 @@ from search.logger import check_logger, make_logger
 from search.progress import configure as configure_progress
 from search.pipeline import run_pipeline
 from search.qat import run_qat
-from search.rundir import RunDir, check_reusable, remove_if_empty, warn_resumed_changes
+from search.rundir import RunDir, check_reusable, refuse_changed_steps, remove_if_empty, warn_resumed_changes
 
 __all__ = ["CONF_DIR", "STAGES", "check_group_choices", "check_overrides", "run_stage", "main"]
 
@@ -108,14 +108,30 @@ STAGES: dict[Stage, Callable[[Config, RunDir], dict[str, Any]]] = {
 }
 
 
-# what decides a stage's result when it runs alone: resuming its train state under other values warns
-# (compare and pipeline check each of their steps themselves)
+# what decides a stage's result when it runs alone: resuming its train state under other values warns, and
+# a finished run is refused (compare reuses its finished steps with a warning: a comparison grows by budgets)
 RESUME_SETTINGS: dict[Stage, tuple[str, ...]] = {
     Stage.finetune: ("model", "task", "finetune"),
     Stage.search: ("model", "task", "space", "search", "budget"),
     Stage.qat: ("model", "task", "space", "qat"),
     Stage.hawq: ("model", "task", "space", "hawq", "budget"),
+    Stage.eval: ("model", "task", "space", "eval"),
 }
+# a pipeline's steps and what decides each: the search sets the QAT's architecture and HAWQ-V2's size. One that
+# finished under other values refuses the resumed pipeline; steps it adds (pipeline.hawq=true) are free to
+_SEARCHED = RESUME_SETTINGS[Stage.search]
+PIPELINE_STEPS: dict[str, tuple[str, ...]] = {
+    "finetune": RESUME_SETTINGS[Stage.finetune], "search": _SEARCHED, "qat": _SEARCHED + ("qat",),
+    "hawq": _SEARCHED + ("hawq",), "hawq_qat": _SEARCHED + ("hawq", "qat"),
+}
+
+
+def check_resumed(run: RunDir, stage: Stage) -> None:
+    """Before a resumed run writes anything: refuse one whose finished result other settings would misreport."""
+    if stage is Stage.pipeline:
+        refuse_changed_steps(run, "stage=pipeline", PIPELINE_STEPS)
+    else:
+        warn_resumed_changes(run, f"stage={stage}", RESUME_SETTINGS.get(stage, ()))
 
 
 def check_group_choices(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
@@ -211,8 +227,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
             run_dir,
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
             logger_factory=lambda: make_logger(config.logger, run_dir, resolved),
-            before_writing=(lambda r: warn_resumed_changes(r, f"stage={config.stage}",
-                                                           RESUME_SETTINGS.get(config.stage, ()))) if config.resume else None,
+            before_writing=(lambda r: check_resumed(r, config.stage)) if config.resume else None,
         )
         with run:
             stage(config, run)

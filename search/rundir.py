@@ -40,7 +40,7 @@ from search.errors import UserError
 from search.logger import NullLogger, RunLogger
 
 __all__ = [
-    "RunDir", "RESULTS", "changed_settings", "check_reusable", "schema_defaults", "previous_dir", "remove_if_empty", "replace_dir", "run_step", "saved_train_state", "STATE_FILE",
+    "RunDir", "RESULTS", "changed_settings", "check_reusable", "schema_defaults", "previous_dir", "remove_if_empty", "replace_dir", "refuse_changed_steps", "run_step", "saved_train_state", "STATE_FILE",
     "warn_resumed_changes",
     "temp_beside", "write_atomic", "write_text_atomic",
 ]
@@ -310,6 +310,19 @@ def warn_resumed_changes(run: RunDir, name: str, settings: Sequence[str]) -> Non
     if saved_train_state(run.train_state) is not None:
         log.warning("%s started with other settings (%s); it continues from its train state, written under the old "
                     "ones, and finishes under the new: delete %s to rerun it", name, listed, run.path)
+
+
+def refuse_changed_steps(run: RunDir, name: str, steps: Mapping[str, Sequence[str]]) -> None:
+    """Run `name` resumed, whose finished steps (`steps`: sub-directory -> the sections that decide its result)
+    would be reused: refused (a UserError) when one ran under other settings, as a finished stage run alone is.
+    Its summary would report the old result under the new settings. Call as `run`'s `before_writing`."""
+    for step, settings in steps.items():
+        child = run.child(step)
+        changed = _changed(run, child, settings) if (child.path / "metrics.json").is_file() else []
+        if changed:
+            raise UserError(f"{name} in {run.path}: its finished step {step} ran with other settings ({_listed(changed)}); "
+                            f"resume=true would report that result under the new ones: give a new hydra.run.dir, "
+                            f"or run with the settings it had")
 
 
 def drop_train_state(state_dir: Path, keep: Sequence[str] = ()) -> None:

@@ -60,8 +60,9 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path, caplog):  
     # a second run with resume=true skips every finished step; with pipeline.hawq=true it adds HAWQ-V2 at
     # exactly the searched architecture's size and the same QAT of it
     before = (run_dir / "qat" / "metrics.json").stat().st_mtime_ns
-    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "resume=true", "pipeline.hawq=true",
-                          "hawq.max_probes=2", "qat.init=supernet", "keep_train_state=true"), run_dir) == 0
+    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "search.size_weight=5", "resume=true",
+                          "pipeline.hawq=true", "hawq.max_probes=2", "qat.init=supernet", "keep_train_state=true"),
+                     run_dir) == 0
     assert (run_dir / "qat" / "metrics.json").stat().st_mtime_ns == before
     assert (run_dir / "hawq_qat" / "train_state" / "optimizer.bin").is_file()  # kept when asked
     hawq_arch = Architecture.load(run_dir / "hawq" / "architecture.json")
@@ -323,6 +324,24 @@ def test_a_stage_resumed_alone_under_other_settings_is_refused_when_finished_and
     [warning] = [r.getMessage() for r in caplog.records if r.name == "search.rundir" and r.levelname == "WARNING"]
     assert warning.startswith("stage=search started with other settings (search.arch_lr: 0.05 -> 0.01); it continues "
                               "from its train state, written under the old ones, and finishes under the new")
+
+
+def test_a_finished_pipeline_or_eval_resumed_under_other_settings_is_refused(env, tmp_path, capsys):  # noqa: F811
+    # the pipeline reused every finished step without a word and wrote their results under the new settings
+    run_dir = tmp_path / "p"
+    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3"), run_dir) == 0
+    files = lambda d: {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}  # noqa: E731
+    before = files(run_dir)
+    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=2", "resume=true"), run_dir) == 2
+    assert ("its finished step search ran with other settings (budget.avg_bits: 3.0 -> 2.0); resume=true would "
+            "report that result under the new ones") in capsys.readouterr().err
+    assert files(run_dir) == before
+    eval_dir = tmp_path / "e"
+    assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={run_dir / 'qat' / 'quantized'}"), eval_dir) == 0
+    before = files(eval_dir)
+    assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={run_dir / 'finetune' / 'checkpoint'}",
+                          "resume=true"), eval_dir) == 2
+    assert "stage=eval in" in capsys.readouterr().err and files(eval_dir) == before
 
 
 def test_pipeline_checks_the_budget_before_fine_tuning(env, tmp_path, capsys):  # noqa: F811
