@@ -32,7 +32,7 @@ from supernet.quantizers import MIDRISE_BITS
 
 from .budget import Budget, uniform
 from .comparison import Row, budget_dir, collect, write_comparison
-from .config import BudgetConfig, Config, EvalConfig, Method, QatInit
+from .config import BudgetConfig, Config, EvalConfig, Method, QatInit, Stage
 from .dnas import run_search
 from .errors import UserError
 from .evaluate import run_eval
@@ -63,9 +63,11 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
     common = common_args(c, seed=seed)
     searched = run.path / cell / "search" / "architecture.json"
     if Method.searched in methods:
+        at = BudgetConfig(avg_bits=budget, scope=c.budget.scope)
         run_step(run, f"{cell}/search", lambda r, resume: run_search(
-            model, c.task, c.space, c.search, BudgetConfig(avg_bits=budget, scope=c.budget.scope), c.eval, r,
-            resume=resume, **common), _SEARCH, keep=kept_state(c, SUPERNET_STATE.name))
+            model, c.task, c.space, c.search, at, c.eval, r, resume=resume, **common), _SEARCH,
+            keep=kept_state(c, SUPERNET_STATE.name),
+            config=dataclasses.replace(c, stage=Stage.search, model=model, budget=at, seed=seed))
         qat_step(c, run, f"{cell}/qat", model, searched, seed, _SEARCH + ("qat",), searched=True)
     if Method.hawq in methods:
         # at the searched architecture's exact size when there is one; else at the budget itself
@@ -126,9 +128,11 @@ def run_compare(c: Config, run: RunDir) -> dict[str, Any]:
     run.open()
     results: dict[str, Any] = {}
     model = fine_tuned_model(c, run, results)
+    fp32 = EvalConfig(splits=c.eval.splits, batch_size=c.eval.batch_size)
     run_step(run, "fp32", lambda r, resume: run_eval(
-        model, c.task, EvalConfig(splits=c.eval.splits, batch_size=c.eval.batch_size), r, seed=c.seed,
-        max_eval_examples=c.max_eval_examples, mixed_precision=c.mixed_precision, cache_dir=c.cache_dir))
+        model, c.task, fp32, r, seed=c.seed, max_eval_examples=c.max_eval_examples,
+        mixed_precision=c.mixed_precision, cache_dir=c.cache_dir),
+        config=dataclasses.replace(c, stage=Stage.eval, model=model, eval=fp32))
     total = len(cfg.seeds) * len(cfg.budgets)
     for i, (seed, budget) in enumerate((s, b) for s in cfg.seeds for b in cfg.budgets):
         log.info("compare: cell %d of %d: %g bits, seed %d", i + 1, total, budget, seed)

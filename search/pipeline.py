@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from supernet import Architecture
 
 from .budget import Budget, site_candidates
-from .config import BudgetConfig, Config, ModelConfig, QatInit
+from .config import BudgetConfig, Config, ModelConfig, QatInit, Stage
 from .dnas import run_search
 from .finetune import finetune
 from .hawq_stage import run_hawq
@@ -69,7 +69,8 @@ def fine_tuned_model(c: Config, run: RunDir, results: dict[str, Any]) -> ModelCo
         log.info("%s is fine-tuned on %s already; no finetune step", checkpoint, c.task.name)
         return c.model
     results["finetune"] = run_step(run, "finetune", lambda r, resume: finetune(
-        c.model, c.task, c.finetune, c.eval, r, resume=resume, **common_args(c)), keep=kept_state(c))
+        c.model, c.task, c.finetune, c.eval, r, resume=resume, **common_args(c)), keep=kept_state(c),
+        config=dataclasses.replace(c, stage=Stage.finetune))
     return ModelConfig(name_or_path=str(run.path / "finetune" / "checkpoint"))
 
 
@@ -81,7 +82,7 @@ def qat_step(c: Config, run: RunDir, name: str, model: ModelConfig, architecture
     qat_cfg = dataclasses.replace(c.qat, architecture=str(architecture), init=init)
     return run_step(run, name, lambda r, resume: run_qat(
         model, c.task, c.space, qat_cfg, c.eval, r, resume=resume, **common_args(c, seed=seed)), settings,
-        keep=kept_state(c))
+        keep=kept_state(c), config=dataclasses.replace(c, stage=Stage.qat, model=model, qat=qat_cfg, seed=seed))
 
 
 def hawq_steps(c: Config, run: RunDir, prefix: str, model: ModelConfig, budget: BudgetConfig, seed: int,
@@ -90,7 +91,8 @@ def hawq_steps(c: Config, run: RunDir, prefix: str, model: ModelConfig, budget: 
     `settings` are the config sections each step's result depends on (see `run_step`)."""
     hawq = run_step(run, f"{prefix}hawq", lambda r, resume: run_hawq(
         model, c.task, c.space, c.hawq, budget, c.eval, r, seed=seed, max_eval_examples=c.max_eval_examples,
-        mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, progress_bar=c.progress_bar), settings[0])
+        mixed_precision=c.mixed_precision, cache_dir=c.cache_dir, progress_bar=c.progress_bar), settings[0],
+        config=dataclasses.replace(c, stage=Stage.hawq, model=model, budget=budget, seed=seed))
     return hawq, qat_step(c, run, f"{prefix}hawq_qat", model, run.path / f"{prefix}hawq" / "architecture.json", seed,
                           settings[1])
 
@@ -107,7 +109,7 @@ def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
     model = fine_tuned_model(c, run, results)
     results["search"] = run_step(run, "search", lambda r, resume: run_search(
         model, c.task, c.space, c.search, c.budget, c.eval, r, resume=resume, **common),
-        keep=kept_state(c, SUPERNET_STATE.name))
+        keep=kept_state(c, SUPERNET_STATE.name), config=dataclasses.replace(c, stage=Stage.search, model=model))
     results["qat"] = qat_step(c, run, "qat", model, run.path / "search" / "architecture.json", c.seed, searched=True)
     if c.pipeline.hawq:  # the baseline at exactly the searched architecture's size, through the same QAT
         match = BudgetConfig(match=str(run.path / "search" / "architecture.json"), scope=c.budget.scope)

@@ -1,7 +1,8 @@
 """The run directory: what a stage writes there, in which order, and how a failed run leaves it.
 
 Layout of `<run_dir>` (hydra's `hydra.run.dir`):
-  config.yaml    the resolved config
+  config.yaml    the resolved config (a step of a pipeline or compare run: the config it runs, which reruns it
+                 alone; parent_config.yaml beside it is the whole run's)
   run.log        the log of this run (appended on resume)
   metrics.json   the stage's result
   checkpoint/    the Hugging Face model + tokenizer a later stage starts from
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 RESULTS = ("metrics.json", "checkpoint", "train_state", "architecture.json", "quantized")
 _LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 LOCK = ".lock"
+PARENT_CONFIG = "parent_config.yaml"  # in a step's directory: the config of the run it is part of
 
 
 def temp_beside(path: Path) -> Path:
@@ -135,9 +137,11 @@ class RunDir:
         logger_factory: Callable[[], RunLogger] = NullLogger,
         main_process: bool = True,
         before_writing: Callable[["RunDir"], None] | None = None,
+        parent_config_yaml: str | None = None,
     ) -> None:
         self.path = Path(path)
         self._config_yaml = config_yaml
+        self._parent_config_yaml = parent_config_yaml  # a step's: the run it is part of, as it was configured
         self._logger_factory = logger_factory
         # called by `open` once the directory is locked and before config.yaml is written (a check that the run
         # may go on here: one that raises leaves the directory as it was)
@@ -170,6 +174,8 @@ class RunDir:
             return
         if self._config_yaml is not None:
             write_text_atomic(self.path / "config.yaml", self._config_yaml)
+        if self._parent_config_yaml is not None:
+            write_text_atomic(self.path / PARENT_CONFIG, self._parent_config_yaml)
         self._handler = logging.FileHandler(self.path / "run.log", encoding="utf-8")
         self._handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         self._handler.setLevel(logging.INFO)
@@ -203,9 +209,13 @@ class RunDir:
         self._lock.close()  # closing the file drops the lock
         self._lock = None
 
-    def child(self, name: str) -> "RunDir":
-        """The run directory of one step of a multi-stage run (the pipeline), in a sub-directory."""
-        return RunDir(self.path / name, self._config_yaml, self._logger_factory, self.main_process)
+    def child(self, name: str, config: Any = None) -> "RunDir":
+        """The run directory of one step of a multi-stage run (pipeline, compare), in a sub-directory. Its
+        config.yaml is `config` (the `Config` the step runs: its stage, model, budget, seed, ...), which reruns it
+        alone; parent_config.yaml keeps this run's, against which a resumed run checks what changed."""
+        own = self._config_yaml if config is None else OmegaConf.to_yaml(OmegaConf.structured(config))
+        return RunDir(self.path / name, own, self._logger_factory, self.main_process,
+                      parent_config_yaml=self._config_yaml)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """The `log(metrics, step)` callable stages hand to the training loop."""
@@ -270,13 +280,14 @@ def schema_defaults() -> str:
 
 
 def run_step(run: RunDir, name: str, fn: Callable[[RunDir, bool], dict[str, Any]],
-             settings: Sequence[str] = (), keep: Sequence[str] | None = None) -> dict[str, Any]:
+             settings: Sequence[str] = (), keep: Sequence[str] | None = None, config: Any = None) -> dict[str, Any]:
     """One step of a multi-stage run in `run/name`: skipped when its metrics.json exists (that result is
     returned), resumed when it holds a train state, else run; `fn(child, resume)` runs it. A finished
     step whose config.yaml differs from this run's under `settings` (top-level sections that decide its
     result) is still reused, with a warning that names the differences. With `keep` (file names), the
-    step's train_state/ is cut down to those files once it has finished: it is never resumed again."""
-    child = run.child(name)
+    step's train_state/ is cut down to those files once it has finished: it is never resumed again. `config`
+    is the `Config` the step runs (its config.yaml; see `RunDir.child`)."""
+    child = run.child(name, config)
     done = child.path / "metrics.json"
     if done.is_file():
         log.info("%s: done already (%s)", name, done)
@@ -300,7 +311,7 @@ def warn_resumed_changes(run: RunDir, name: str, settings: Sequence[str]) -> Non
     the new settings from training done under the old. An unfinished one gets a warning: it continues from its
     train state and finishes under the new settings. Call before `run` writes the new config.yaml (as its
     `before_writing`: once the directory is locked, so that a run in use is reported as such first)."""
-    changed = _changed(run, run, settings)
+    changed = _changed(run, run.path / "config.yaml", settings)
     if not changed:
         return
     listed = _listed(changed)
@@ -318,7 +329,7 @@ def refuse_changed_steps(run: RunDir, name: str, steps: Mapping[str, Sequence[st
     Its summary would report the old result under the new settings. Call as `run`'s `before_writing`."""
     for step, settings in steps.items():
         child = run.child(step)
-        changed = _changed(run, child, settings) if (child.path / "metrics.json").is_file() else []
+        changed = _changed(run, _parent_config(child.path), settings) if (child.path / "metrics.json").is_file() else []
         if changed:
             raise UserError(f"{name} in {run.path}: its finished step {step} ran with other settings ({_listed(changed)}); "
                             f"resume=true would report that result under the new ones: give a new hydra.run.dir, "
@@ -337,15 +348,20 @@ def drop_train_state(state_dir: Path, keep: Sequence[str] = ()) -> None:
 
 def _warn_changed(run: RunDir, child: RunDir, name: str, settings: Sequence[str], what: str, then: str) -> None:
     """Warn that step `name` in `child` ran (or began) under other `settings` than `run` has now."""
-    changed = _changed(run, child, settings)
+    changed = _changed(run, _parent_config(child.path), settings)
     if changed:
         log.warning("%s %s (%s); %s: delete %s to rerun it", name, what, _listed(changed), then, child.path)
 
 
-def _changed(run: RunDir, child: RunDir, settings: Sequence[str]) -> list[str]:
-    """The `settings` whose values in `child`'s saved config.yaml differ from `run`'s current ones ([] when either
-    config is missing)."""
-    saved = child.path / "config.yaml"
+def _parent_config(step: Path) -> Path:
+    """The config of the run that a step directory is part of, as it was when the step ran: parent_config.yaml
+    (a step written before it was kept: config.yaml, which was the run's then)."""
+    return step / PARENT_CONFIG if (step / PARENT_CONFIG).is_file() else step / "config.yaml"
+
+
+def _changed(run: RunDir, saved: Path, settings: Sequence[str]) -> list[str]:
+    """The `settings` whose values in the `saved` config differ from `run`'s current ones ([] when either config
+    is missing)."""
     if not settings or not saved.is_file() or run._config_yaml is None:
         return []
     return changed_settings(saved.read_text(), run._config_yaml, settings, schema_defaults())

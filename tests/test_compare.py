@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import ROOT
@@ -265,6 +266,15 @@ def test_compare_runs_every_method_at_equal_size_and_resumes(env, tmp_path):  # 
     assert (run_dir / "pareto.png").is_file()
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["stage"] == "compare" and summary["runs"] == 7
+    # each step's config.yaml is the config it ran, which reruns it alone (it was the comparison's, with seed 42,
+    # no budget and the base model); parent_config.yaml beside it is the comparison's
+    for step, stage in (("search", "search"), ("qat", "qat"), ("hawq", "hawq"), ("hawq_qat", "qat"), ("uniform2", "qat")):
+        own = OmegaConf.load(run_dir / "b2/s1" / step / "config.yaml")
+        assert (own.stage, own.seed, own.model.name_or_path) == (stage, 1, str(run_dir / "finetune" / "checkpoint")), step
+        assert OmegaConf.load(run_dir / "b2/s1" / step / "parent_config.yaml").stage == "compare"
+    assert OmegaConf.load(run_dir / "b2/s1/search/config.yaml").budget.avg_bits == 2
+    assert OmegaConf.load(run_dir / "b2/s1/qat/config.yaml").qat.architecture == str(run_dir / "b2/s1/search/architecture.json")
+    assert OmegaConf.load(run_dir / "fp32/config.yaml").stage == "eval"
     # a finished step is never resumed: its optimiser state goes; a search keeps the weights QAT can start from
     for cell in ("b3/s1", "b2/s1"):
         assert [f.name for f in (run_dir / cell / "search" / "train_state").iterdir()] == ["model.safetensors"]
@@ -379,6 +389,18 @@ def test_a_step_resumed_under_other_settings_says_its_train_state_has_the_old_on
     assert seen == [True]
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning.startswith("b2/qat started with other settings (qat.lr: 2e-05 -> 0.0001); it resumes from")
+
+
+def test_a_step_written_before_parent_config_yaml_is_checked_against_its_config_yaml(tmp_path, caplog):
+    # then a step's config.yaml was the whole run's: resuming such a directory compares with it
+    step = tmp_path / "run" / "b2/qat"
+    step.mkdir(parents=True)
+    (step / "config.yaml").write_text("stage: compare\nqat:\n  lr: 2e-5\n")
+    (step / "metrics.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="search.rundir"):
+        run_step(RunDir(tmp_path / "run", "stage: compare\nqat:\n  lr: 1e-4\n"), "b2/qat", lambda r, resume: {}, ("qat",))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("b2/qat was run with other settings (qat.lr: 2e-05 -> 0.0001)")
 
 
 def test_what_a_finished_step_keeps_of_its_train_state_is_not_resumed(tmp_path, caplog):

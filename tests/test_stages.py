@@ -44,6 +44,8 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path, caplog):  
     assert arch.avg_bits("encoder") <= 3.0
     assert (run_dir / "search" / "architecture.png").stat().st_size > 1000
     assert (run_dir / "search" / "alphas.json").is_file()
+    # the search step's config.yaml names the model it searched: the pipeline's fine-tuned checkpoint
+    assert OmegaConf.load(run_dir / "search" / "config.yaml").model.name_or_path == str(run_dir / "finetune" / "checkpoint")
     search = _metrics(run_dir / "search")
     assert 2.5 < search["derive"]["final"] <= 3.0  # filled up to the budget, not left far below it
     assert search["train"]["steps"] == 3  # 20 examples in the weights half, batches of 8, one epoch
