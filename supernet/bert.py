@@ -8,6 +8,7 @@ an error that names the module.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from torch import nn
 from transformers import (
@@ -19,6 +20,7 @@ from transformers import (
 
 from .groups import make_grouping
 from .mixed import ActQuantizer, MixedEmbedding, MixedLinear, sites
+from .quantizers import CandidateSet
 from .space import SearchSpace, SiteKind
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,9 @@ def to_supernet(model: nn.Module, space: SearchSpace) -> nn.Module:
     """Convert a Hugging Face BERT model into a mixed-precision supernet, in place; returns it.
 
     Supported: BertModel, BertForSequenceClassification, BertForTokenClassification,
-    BertForQuestionAnswering. Embeddings and head are wrapped unless their candidates are one float.
+    BertForQuestionAnswering. Embeddings and head are wrapped unless their candidates are one float. Every
+    site is checked before the first is replaced: a model that cannot be converted is left as it was. The new
+    parameters are made on the device of the weights they serve.
     """
     if not isinstance(model, SUPPORTED):
         names = ", ".join(c.__name__ for c in SUPPORTED)
@@ -86,21 +90,29 @@ def to_supernet(model: nn.Module, space: SearchSpace) -> nn.Module:
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(f"cannot map {prefix}encoder.layer: expected a non-empty ModuleList of BertLayer")
+    plan: list[tuple[nn.Module, str, Callable[[], nn.Module]]] = []  # (parent, path, the site's constructor)
     for i, layer in enumerate(layers):
-        shared = ActQuantizer(acands, base.config.hidden_size, space.init)
+        shared: list[ActQuantizer] = []  # one per layer, made with the layer's first site
         for path, by_heads in ENCODER_SITES.items():
             name = f"{prefix}encoder.layer.{i}.{path}"
             linear = _get(layer, path, f"{prefix}encoder.layer.{i}", nn.Linear)
             grouping = make_grouping(name, linear.out_features, space.groups, heads if by_heads else None)
-            site_acands = shared if path in SHARED_INPUT else acands
-            _set(layer, path, MixedLinear(linear, SiteKind.ENCODER, wcands, grouping, site_acands, space.init))
+
+            def build(linear=linear, grouping=grouping, path=path, shared=shared) -> nn.Module:
+                site_acands: CandidateSet | ActQuantizer = acands
+                if path in SHARED_INPUT:
+                    if not shared:
+                        shared.append(ActQuantizer(acands, base.config.hidden_size, space.init, linear.weight.device))
+                    site_acands = shared[0]
+                return MixedLinear(linear, SiteKind.ENCODER, wcands, grouping, site_acands, space.init)
+            plan.append((layer, path, build))
 
     ecands = space.embedding_candidates()
     if not ecands.is_identity:
         for path in EMBEDDING_SITES:
             emb = _get(base.embeddings, path, f"{prefix}embeddings", nn.Embedding)
             grouping = make_grouping(f"{prefix}embeddings.{path}", emb.embedding_dim, space.embedding_group_count())
-            _set(base.embeddings, path, MixedEmbedding(emb, ecands, grouping, space.init))
+            plan.append((base.embeddings, path, lambda emb=emb, grouping=grouping: MixedEmbedding(emb, ecands, grouping, space.init)))
 
     hcands = space.head_candidates()
     if not hcands.is_identity:
@@ -114,7 +126,11 @@ def to_supernet(model: nn.Module, space: SearchSpace) -> nn.Module:
             # a task head has a handful of rows: one group per row unless the space's count divides them
             n_groups = space.groups if space.groups == -1 or linear.out_features % space.groups == 0 else -1
             grouping = make_grouping(full, linear.out_features, n_groups)
-            _set(root, path, MixedLinear(linear, SiteKind.HEAD, hcands, grouping, acands, space.init))
+            plan.append((root, path, lambda linear=linear, grouping=grouping: MixedLinear(
+                linear, SiteKind.HEAD, hcands, grouping, acands, space.init)))
+
+    for root, path, build in plan:  # every site checked: now replace them
+        _set(root, path, build())
 
     n_sites = sum(1 for _ in sites(model))
     log.info("converted %s: %d mixed-precision sites, weight candidates %s", type(model).__name__, n_sites, list(wcands.bits))

@@ -40,13 +40,14 @@ from .space import Relaxation, SiteKind
 class _Chooser(nn.Module):
     """Candidates, their logits (when there is a choice) and an optional fixed choice per group."""
 
-    def __init__(self, cands: CandidateSet, n_groups: int) -> None:
+    def __init__(self, cands: CandidateSet, n_groups: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.cands = cands
         self.n_groups = n_groups
         k = len(cands)
-        self.alpha = nn.Parameter(torch.zeros(n_groups, k)) if k > 1 else None
-        self.register_buffer("choice", torch.full((n_groups,), -1, dtype=torch.long))
+        # on the device of the weights they serve: a model converted on the GPU stays whole there
+        self.alpha = nn.Parameter(torch.zeros(n_groups, k, device=device)) if k > 1 else None
+        self.register_buffer("choice", torch.full((n_groups,), -1, dtype=torch.long, device=device))
         self.relaxation = Relaxation.SOFTMAX
         self.tau = 1.0
         self._active: tuple[bool, ...] | None = None  # set while fixed: candidates some group uses
@@ -121,7 +122,7 @@ class WeightQuantizer(_Chooser):
         if cands.mode not in WEIGHT_GRIDS:
             raise ValueError(f"weight grid {cands.mode.value!r} is not signed; weights use "
                              f"{' or '.join(m.value for m in WEIGHT_GRIDS)}")
-        super().__init__(cands, grouped.shape[0])
+        super().__init__(cands, grouped.shape[0], grouped.device)
         self.group_numel = grouped.shape[1]
         step = torch.ones(self.n_groups, len(cands), device=grouped.device)
         for k, (b, kind) in enumerate(zip(cands.bits, cands.kinds)):
@@ -144,17 +145,23 @@ class ActQuantizer(_Chooser):
     last input is reused while that tensor is unchanged, so the work and the saved copy happen once.
     """
 
-    def __init__(self, cands: CandidateSet, features: int, rule: InitRule) -> None:
-        super().__init__(cands, 1)
+    def __init__(self, cands: CandidateSet, features: int, rule: InitRule, device: torch.device | str | None = None) -> None:
+        super().__init__(cands, 1, device)
         k = len(cands)
         self.rule = rule
-        self.step = nn.Parameter(torch.ones(1, k))
-        self.offset = nn.Parameter(torch.zeros(1, k)) if cands.mode is QuantMode.ASYMMETRIC else None
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.step = nn.Parameter(torch.ones(1, k, device=device))
+        self.offset = nn.Parameter(torch.zeros(1, k, device=device)) if cands.mode is QuantMode.ASYMMETRIC else None
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         self._initialized = False
         self.grad_scales = tuple(lsq_grad_scale(features, b, cands.mode) for b in cands.bits)
-        # (weak input, its version, grad mode, training, weak output): weak, so no step's tensors outlive it
+        # (weak input, _key(input), weak output): weak, so no step's tensors outlive it
         self._last: tuple | None = None
+
+    def _key(self, x: torch.Tensor) -> tuple:
+        """What the output for input `x` depends on beside x's identity: x's contents (its version), grad mode,
+        training, and this quantizer's own state (steps, offsets, logits, fixed choice, relaxation)."""
+        own = tuple(p._version for p in (self.step, self.offset, self.alpha, self.choice) if p is not None)
+        return (x._version, torch.is_grad_enabled(), self.training, own, self.tau, self.relaxation, self._active)
 
     def _refresh(self) -> None:
         super()._refresh()
@@ -175,9 +182,9 @@ class ActQuantizer(_Chooser):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cands.is_identity:
             return x
-        key = (x._version, torch.is_grad_enabled(), self.training)
-        if self._last is not None and self._last[0]() is x and self._last[1:4] == key:
-            cached = self._last[4]()
+        key = self._key(x)
+        if self._last is not None and self._last[0]() is x and self._last[1] == key:
+            cached = self._last[2]()
             if cached is not None:
                 return cached
         if not self._initialized:
@@ -190,7 +197,7 @@ class ActQuantizer(_Chooser):
         y = mix_fake_quant(x.float(), probs, self.step.reshape(shape), self.cands, self.grad_scales, offsets, self.active()).to(dtype)
         # the next sites of the same layer read the same tensor; only a searched quantizer with Gumbel noise
         # would want a fresh sample per site, and sharing one sample is the same model
-        self._last = (weakref.ref(x), *key, weakref.ref(y))
+        self._last = (weakref.ref(x), self._key(x), weakref.ref(y))  # after a first batch's init changed the steps
         return y
 
 
@@ -208,7 +215,7 @@ class MixedLinear(nn.Linear):
         if isinstance(acands, ActQuantizer) or acands is None:
             self.aq = acands  # shared with the sites that read the same input
         else:
-            self.aq = ActQuantizer(acands, self.in_features, rule)
+            self.aq = ActQuantizer(acands, self.in_features, rule, self.weight.device)
 
     def shape(self) -> SiteShape:
         g = self.grouping

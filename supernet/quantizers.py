@@ -45,7 +45,7 @@ MIDRISE_BITS = 1  # the bit-width only the mid-rise grid has (a 1-bit signed int
 
 def half(mode: QuantMode) -> float:
     """The shift of a grid's levels from its integer codes: value = (code + half) * step (+ offset)."""
-    return 0.5 if mode is QuantMode.MIDRISE else 0.0
+    return 0.5 if QuantMode(mode) is QuantMode.MIDRISE else 0.0
 
 
 def top_level(bits: int, mode: QuantMode) -> float:
@@ -93,6 +93,7 @@ def candidate_kind(bits: int) -> CandidateKind:
 
 def qrange(bits: int, mode: QuantMode) -> tuple[int, int]:
     """Integer range [qmin, qmax] of a `bits`-bit grid's codes: 2**bits of them."""
+    mode = QuantMode(mode)  # "symmetric" as well as QuantMode.SYMMETRIC: a string once fell through to unsigned
     if candidate_kind(bits) is not CandidateKind.INT:
         raise ValueError(f"{bits} bits has no integer grid")
     check_grid(bits, mode)
@@ -109,6 +110,8 @@ class CandidateSet:
     mode: QuantMode = QuantMode.SYMMETRIC
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", QuantMode(self.mode))  # "midrise" as well as QuantMode.MIDRISE
+        object.__setattr__(self, "bits", tuple(self.bits))
         if not self.bits:
             raise ValueError("a candidate set needs at least one bit-width")
         for b in self.bits:
@@ -365,6 +368,7 @@ def init_step(
     error (LSQ's own init clips too little at 2 bits, max-abs wastes levels on outliers). Groups larger
     than `max_samples` are estimated on an evenly strided subsample.
     """
+    mode = QuantMode(mode)
     qmin, qmax = qrange(bits, mode)
     x = x.detach().float()
     if x.shape[1] > max_samples:

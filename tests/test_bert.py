@@ -110,3 +110,23 @@ def test_real_minilm_converts(assets, a_bits, min_cos):
     # MiniLM-L6: 6 layers x (4 x 384^2 + 2 x 384 x 1536) encoder weights
     assert eight.size("encoder").weights == 6 * (4 * 384 * 384 + 2 * 384 * 1536)
     assert expected_size(model, "encoder").bytes.item() == pytest.approx(eight.size_bytes("encoder"))
+
+
+def test_conversion_makes_every_new_tensor_on_the_model_s_device(tiny_cfg):
+    # the logits, choices and activation steps were made on the CPU: a CUDA model converted in place would
+    # mix devices in its first forward (the meta device stands in for a GPU here)
+    model = BertForSequenceClassification(tiny_cfg).to("meta")
+    to_supernet(model, SearchSpace(groups=4, a_bits=[4, 8], a_mode="asymmetric", head_bits=[8, 32]))
+    where = {name: t.device.type for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert set(where.values()) == {"meta"}, {n: d for n, d in where.items() if d != "meta"}
+
+
+def test_a_model_that_cannot_be_converted_is_left_as_it_was(tiny_cfg):
+    # 40 FFN rows do not split into 16 groups: the attention sites before it were already replaced, and the
+    # model could then be converted neither way
+    model = BertForSequenceClassification(tiny_cfg)
+    with pytest.raises(ValueError, match="intermediate.dense: 16 groups do not divide"):
+        to_supernet(model, SearchSpace(groups=16))
+    assert not list(sites(model))
+    to_supernet(model, SearchSpace(groups=4))
+    assert len(list(sites(model))) > 0

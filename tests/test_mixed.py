@@ -5,6 +5,7 @@ from torch import nn
 
 from supernet import CandidateSet, InitRule, MixedEmbedding, MixedLinear, Relaxation, SiteKind, make_grouping, set_relaxation
 from supernet.groups import PER_ROW
+from supernet.quantizers import QuantMode, half, init_step, qrange
 
 W_BITS = (0, 2, 4, 8)
 
@@ -158,3 +159,28 @@ def test_shared_input_quantizer_reuses_its_result_only_for_the_same_unchanged_te
 
     gc.collect()
     assert aq._last[0]() is None  # the cache never keeps a step's tensors alive
+
+
+def test_a_shared_input_quantizer_recomputes_when_its_own_state_changes():
+    # the cache of the last input's result (Q, K and V read one tensor) keyed only on the input: fixing the
+    # quantizer to another width, or an optimiser step on its steps, returned the old result
+    site = _linear(out=8, inp=16, groups=2, a_bits=(2, 8))
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    site.aq.fix([8])
+    y8 = site(x)
+    site.aq.fix([2])
+    y2 = site(x)
+    assert not torch.equal(y8, y2) and torch.equal(y2, site(x.clone()))
+    with torch.no_grad():
+        site.aq.step.mul_(2)  # what an optimiser step does, in place
+    assert torch.equal(site(x), site(x.clone())) and not torch.equal(site(x), y2)
+
+
+@pytest.mark.parametrize("mode, enum", [("symmetric", QuantMode.SYMMETRIC), ("midrise", QuantMode.MIDRISE),
+                                        ("unsigned", QuantMode.UNSIGNED)])
+def test_grids_named_by_strings_are_the_grids_of_their_enums(mode, enum):
+    # a string compared unequal to every enum member and fell through to the unsigned grid
+    assert qrange(4, mode) == qrange(4, enum) and half(mode) == half(enum)
+    assert CandidateSet((2, 4), mode) == CandidateSet((2, 4), enum)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(init_step(x, 4, mode)[0], init_step(x, 4, enum)[0])
