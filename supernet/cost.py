@@ -12,6 +12,7 @@ size agree by construction. Conventions follow REFERENCE.md "Size accounting":
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Sequence
@@ -76,6 +77,16 @@ def candidate_bits(bits: Sequence[int], shape: SiteShape, scale_bits: int = FP32
     return weight, step, bias
 
 
+def _dot(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum(p @ w) in p's precision even inside torch.autocast, whose fp16 matmul overflows a size in bits."""
+    try:
+        off = torch.autocast(p.device.type, enabled=False)
+    except RuntimeError:  # a device without autocast
+        off = contextlib.nullcontext()
+    with off:
+        return (p @ w).sum()
+
+
 def size(entries: Iterable[CostEntry], other_params: int, scope: Scope, scale_bits: int = FP32_BITS) -> Size:
     """Size of the sites in `scope` (plus `other_params` FP32 parameters for TOTAL)."""
     scope = Scope(scope)
@@ -86,11 +97,11 @@ def size(entries: Iterable[CostEntry], other_params: int, scope: Scope, scale_bi
             continue
         p = e.probs if e.probs.dtype == torch.float64 else e.probs.float()  # [G, K]; exact sizes use float64
         w, s, b = candidate_bits(e.bits, e.shape, scale_bits, p.device, p.dtype)
-        weight_bits = weight_bits + (p @ w).sum()
-        step_bits = step_bits + (p @ s).sum()
+        weight_bits = weight_bits + _dot(p, w)
+        step_bits = step_bits + _dot(p, s)
         n_weights += e.shape.n_groups * e.shape.group_numel
         if scope is Scope.TOTAL:
-            bias_bits = bias_bits + (p @ b).sum()
+            bias_bits = bias_bits + _dot(p, b)
             n_bias += e.shape.n_groups * e.shape.rows_per_group if e.shape.bias else 0
     if n_weights == 0:
         raise ValueError(f"no quantized sites in scope {scope.value!r}")
@@ -113,7 +124,7 @@ def bitops(entries: Iterable[CostEntry]) -> torch.Tensor:
             continue
         wbits = torch.tensor([float(b) for b in e.bits], device=e.probs.device)
         macs_per_group = e.shape.rows_per_group * e.shape.in_features
-        total = total + (e.probs.float() @ wbits).sum() * macs_per_group * e.a_bits
+        total = total + _dot(e.probs.float(), wbits) * macs_per_group * e.a_bits
     return torch.as_tensor(total)
 
 
@@ -126,7 +137,7 @@ def model_entries(model: "torch.nn.Module") -> list[CostEntry]:
         a_bits: torch.Tensor | float = float(FP32_BITS)
         if site.aq is not None and not site.aq.cands.is_identity:
             abits = torch.tensor([float(b) for b in site.aq.cands.bits], device=site.aq.step.device)
-            a_bits = (site.aq.mean_probs() @ abits).squeeze(0)
+            a_bits = _dot(site.aq.mean_probs().float(), abits)  # [1, K] @ [K]
         entries.append(CostEntry(site.shape(), site.wq.cands.bits, site.wq.mean_probs(), a_bits))
     return entries
 

@@ -14,7 +14,8 @@ from transformers import (
     GPT2Model,
 )
 
-from supernet import Architecture, MixedEmbedding, MixedLinear, SearchSpace, SiteKind, expected_size, sites, to_supernet
+from supernet import (Architecture, MixedEmbedding, MixedLinear, SearchSpace, SiteKind, expected_bitops, expected_size, sites,
+                      to_supernet)
 
 FP_SPACE = SearchSpace(w_bits=[0, 2, 4, 32], groups=4, a_bits=[8, 32], embedding_bits=[0, 4, 32],
                        embedding_groups=4, head_bits=[8, 32])
@@ -130,3 +131,13 @@ def test_a_model_that_cannot_be_converted_is_left_as_it_was(tiny_cfg):
     assert not list(sites(model))
     to_supernet(model, SearchSpace(groups=4))
     assert len(list(sites(model))) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_cost_model_is_exact_inside_autocast(tiny_cfg, dtype):
+    # its matmuls ran in half precision there: fp16 sizes and bit-operations overflowed to inf, bf16 ones lost 0.3%
+    model = to_supernet(BertForSequenceClassification(tiny_cfg), SearchSpace(groups=4, a_bits=[4, 8]))
+    plain = expected_size(model, "encoder").bytes, expected_bitops(model)
+    with torch.autocast("cpu", dtype=dtype):
+        inside = expected_size(model, "encoder").bytes, expected_bitops(model)
+    assert [t.dtype for t in inside] == [t.dtype for t in plain] and all(map(torch.equal, inside, plain))
