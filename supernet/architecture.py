@@ -23,7 +23,7 @@ from .files import follow_umask
 from .cost import FP32_BITS, MIB, CostEntry, Scope, SiteShape, Size, bitops, size
 from .mixed import sites
 from .params import other_fp32_params
-from .quantizers import MIDRISE_BITS, WEIGHT_GRIDS, QuantMode, check_bits
+from .quantizers import FLOAT_BITS, MIDRISE_BITS, WEIGHT_GRIDS, QuantMode, check_bits
 from .space import SiteKind
 
 FORMAT = "bert-mpq.architecture"
@@ -94,6 +94,10 @@ class Architecture:
             raise ValueError("an architecture names a site twice")
         if not names:
             raise ValueError("an architecture needs at least one site")
+        if not isinstance(self.scale_bits, int) or isinstance(self.scale_bits, bool) or self.scale_bits not in FLOAT_BITS:
+            raise ValueError(f"scale_bits {self.scale_bits!r} is not a float width a step is stored in; use 16 or 32")
+        if isinstance(self.other_params, bool) or not isinstance(self.other_params, int) or self.other_params < 0:
+            raise ValueError(f"other_fp32_params {self.other_params!r} is not a count of parameters")
         if self.w_grid is not None:  # a member, or its value string ("midrise", as architecture.json has it)
             grid = next((g for g in WEIGHT_GRIDS if self.w_grid in (g, g.value)), None)
             if grid is None:
@@ -227,8 +231,8 @@ class Architecture:
                 except (KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{source}: site {name!r} is malformed ({type(e).__name__}: {e})") from None
             try:
-                return cls(tuple(built), int(d["other_fp32_params"]), int(d.get("scale_bits", FP32_BITS)),
-                           d.get("w_grid"))
+                return cls(tuple(built), _whole(d["other_fp32_params"], "other_fp32_params"),
+                           _whole(d.get("scale_bits", FP32_BITS), "scale_bits"), d.get("w_grid"))
             except ValueError as e:  # the whole record's checks (__post_init__), named with the file
                 raise ValueError(f"{source}: {e}") from None
         except (KeyError, AttributeError, TypeError) as e:
@@ -278,7 +282,8 @@ class Architecture:
         return cls(tuple(built), other_fp32_params(model), scale_bits, grids.pop() if len(grids) == 1 else None)
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Fix every site of a supernet to this architecture (in place); returns the model."""
+        """Fix every site of a supernet to this architecture (in place); returns the model. Every site is checked
+        before the first is fixed: one that does not fit leaves the model as it was."""
         model_sites = dict(sites(model))
         missing = [n for n in self.names if n not in model_sites]
         extra = [n for n in model_sites if n not in dict(self.sites)]
@@ -310,6 +315,20 @@ class Architecture:
                 if ours != theirs:
                     raise ValueError(f"{name}: the architecture's {field} is {ours!r}, the model's {theirs!r}; "
                                      f"write the architecture from this model (a search or hawq run's architecture.json)")
+            if any(b not in site.wq.cands.bits for b in arch.bits):
+                raise ValueError(f"{name}: the architecture gives it {sorted(set(arch.bits) - set(site.wq.cands.bits))} "
+                                 f"bits, which are not among its candidates {list(site.wq.cands.bits)}; convert with a "
+                                 f"space that offers them")
+            offered = list(site.aq.cands.bits) if site.aq is not None and not site.aq.cands.is_identity else [FP32_BITS]
+            if arch.a_bits is not None and arch.a_bits not in offered:
+                raise ValueError(f"{name}: the architecture quantizes its input to {arch.a_bits} bits, and the model "
+                                 f"offers {offered}; convert with space.a_bits that holds {arch.a_bits}")
+        ours = other_fp32_params(model)
+        if ours != self.other_params:
+            raise ValueError(f"the architecture counts {self.other_params} FP32 parameters outside its sites, the model "
+                             f"has {ours} (another head or vocabulary?); write the architecture from this model")
+        for name, arch in self.sites:  # all checked: now fix them
+            site = model_sites[name]
             site.wq.fix(arch.bits)
             if site.aq is not None and not site.aq.cands.is_identity:
                 site.aq.fix([arch.a_bits if arch.a_bits is not None else site.aq.chosen_bits()[0]])

@@ -41,7 +41,7 @@ from .files import follow_umask
 from .mixed import Site, fixed_codes, sites
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .quantizers import CandidateKind, candidate_kind, dequantize, qrange
-from .space import SearchSpace
+from .space import SearchSpace, SiteKind
 
 FORMAT = "bert-mpq.packed"
 VERSION = 1
@@ -101,10 +101,36 @@ def _site_owned(model: nn.Module) -> tuple[str, ...]:
 
 
 def _check_fixed(model: nn.Module, arch: Architecture) -> None:
+    """`model` is what a packed folder can hold exactly: fp32, fixed to `arch`, its activation steps set."""
+    other = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if other:
+        raise ValueError(f"the model holds {', '.join(other)} parameters; a packed folder rebuilds an fp32 model "
+                         f"(mixed precision is autocast's, on fp32 weights): pack model.float()")
+    unset = [n for n, s in sites(model) if s.aq is not None and not s.aq.cands.is_identity and not bool(s.aq.initialized)]
+    if unset:
+        raise ValueError(f"{unset[0]}'s activation steps are not set yet ({len(unset)} sites); the first forward sets "
+                         f"them: run the model on a batch of real inputs before packing")
     searchable = [n for n, s in sites(model) if s.wq.searchable or (s.aq is not None and s.aq.searchable)]
     actual = Architecture.from_supernet(model, arch.scale_bits)
     if searchable or [(n, s.bits, s.a_bits) for n, s in actual] != [(n, s.bits, s.a_bits) for n, s in arch]:
         raise ValueError("the model is not fixed to this architecture; apply it (Architecture.apply) before packing")
+
+
+def _check_space(model: nn.Module, space: SearchSpace) -> None:
+    """`space` is the one `model` was converted with: load_packed rebuilds the model from it."""
+    for name, site in sites(model):
+        want = {SiteKind.ENCODER: space.weight_candidates, SiteKind.EMBEDDING: space.embedding_candidates,
+                SiteKind.HEAD: space.head_candidates}[site.kind]()
+        if site.wq.cands != want:
+            raise ValueError(f"{name} was converted with weight candidates {list(site.wq.cands.bits)} on the "
+                             f"{site.wq.cands.mode.name} grid, the space given offers {list(want.bits)} on the "
+                             f"{want.mode.name} grid; pack with the space the model was converted with")
+        acts = site.aq.cands if site.aq is not None else None
+        if acts is not None and acts != space.activation_candidates():
+            theirs = space.activation_candidates()
+            raise ValueError(f"{name}'s input was converted with {list(acts.bits)} bits on the {acts.mode.name} grid, "
+                             f"the space given has {list(theirs.bits)} on the {theirs.mode.name} grid; pack with the "
+                             f"space the model was converted with")
 
 
 @torch.no_grad()
@@ -258,6 +284,7 @@ def save_packed(model: nn.Module, arch: Architecture, space: SearchSpace, folder
     `metadata` (JSON-able) is kept in packed.json for the application (e.g. the task).
     """
     folder = Path(folder)
+    _check_space(model, space)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; choose another folder or pass overwrite=True")
     tensors, extra = pack_model(model, arch)

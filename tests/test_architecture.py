@@ -269,3 +269,38 @@ def test_arch_agreement_tool_tells_a_repeated_allocation_from_a_shuffled_one(tmp
     for bad, says in (([str(paths["a"])], "two or more"), ([str(paths["a"]), str(tmp_path / "none.json")], "does not exist")):
         run = subprocess.run([*tool, *bad], cwd=root, capture_output=True, text=True)
         assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith("error:") and says in run.stderr
+
+
+def test_an_architecture_that_does_not_fit_leaves_the_model_as_it_was_and_names_the_site(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    d = Architecture.from_supernet(model).to_dict()
+    last = list(d["sites"])[-1]
+    d["sites"][last]["bits"] = [3] * len(d["sites"][last]["bits"])  # not a candidate of this space
+    with pytest.raises(ValueError, match=f"{last}: the architecture gives it \\[3\\] bits"):
+        Architecture.from_dict(d).apply(model)
+    assert not any(site.wq.fixed for _, site in sites(model))  # it once fixed every site before the last
+
+
+def test_an_architecture_of_another_head_or_activation_width_does_not_apply(tiny_cfg):
+    fp_head = dataclasses.replace(SPACE, head_bits=[32])  # the head is FP: counted in other_fp32_params
+    arch = Architecture.from_supernet(_supernet(tiny_cfg, fp_head))
+    five = to_supernet(BertForSequenceClassification(dataclasses.replace(tiny_cfg, num_labels=5)), fp_head)
+    with pytest.raises(ValueError, match="counts .* FP32 parameters outside its sites, the model has"):
+        arch.apply(five)  # its size would leave the extra head rows out
+    d = arch.to_dict()
+    name = next(n for n, s in d["sites"].items() if s.get("a_bits") is not None)
+    d["sites"][name]["a_bits"] = 2  # the space offers 4 and 8: bit-operations were priced at 2, the model ran 8
+    with pytest.raises(ValueError, match=f"{name}: the architecture quantizes its input to 2 bits"):
+        Architecture.from_dict(d).apply(_supernet(tiny_cfg, fp_head))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("scale_bits", 8, "scale_bits 8 is not a float width"), ("scale_bits", 16.9, "scale_bits 16.9 is not a whole number"),
+    ("other_fp32_params", -1000, "other_fp32_params -1000 is not a count"),
+    ("other_fp32_params", 7.9, "other_fp32_params 7.9 is not a whole number")])
+def test_the_record_s_own_numbers_are_checked(tiny_cfg, field, value, message):
+    # scale_bits 8 priced 8-bit steps, then packing failed on a KeyError; 16.9 and 7.9 were truncated
+    d = Architecture.from_supernet(_supernet(tiny_cfg)).to_dict()
+    d[field] = value
+    with pytest.raises(ValueError, match=message):
+        Architecture.from_dict(d)

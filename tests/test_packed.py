@@ -1,6 +1,8 @@
 """Bit-packing and the packed export: exact round trips, identical predictions, honest sizes, clear errors."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -84,8 +86,9 @@ MIDRISE_SPACE = SearchSpace(w_bits=[0, 1, 2, 3, 4], w_grid="midrise", groups=4, 
                             embedding_groups=-1, head_bits=[2, 32])  # binary and mid-rise codes, odd streams
 
 
-def _quantized(model, seed: int, space: SearchSpace = SPACE):
-    """A supernet of `model` fixed to a random architecture using every candidate; trained-looking steps."""
+def _quantized(model, seed: int, space: SearchSpace = SPACE, forward: bool = True):
+    """A supernet of `model` fixed to a random architecture using every candidate; trained-looking steps; with
+    `forward`, run once, which sets its activation steps."""
     torch.manual_seed(seed)
     to_supernet(model, space)
     g = torch.Generator().manual_seed(seed)
@@ -95,8 +98,11 @@ def _quantized(model, seed: int, space: SearchSpace = SPACE):
                 site.wq.alpha.copy_(torch.randn(site.wq.alpha.shape, generator=g))
             site.wq.step.mul_(1 + 0.1 * torch.rand(site.wq.step.shape, generator=g))
     arch = Architecture.from_supernet(model)
-    arch.apply(model)
-    return model.eval(), arch
+    arch.apply(model).eval()
+    if forward:
+        with torch.no_grad():
+            model(**_inputs())
+    return model, arch
 
 
 def _inputs():
@@ -165,7 +171,7 @@ def test_packed_weights_take_their_bits(tmp_path, cfg97):
     """A uniform 2-bit encoder stores a quarter of a byte per weight (plus one step per group)."""
     model = to_supernet(BertForSequenceClassification(cfg97), SearchSpace(w_bits=[2], groups=4, embedding_bits=[8]))
     arch = Architecture.from_supernet(model)
-    arch.apply(model)
+    arch.apply(model).eval()(**_inputs())  # the first forward sets the activation steps
     save_packed(model, arch, SearchSpace(w_bits=[2], groups=4), tmp_path / "p")
     from safetensors import safe_open
 
@@ -259,3 +265,20 @@ def test_steps_that_fp16_cannot_hold_are_not_silently_rounded(tmp_path, cfg97):
     with pytest.raises(ValueError, match="not 16-bit floats"):
         save_packed(model, half, SPACE, tmp_path / "p16")
     assert not (tmp_path / "p16").exists()
+
+
+def test_what_would_not_reload_as_the_same_model_is_refused_before_writing(tmp_path, cfg97):
+    # each of these wrote a folder that reloaded to another model (or not at all), without an error
+    model, arch = _quantized(BertForSequenceClassification(cfg97), seed=3, forward=False)
+    with pytest.raises(ValueError, match="activation steps are not set yet .* run the model on a batch"):
+        save_packed(model, arch, SPACE, tmp_path / "unset")  # placeholder steps of 1.0, set by the first forward
+    model(**_inputs())
+    other_grid = dataclasses.replace(SPACE, a_mode=QuantMode.UNSIGNED)
+    with pytest.raises(ValueError, match="input was converted with .* ASYMMETRIC grid, the space given has .* UNSIGNED"):
+        save_packed(model, arch, other_grid, tmp_path / "grid")
+    with pytest.raises(ValueError, match="was converted with weight candidates"):
+        save_packed(model, arch, dataclasses.replace(SPACE, w_bits=[8]), tmp_path / "bits")
+    with pytest.raises(ValueError, match="torch.bfloat16 parameters; .* pack model.float"):
+        save_packed(copy.deepcopy(model).to(torch.bfloat16), arch, SPACE, tmp_path / "bf16")
+    assert not list(tmp_path.iterdir())
+    save_packed(model, arch, SPACE, tmp_path / "ok")
