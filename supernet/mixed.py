@@ -12,6 +12,7 @@ output features are exactly zero.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Iterator, Sequence
 
@@ -89,6 +90,8 @@ class _Chooser(nn.Module):
         """Pin group g to the candidate with `bits[g]` bits."""
         if len(bits) != self.n_groups:
             raise ValueError(f"expected {self.n_groups} bit-widths (one per group), got {len(bits)}")
+        if any(isinstance(b, bool) or int(b) != b for b in bits):  # 2.5 would silently be 2
+            raise ValueError(f"bit-widths are whole numbers, got {[b for b in bits if isinstance(b, bool) or int(b) != b][:3]}")
         idx = [self.cands.index(int(b)) for b in bits]
         self.choice.copy_(torch.tensor(idx, dtype=torch.long))
         self._refresh()
@@ -334,8 +337,8 @@ def fixed_codes(site: Site) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def set_relaxation(model: nn.Module, relaxation: Relaxation, tau: float) -> None:
     """Set how every site turns logits into probabilities, and the temperature."""
-    if tau <= 0:
-        raise ValueError(f"temperature must be positive, got {tau}")
+    if not 0 < tau < math.inf:  # NaN too: every probability would be NaN
+        raise ValueError(f"temperature must be a positive number, got {tau}")
     for module in model.modules():
         if isinstance(module, _Chooser):
             module.relaxation = Relaxation(relaxation)

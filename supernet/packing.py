@@ -17,6 +17,8 @@ _CHUNK = 1 << 20  # codes per chunk; a multiple of 8, so every chunk ends on a b
 def packed_nbytes(n: int, bits: int) -> int:
     """Bytes that `n` codes of `bits` bits take once packed."""
     _check_bits(bits)
+    if n < 0:
+        raise ValueError(f"{n} codes: a count cannot be negative")
     return (n * bits + 7) // 8
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Sequence
 
 from .quantizers import FLOAT_BITS, MIDRISE_BITS, WEIGHT_GRIDS, CandidateSet, InitRule, QuantMode, check_bits
 
@@ -30,6 +30,8 @@ class Relaxation(Enum):
 
 
 def _bits_list(name: str, bits: List[int], allow_zero: bool) -> tuple[int, ...]:
+    if isinstance(bits, (str, bytes)) or not isinstance(bits, Sequence):
+        raise ValueError(f"space.{name}={bits!r} is not a list of bit-widths; write e.g. [{bits}]")
     if not bits:
         raise ValueError(f"space.{name} is empty; give at least one bit-width, e.g. [8]")
     for b in bits:
@@ -41,6 +43,8 @@ def _bits_list(name: str, bits: List[int], allow_zero: bool) -> tuple[int, ...]:
         raise ValueError(f"space.{name} cannot contain 0: activations cannot be pruned")
     if len(set(bits)) != len(bits):
         raise ValueError(f"space.{name} repeats a bit-width: {list(bits)}")
+    if list(bits) == [0]:
+        raise ValueError(f"space.{name}=[0] prunes every group it covers; add a bit-width, e.g. [0, 2, 4, 8]")
     return tuple(sorted(bits))
 
 
@@ -80,7 +84,7 @@ class SearchSpace:
             g = getattr(self, name)
             if g is not None and (isinstance(g, bool) or not isinstance(g, int) or (g < 1 and g != -1)):
                 raise ValueError(f"space.{name}={g!r} is invalid; use a positive number of groups or -1 for one per row")
-        if self.scale_bits not in FLOAT_BITS:
+        if not isinstance(self.scale_bits, int) or isinstance(self.scale_bits, bool) or self.scale_bits not in FLOAT_BITS:
             raise ValueError(f"space.scale_bits={self.scale_bits} is invalid; scales are stored as 16 or 32 bits")
         self.a_mode = QuantMode(self.a_mode)
         self.w_grid = QuantMode(self.w_grid)

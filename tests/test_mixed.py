@@ -4,7 +4,9 @@ import torch
 from torch import nn
 
 from supernet import CandidateSet, InitRule, MixedEmbedding, MixedLinear, Relaxation, SiteKind, make_grouping, set_relaxation
+from supernet import SearchSpace
 from supernet.groups import PER_ROW
+from supernet.packing import packed_nbytes
 from supernet.quantizers import QuantMode, half, init_step, qrange
 
 W_BITS = (0, 2, 4, 8)
@@ -184,3 +186,25 @@ def test_grids_named_by_strings_are_the_grids_of_their_enums(mode, enum):
     assert CandidateSet((2, 4), mode) == CandidateSet((2, 4), enum)
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
     assert torch.equal(init_step(x, 4, mode)[0], init_step(x, 4, enum)[0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(w_bits=8), "space.w_bits=8 is not a list of bit-widths; write e.g. \\[8\\]"),  # was a TypeError
+    (dict(scale_bits=16.0), "space.scale_bits=16.0 is invalid"),
+    (dict(w_bits=[0]), "space.w_bits=\\[0\\] prunes every group"),
+    (dict(head_bits=[0]), "space.head_bits=\\[0\\] prunes every group"),
+    (dict(embedding_bits=[0]), "space.embedding_bits=\\[0\\] prunes every group"),
+])
+def test_a_space_that_cannot_be_meant_is_refused_in_one_line(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SearchSpace(**kwargs)
+
+
+def test_fixing_and_relaxing_refuse_values_they_would_silently_change():
+    site = _linear()
+    with pytest.raises(ValueError, match="bit-widths are whole numbers, got \\[2.5\\]"):
+        site.wq.fix([2.5, 2, 2, 2])  # int() made it 2
+    with pytest.raises(ValueError, match="temperature must be a positive number, got nan"):
+        set_relaxation(site, Relaxation.SOFTMAX, float("nan"))  # every probability became NaN
+    with pytest.raises(ValueError, match="-8 codes"):
+        packed_nbytes(-8, 2)
