@@ -132,6 +132,7 @@ def run_search(
         tau=(cfg.tau_start, cfg.tau_end), total_steps=steps, log_mass_every=cfg.log_mass_every,
         curvature=CurvatureTerm(net, cfg.curvature_weight) if cfg.curvature_weight > 0 else None,
         loss_scale=lambda: accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0,
+        unscale=lambda: accelerator.unscale_gradients(w_opt),  # fp16 only; QAT's accelerator.clip_grad_norm_ does it
     )
     result = train(step_fn, weight_loader, accelerator, steps, log_fn=run.log, state_dir=run.train_state,
                    checkpoint_every=cfg.checkpoint_every, resume=resume, log_every=cfg.log_every,

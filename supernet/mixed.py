@@ -78,9 +78,11 @@ class _Chooser(nn.Module):
         return F.gumbel_softmax(self.alpha, tau=self.tau, hard=self.relaxation is Relaxation.GUMBEL_HARD, dim=-1)
 
     def mean_probs(self) -> torch.Tensor:
-        """[G, K] probabilities without sampling noise: what the cost model charges for."""
+        """[G, K] probabilities without sampling noise: what the cost model charges for. Under Gumbel the mean of
+        the samples, softmax(alpha) at any temperature (a hard sample is candidate k with that probability; the
+        temperature only sharpens each sample), not softmax(alpha / tau), which priced another distribution."""
         if self.training and self.alpha is not None and self._active is None and self.relaxation is not Relaxation.SOFTMAX:
-            return torch.softmax(self.alpha / self.tau, dim=-1)
+            return torch.softmax(self.alpha, dim=-1)
         return self.probs()
 
     def active(self) -> tuple[bool, ...] | None:
