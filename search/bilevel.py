@@ -66,6 +66,9 @@ class SizeTerm:
         return total, logs
 
 
+KEEP_FLOOR = 1e-2  # a group pruned with probability above 0.99 has its gradient scaled back by at most 100
+
+
 class CurvatureTerm:
     """A second-order price on every candidate of every searched group, added to the architecture loss:
     weight * sum_g sum_k p_gk * Omega_gk with Omega_gk = 1/2 sum_i F_i (Q_k(w_i) - w_i)^2, the loss that
@@ -75,8 +78,10 @@ class CurvatureTerm:
     fine-tuned minimum that is near zero, so the size penalty meets no resistance where it prunes: a pruned
     group's cost, 1/2 w^T H w, is second order. F is the empirical Fisher of one example: B times an
     exponential average (`decay`) of the squared gradient of the architecture batches (B examples), taken
-    from the architecture step's own backward. Omega is a constant per step (no gradient to the weights or
-    the steps), so the term moves only the logits.
+    from the architecture step's own backward. That gradient reaches a weight through the candidates that keep
+    it, so it is (1 - p_pruned) times the gradient of the weight the network uses: it is divided back out
+    (else the price of pruning a group would fall to zero exactly as the search prunes it). Omega is a constant
+    per step (no gradient to the weights or the steps), so the term moves only the logits.
     """
 
     def __init__(self, model: nn.Module, weight: float, decay: float = 0.95) -> None:
@@ -90,9 +95,14 @@ class CurvatureTerm:
     def update(self, grads: Sequence[torch.Tensor | None], batch_size: int, loss_scale: float = 1.0) -> None:
         """Fold one batch's gradients of the sites' weights (aligned with `params`) into the Fisher."""
         factor = (1 - self.decay) * batch_size / loss_scale**2
-        for f, g in zip(self.fisher, grads):
+        for site, f, g in zip(self.sites, self.fisher, grads):
             if g is not None:
-                f.mul_(self.decay).add_(g.float().pow(2), alpha=factor)
+                g = g.float()
+                keep = site.wq.keep_prob(site.wq.mean_probs().detach())  # [G], None without a pruned candidate
+                if keep is not None:
+                    per_weight = keep.float().clamp_min(KEEP_FLOOR)[:, None].expand(site.to_groups(g).shape)
+                    g = g / site.from_groups(per_weight.contiguous())
+                f.mul_(self.decay).add_(g.pow(2), alpha=factor)
         self.updates += 1
 
     def __call__(self) -> tuple[torch.Tensor, dict[str, float]]:

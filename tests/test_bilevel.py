@@ -208,12 +208,18 @@ def _searched_sites(model):
     return [s for _, s in sites(model) if s.wq.searchable]
 
 
+def _as_used(site, grad):
+    """The gradient of the weight the network uses: the latent weight's, divided by each group's keep probability."""
+    keep = site.wq.keep_prob(site.wq.mean_probs().detach())
+    return grad / site.from_groups(keep[:, None].expand(site.to_groups(grad).shape).contiguous())
+
+
 def test_the_curvature_term_folds_the_architecture_batch_fisher_and_moves_only_logits_and_scales(tiny_cfg):
     for second_order in (False, True):
         model, sets, step = _setup(tiny_cfg, curvature=1.0, second_order=second_order)
         batch = next(Endless(_batches(seed=1)))  # the batch the architecture step draws first
         site = _searched_sites(model)[0]
-        grad = torch.autograd.grad(model(**batch).loss, site.weight)[0] if not second_order else None
+        grad = _as_used(site, torch.autograd.grad(model(**batch).loss, site.weight)[0]) if not second_order else None
         w0, a0 = _snapshot(sets.weights), _snapshot(sets.arch)
         step.arch_step(next(step.arch_batches), _batches()[0])
         curv = step.curvature
@@ -231,7 +237,7 @@ def test_the_curvature_term_folds_the_architecture_batch_fisher_and_moves_only_l
     site = _searched_sites(model)[0]
     assert site.weight.grad is not None
     before = step.curvature.fisher[0].clone()
-    grad = torch.autograd.grad(model(**next(arch)).loss, site.weight)[0]
+    grad = _as_used(site, torch.autograd.grad(model(**next(arch)).loss, site.weight)[0])
     step.arch_step(next(step.arch_batches), _batches()[0])
     assert torch.allclose(step.curvature.fisher[0], 0.5 * before + 4 * 0.5 * grad.pow(2), rtol=1e-3, atol=1e-18)
 
@@ -248,7 +254,7 @@ def test_the_curvature_term_is_half_the_fisher_weighted_squared_error_of_every_c
     total = 0.0
     for site, g in zip(term.sites, grads):
         w = site.to_groups(site.weight.detach())
-        fisher = site.to_groups(2 * g.pow(2))  # unbiased: the one batch's B g^2
+        fisher = site.to_groups(2 * _as_used(site, g).pow(2))  # unbiased: the one batch's B g^2
         p = torch.softmax(site.wq.alpha.detach() / site.wq.tau, -1)
         for k, b in enumerate(site.wq.cands.bits):
             if b == 0:
@@ -363,3 +369,22 @@ def test_the_weight_step_clips_unscaled_gradients(tiny_cfg):
         step.weight_step(_batches(1)[0])
         runs.append(_snapshot(sets.weights))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*runs))
+
+
+def test_the_curvature_price_of_pruning_does_not_fade_as_the_group_is_pruned():
+    # the latent weight's gradient is (1 - p_pruned) times the used weight's: its Fisher fell to 0 as p_pruned -> 1.
+    # A loss linear in the used weight has the same gradient there at any p_pruned, and so must the Fisher
+    from supernet import CandidateSet, InitRule, MixedLinear, SiteKind, make_grouping
+
+    torch.manual_seed(0)
+    site = MixedLinear(nn.Linear(6, 4), SiteKind.ENCODER, CandidateSet((0, 8)), make_grouping("s", 4, 2), None,
+                       InitRule.MSE).train()
+    x, c = torch.randn(5, 6), torch.randn(5, 4)
+    fishers = []
+    for pruned in (0.0, 0.9, 0.99):
+        with torch.no_grad():
+            site.wq.alpha.copy_(torch.tensor([[float(torch.logit(torch.tensor(pruned))) if pruned else -30.0, 0.0]] * 2))
+        term = CurvatureTerm(site, weight=1.0, decay=0.0)
+        term.update(torch.autograd.grad((c * site(x)).sum(), term.params), batch_size=1)
+        fishers.append(term.fisher[0])
+    assert all(torch.allclose(f, fishers[0], rtol=1e-3) for f in fishers[1:])  # before: 0.01 and 1e-4 of it
