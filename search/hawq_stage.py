@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from supernet import Architecture, SearchSpace, SiteKind, sites
 
@@ -261,6 +262,8 @@ def run_hawq(
 
     arch.apply(net)  # the chosen model, evaluated before any QAT
     net = accelerator.prepare(net)
+    with torch.no_grad():  # its first forward sets the activation steps: on a training batch, as QAT's does, not dev
+        net.eval()(**{k: v.to(accelerator.device) for k, v in batches[0].items()})
     for s in sets:
         s.loader = accelerator.prepare(s.loader)
     results = evaluate_sets(net, sets, spec.name, accelerator)

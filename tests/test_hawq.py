@@ -340,3 +340,19 @@ def test_hawq_allocates_activation_bits_within_their_budget(env, tmp_path):  # n
     qat_dir = tmp_path / "qat_act"
     assert run_stage(_cfg(env, tmp_path, "stage=qat", f"qat.architecture={run_dir / 'architecture.json'}",
                           "space.a_bits=[4,8]"), qat_dir) == 0
+
+
+def test_the_model_before_qat_sets_its_activation_steps_on_training_data(env, tmp_path, monkeypatch):  # noqa: F811
+    # its first forward was the first dev batch, which fitted the activation steps to the data it is scored on
+    import search.hawq_stage as stage
+
+    seen = []
+    real = stage.evaluate_sets
+
+    def evaluate(net, *args, **kwargs):
+        seen.append([bool(s.aq.initialized) for _, s in sites(net) if s.aq is not None and not s.aq.cands.is_identity])
+        return real(net, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "evaluate_sets", evaluate)
+    assert run_stage(_cfg(env, tmp_path, *HAWQ, "budget.avg_bits=3"), tmp_path / "hawq") == 0
+    assert seen and seen[0] and all(seen[0])
