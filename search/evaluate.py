@@ -28,7 +28,8 @@ from search.errors import UserError
 from search.loop import make_accelerator
 from search.metrics import compute_metrics, ids_to_tags, postprocess_qa, squad_references
 from search.models import load_task_model, load_tokenizer
-from search.prepare import EvalSet, task_data
+from search.data import make_loader
+from search.prepare import TRAIN, EvalSet, task_data
 from search.progress import progress_bar
 from search.quantized import load_any_quantized, load_architecture, quantize_user_model
 from search.rundir import RunDir
@@ -235,12 +236,17 @@ def run_eval(
         quantize_user_model(net, arch, space or SearchSpace(), evaluation.architecture, source)
         sizes = arch.summary()
     tokenizer = load_tokenizer(source)  # after the model: a corrupt folder is reported as such
-    _, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=False)
+    calibrate = evaluation.architecture is not None  # fresh activation steps: set them on training data
+    tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=calibrate)
     accelerator = make_accelerator(mixed_precision, seed)
 
     run.main_process = accelerator.is_main_process
     run.open()
     net = accelerator.prepare(net)
+    if calibrate:  # the first forward sets the activation steps: a training batch, as QAT's, not the dev data scored
+        batch = next(iter(make_loader(tokenized[TRAIN], tokenizer, evaluation.batch_size, True, seed)))
+        with torch.no_grad():
+            net.eval()(**{k: v.to(accelerator.device) for k, v in batch.items()})
     for s in sets:
         s.loader = accelerator.prepare(s.loader)
     results = evaluate_sets(net, sets, spec.name, accelerator)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from search.__main__ import CONF_DIR, run_stage
 from search.bilevel import BilevelStep
-from supernet import Architecture
+from supernet import Architecture, sites
 
 from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
 
@@ -473,3 +473,20 @@ def test_groups_that_do_not_divide_a_matrix_are_a_one_line_error(env, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "cannot convert" in err and "5 groups do not divide" in err
     assert not run_dir.exists()
+
+
+def test_an_allocation_scored_before_qat_sets_its_activation_steps_on_training_data(env, tmp_path, monkeypatch):  # noqa: F811
+    # eval.architecture's first forward was the first dev batch: the steps were fitted to the data being scored
+    import search.evaluate as evaluate
+
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3"), tmp_path / "s") == 0
+    seen, real = [], evaluate.evaluate_sets
+
+    def scored(net, *args, **kwargs):
+        seen.append([bool(s.aq.initialized) for _, s in sites(net) if s.aq is not None and not s.aq.cands.is_identity])
+        return real(net, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_sets", scored)
+    assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={env['model']}",
+                          f"eval.architecture={tmp_path / 's' / 'architecture.json'}"), tmp_path / "e") == 0
+    assert seen and seen[0] and all(seen[0])
