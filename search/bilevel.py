@@ -100,8 +100,7 @@ class CurvatureTerm:
                 g = g.float()
                 keep = site.wq.keep_prob(site.wq.mean_probs().detach())  # [G], None without a pruned candidate
                 if keep is not None:
-                    per_weight = keep.float().clamp_min(KEEP_FLOOR)[:, None].expand(site.to_groups(g).shape)
-                    g = g / site.from_groups(per_weight.contiguous())
+                    g = site.from_groups(site.to_groups(g) / keep.float().clamp_min(KEEP_FLOOR)[:, None])
                 f.mul_(self.decay).add_(g.pow(2), alpha=factor)
         self.updates += 1
 

@@ -155,8 +155,7 @@ class FinetuneConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"finetune.warmup_ratio={self.warmup_ratio} is invalid; use a value in [0, 1)")
         for name in ("weight_decay", "max_grad_norm", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"finetune.{name}={getattr(self, name)} is invalid; use a value >= 0")
+            _non_negative(f"finetune.{name}", getattr(self, name))
 
 
 @dataclass
@@ -289,8 +288,7 @@ class SearchConfig:
                      "log_every", "log_mass_every"):
             _positive(f"search.{name}", getattr(self, name))
         for name in ("max_grad_norm", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"search.{name}={getattr(self, name)} is invalid; use a value >= 0")
+            _non_negative(f"search.{name}", getattr(self, name))
         if not 0 <= self.kd_weight <= 1:
             raise ValueError(f"search.kd_weight={self.kd_weight} must be in [0, 1] (0: the labels' loss alone)")
         if self.lr < 0:
@@ -345,8 +343,7 @@ class QatConfig:
         for name in ("epochs", "batch_size", "lr", "scale_lr", "kd_temperature", "log_every"):
             _positive(f"qat.{name}", getattr(self, name))
         for name in ("max_grad_norm", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"qat.{name}={getattr(self, name)} is invalid; use a value >= 0")
+            _non_negative(f"qat.{name}", getattr(self, name))
         if not 0 <= self.kd_weight <= 1:
             raise ValueError(f"qat.kd_weight={self.kd_weight} must be in [0, 1]")
         if self.hidden_weight < 0 or self.dampen_weight < 0:
@@ -469,6 +466,11 @@ class Config:
 def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ValueError(f"{name}={value} is invalid; use a positive value")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{name}={value} is invalid; use a value >= 0")
 
 
 def assets_or(subpath: str, hub: Any = None) -> Any:

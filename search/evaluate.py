@@ -199,6 +199,13 @@ def stage_metrics(stage: str, task: str, model: str, results: Mapping[str, Mappi
             "main_metric": results[split]["main_metric"], **extra, "splits": dict(results)}
 
 
+@torch.no_grad()
+def set_activation_steps(net: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    """Run a quantized model's first forward, which sets its fresh activation steps, on training `batch`: as QAT's
+    first step does, not on the dev data it is then scored on."""
+    net.eval()(**{k: v.to(device) for k, v in batch.items()})
+
+
 def run_eval(
     model: ModelConfig,
     task: TaskConfig,
@@ -243,10 +250,9 @@ def run_eval(
     run.main_process = accelerator.is_main_process
     run.open()
     net = accelerator.prepare(net)
-    if calibrate:  # the first forward sets the activation steps: a training batch, as QAT's, not the dev data scored
-        batch = next(iter(make_loader(tokenized[TRAIN], tokenizer, evaluation.batch_size, True, seed)))
-        with torch.no_grad():
-            net.eval()(**{k: v.to(accelerator.device) for k, v in batch.items()})
+    if calibrate:
+        set_activation_steps(net, next(iter(make_loader(tokenized[TRAIN], tokenizer, evaluation.batch_size, True, seed))),
+                             accelerator.device)
     for s in sets:
         s.loader = accelerator.prepare(s.loader)
     results = evaluate_sets(net, sets, spec.name, accelerator)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from supernet import Architecture, SearchSpace, SiteKind, sites
 
@@ -34,7 +33,7 @@ from .budget import Budget, site_candidates, uniform
 from .config import BudgetConfig, EvalConfig, HawqConfig, MixedPrecision, ModelConfig, NegativeCurvature, Sensitivity, TaskConfig
 from .data import make_loader
 from .errors import UserError
-from .evaluate import evaluate_sets, scalars, stage_metrics
+from .evaluate import evaluate_sets, scalars, set_activation_steps, stage_metrics
 from .hawq import Curvature, build_knapsack, measure_curvature, to_architecture
 from .hawq_act import activation_knapsack, activation_traces, activation_width, with_activation_bits
 from .knapsack import Knapsack
@@ -262,8 +261,7 @@ def run_hawq(
 
     arch.apply(net)  # the chosen model, evaluated before any QAT
     net = accelerator.prepare(net)
-    with torch.no_grad():  # its first forward sets the activation steps: on a training batch, as QAT's does, not dev
-        net.eval()(**{k: v.to(accelerator.device) for k, v in batches[0].items()})
+    set_activation_steps(net, batches[0], accelerator.device)
     for s in sets:
         s.loader = accelerator.prepare(s.loader)
     results = evaluate_sets(net, sets, spec.name, accelerator)

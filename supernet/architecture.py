@@ -19,11 +19,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .files import follow_umask
 from .cost import FP32_BITS, MIB, CostEntry, Scope, SiteShape, Size, bitops, size
+from .files import follow_umask
 from .mixed import sites
 from .params import other_fp32_params
-from .quantizers import FLOAT_BITS, MIDRISE_BITS, WEIGHT_GRIDS, QuantMode, check_bits
+from .quantizers import MIDRISE_BITS, WEIGHT_GRIDS, QuantMode, check_bits, is_float_bits
 from .space import SiteKind
 
 FORMAT = "bert-mpq.architecture"
@@ -94,7 +94,7 @@ class Architecture:
             raise ValueError("an architecture names a site twice")
         if not names:
             raise ValueError("an architecture needs at least one site")
-        if not isinstance(self.scale_bits, int) or isinstance(self.scale_bits, bool) or self.scale_bits not in FLOAT_BITS:
+        if not is_float_bits(self.scale_bits):
             raise ValueError(f"scale_bits {self.scale_bits!r} is not a float width a step is stored in; use 16 or 32")
         if isinstance(self.other_params, bool) or not isinstance(self.other_params, int) or self.other_params < 0:
             raise ValueError(f"other_fp32_params {self.other_params!r} is not a count of parameters")

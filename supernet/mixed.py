@@ -92,8 +92,9 @@ class _Chooser(nn.Module):
         """Pin group g to the candidate with `bits[g]` bits."""
         if len(bits) != self.n_groups:
             raise ValueError(f"expected {self.n_groups} bit-widths (one per group), got {len(bits)}")
-        if any(isinstance(b, bool) or int(b) != b for b in bits):  # 2.5 would silently be 2
-            raise ValueError(f"bit-widths are whole numbers, got {[b for b in bits if isinstance(b, bool) or int(b) != b][:3]}")
+        odd = [b for b in bits if isinstance(b, bool) or int(b) != b]  # 2.5 would silently be 2
+        if odd:
+            raise ValueError(f"bit-widths are whole numbers, got {odd[:3]}")
         idx = [self.cands.index(int(b)) for b in bits]
         self.choice.copy_(torch.tensor(idx, dtype=torch.long))
         self._refresh()

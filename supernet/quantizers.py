@@ -43,6 +43,11 @@ WEIGHT_GRIDS = (QuantMode.SYMMETRIC, QuantMode.MIDRISE)  # the signed grids a we
 MIDRISE_BITS = 1  # the bit-width only the mid-rise grid has (a 1-bit signed integer grid is {-1, 0})
 
 
+def is_float_bits(value: object) -> bool:
+    """Whether `value` is a float width a value is stored in (16 or 32; not 16.0 or True)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value in FLOAT_BITS
+
+
 def half(mode: QuantMode) -> float:
     """The shift of a grid's levels from its integer codes: value = (code + half) * step (+ offset)."""
     return 0.5 if QuantMode(mode) is QuantMode.MIDRISE else 0.0

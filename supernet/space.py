@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Mapping, Optional, Sequence
 
-from .quantizers import FLOAT_BITS, MIDRISE_BITS, WEIGHT_GRIDS, CandidateSet, InitRule, QuantMode, check_bits
+from .quantizers import MIDRISE_BITS, WEIGHT_GRIDS, CandidateSet, InitRule, QuantMode, check_bits, is_float_bits
 
 
 class SiteKind(Enum):
@@ -84,7 +84,7 @@ class SearchSpace:
             g = getattr(self, name)
             if g is not None and (isinstance(g, bool) or not isinstance(g, int) or (g < 1 and g != -1)):
                 raise ValueError(f"space.{name}={g!r} is invalid; use a positive number of groups or -1 for one per row")
-        if not isinstance(self.scale_bits, int) or isinstance(self.scale_bits, bool) or self.scale_bits not in FLOAT_BITS:
+        if not is_float_bits(self.scale_bits):
             raise ValueError(f"space.scale_bits={self.scale_bits} is invalid; scales are stored as 16 or 32 bits")
         self.a_mode = QuantMode(self.a_mode)
         self.w_grid = QuantMode(self.w_grid)
