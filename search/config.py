@@ -228,6 +228,13 @@ class ArchOptimizer(_ValueStr):
     adam = "adam"  # DARTS's choice (betas 0.5, 0.999)
 
 
+class Derivation(_ValueStr):
+    """How a search whose argmax architecture exceeds the budget is brought within it (search/derive.py)."""
+
+    greedy = "greedy"  # move one group one candidate down at a time, least probability lost per bit saved first
+    exact = "exact"  # the most probable architecture within the budget (a multiple-choice knapsack on -log p)
+
+
 class AlphaInit(_ValueStr):
     """Where the search's architecture logits start."""
 
@@ -267,6 +274,7 @@ class SearchConfig:
     tau_end: float = 0.2
     size_weight: float = 1.0  # lambda of the size penalty
     penalty: Penalty = Penalty.log_ratio  # how the expected size meets budget.* (linear: no budget needed)
+    derivation: Derivation = Derivation.greedy  # how an argmax above the budget is repaired
     group_lasso: float = 0.0  # weight of the group-lasso term pushing groups toward 0 bits
     # weight of the second-order price of each candidate (empirical Fisher x squared quantization error;
     # bilevel.CurvatureTerm): 0 leaves it out, 1 is the loss's own second-order Taylor term

@@ -11,6 +11,14 @@ far each phase had to go, and how decided the search was: the median over groups
 probability, and the share of groups whose top candidate holds at least `DECIDED` of it. A search that has
 not decided (median top probability under `UNDECIDED`) leaves the architecture to the repair and fill
 heuristics, not to what the search learned; that gets a warning naming the settings that sharpen it.
+
+`exact=True` (search.derivation=exact) replaces the greedy repair with the most probable architecture within the
+budget: each group's candidates are valued at -log p and the multiple-choice knapsack of search/knapsack.py picks
+the least total, i.e. the largest product of the chosen candidates' probabilities (the factorised distribution's
+mode under the budget). The greedy repair moves one candidate at a time, so a group whose probability is split
+between its largest and its smallest candidate (say 0.5 at 4 bits, 0.4 at 1 bit) pays for the unlikely 3 and 2
+bits on the way down and is passed over; the knapsack moves it straight to 1 bit. The fill phase (argmax under the
+budget) is the same in both.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import heapq
 import logging
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,11 +35,14 @@ from supernet import Architecture, SiteArch, sites
 from supernet.cost import FP32_BITS
 
 from .budget import Budget
+from .knapsack import Knapsack
 
 log = logging.getLogger(__name__)
 
 DECIDED = 0.9  # a group's top candidate holding this much probability counts as decided
 UNDECIDED = 0.5  # below this median top probability the search is reported as undecided
+MIN_PROB = 1e-12  # probabilities are floored here before the exact derivation takes their log
+KNAPSACK_TIME_LIMIT = 10.0  # seconds for the exact derivation's integer program (search/knapsack.py)
 
 
 @dataclass
@@ -44,6 +56,8 @@ class DeriveReport:
     probability_lost: float = 0.0  # sum over moved groups of p(argmax) - p(final choice)
     median_top_prob: float | None = None  # over searched groups, the median probability of their top candidate
     decided_share: float | None = None  # share of searched groups whose top candidate holds >= DECIDED
+    exact: bool = False  # the repair was the knapsack's most probable architecture, not the greedy moves
+    optimality_gap: float | None = None  # exact only: the knapsack's proven relative gap in -log probability
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,9 +82,10 @@ def decidedness(probs: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> tuple
 
 
 def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
-           scale_bits: int = FP32_BITS) -> tuple[Architecture, DeriveReport]:
-    """Argmax architecture of `model`, repaired down to `budget` and (with `fill`) filled up to it; sizes count
-    each group's step at `scale_bits` (space.scale_bits)."""
+           scale_bits: int = FP32_BITS, exact: bool = False) -> tuple[Architecture, DeriveReport]:
+    """Argmax architecture of `model`, repaired down to `budget` (greedily, or with `exact` the most probable
+    architecture that fits) and (with `fill`) filled up to it; sizes count each group's step at `scale_bits`
+    (space.scale_bits)."""
     arch = Architecture.from_supernet(model, scale_bits)
     probs = candidate_probs(model)
     median, share = decidedness(probs)
@@ -81,7 +96,8 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
     if budget is None:
         return arch, DeriveReport(None, None, None, None, median_top_prob=median, decided_share=share)
     start = budget.of(arch)
-    report = DeriveReport(start, start, budget.target, budget.unit, median_top_prob=median, decided_share=share)
+    report = DeriveReport(start, start, budget.target, budget.unit, median_top_prob=median, decided_share=share,
+                          exact=exact)
     if budget.fits(arch) and not fill:
         return arch, report
 
@@ -121,7 +137,22 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
             choice[name][g] = j
             _offer(heap, name, g, j, direction, p, price, col)
 
-    if total > target:
+    if total > target and exact:
+        lo = constant + sum(float(prices[name][1].min()) * len(choice[name]) for name in choice)
+        if lo > target:
+            raise ValueError(f"cannot fit budget {budget}: every group is already at its fewest bits")
+        best = _most_probable(choice, columns, probs, prices, constant, budget.target)
+        report.optimality_gap = best.gap
+        for name, new in zip(choice, best.choice):
+            p, col = probs[name][1], columns[name]
+            for g, (i, j) in enumerate(zip(choice[name], new.tolist())):
+                if i != j:
+                    report.probability_lost += float(p[g, col[i]] - p[g, col[j]])
+                    report.downgraded_groups += j < i
+                    report.upgraded_groups += j > i
+            choice[name] = new.tolist()
+        total = best.cost
+    elif total > target:
         move(-1)
         if total > target:
             raise ValueError(f"cannot fit budget {budget}: every group is already at its fewest bits")
@@ -133,10 +164,22 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
     report.final = budget.of(result)
     if not budget.fits(result):  # the linear prices and the cost model disagree: a bug, not bad input
         raise AssertionError(f"derivation reached {report.final} against {budget.target}")
-    log.info("derive: argmax %.4g -> %.4g %s (budget %.4g): %d groups downgraded, %d upgraded, probability lost %.3f",
-             start, report.final, budget.unit, budget.target, report.downgraded_groups, report.upgraded_groups,
-             report.probability_lost)
+    log.info("derive%s: argmax %.4g -> %.4g %s (budget %.4g): %d groups downgraded, %d upgraded, probability lost %.3f%s",
+             " (exact)" if exact else "", start, report.final, budget.unit, budget.target, report.downgraded_groups,
+             report.upgraded_groups, report.probability_lost,
+             "" if report.optimality_gap is None else f", optimality gap {report.optimality_gap:.2g}")
     return result, report
+
+
+def _most_probable(choice: dict[str, list[int]], columns: dict[str, list[int]], probs, prices, constant: float,
+                   target: float):
+    """The knapsack allocation of least total -log p (the largest product of probabilities) costing <= target."""
+    names = tuple(choice)
+    sack = Knapsack(
+        names=names, bits=tuple(tuple(prices[n][0]) for n in names),
+        values=tuple(-np.log(np.clip(probs[n][1][:, columns[n]].numpy(), MIN_PROB, None)) for n in names),
+        prices=tuple(prices[n][1].numpy() for n in names), constant=constant)
+    return sack.allocate(target, KNAPSACK_TIME_LIMIT)
 
 
 def _offer(heap, name: str, g: int, i: int, direction: int, p: torch.Tensor, price: torch.Tensor, col: list[int]) -> None:

@@ -23,7 +23,7 @@ from supernet import Architecture, SearchSpace, param_sets, sites
 
 from .bilevel import BilevelStep, CurvatureTerm, SizeTerm, task_loss
 from .budget import Budget, Penalty, site_candidates, start_at_budget
-from .config import AlphaInit, ArchOptimizer, BudgetConfig, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
+from .config import AlphaInit, ArchOptimizer, BudgetConfig, Derivation, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
 from .data import make_loader, split_for_search
 from .derive import candidate_probs, derive
 from .errors import UserError
@@ -141,7 +141,7 @@ def run_search(
         teacher.save()
 
     supernet = accelerator.unwrap_model(net)
-    arch, report = derive(supernet, budget, scale_bits=space.scale_bits)
+    arch, report = derive(supernet, budget, scale_bits=space.scale_bits, exact=cfg.derivation is Derivation.exact)
     probs = {name: {"bits": list(bits), "probs": [[round(v, 4) for v in row] for row in p.tolist()]}
              for name, (bits, p) in candidate_probs(supernet).items()}
     summary = arch.summary()

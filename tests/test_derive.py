@@ -212,3 +212,59 @@ def test_start_probs_interpolate_between_the_bracketing_candidates():
     assert start_probs([2, 4], 1.0, 0.0).tolist() == [1, 0]
     assert start_probs([2, 4], 9.0, 0.0).tolist() == [0, 1]
     assert float(start_probs([0, 2, 4, 8], 2.5, 0.01).sum()) == pytest.approx(1)
+
+
+def _log_prob(model, arch) -> float:
+    """Sum over groups of log p(chosen candidate): the log-probability of `arch` under the search's distribution."""
+    probs = candidate_probs(model)
+    return sum(float(torch.log(probs[n][1][g, probs[n][0].index(b)])) for n, s in arch for g, b in enumerate(s.bits))
+
+
+@pytest.mark.parametrize("avg_bits", [1.0, 1.5, 2.0, 3.0])  # the argmax is at 3.36 bits
+def test_exact_derivation_is_the_most_probable_architecture_within_the_budget(tiny_cfg, avg_bits):
+    model = _supernet(tiny_cfg, seed=3)
+    budget = Budget(avg_bits=avg_bits)
+    greedy, _ = derive(model, budget)
+    exact, report = derive(model, budget, exact=True)
+    assert budget.fits(exact) and report.exact and report.final <= avg_bits + 1e-9
+    assert report.optimality_gap is not None and report.optimality_gap < 1e-6  # a tiny model: solved to optimality
+    # at least as probable as the greedy repair's choice, which is also within the budget
+    assert _log_prob(model, exact) >= _log_prob(model, greedy) - 1e-9
+    moved = sum(a != b for (_, sa), (_, sb) in zip(Architecture.from_supernet(model), exact)
+                for a, b in zip(sa.bits, sb.bits))
+    assert report.downgraded_groups + report.upgraded_groups == moved > 0
+
+
+def test_exact_derivation_moves_a_split_group_past_its_unlikely_middle_candidates(tiny_cfg):
+    """One site's groups split their probability between 8 bits (0.5) and pruning (0.4); every other site is
+    fairly sure of 8 bits (0.7). The budget asks for half of one group's step from 8 to 4 bits. The greedy repair
+    takes the cheapest step per bit, a split group's 8 -> 4 (0.45 lost), and stops there, at a candidate of
+    probability 0.05; the exact derivation prunes that group instead (0.1 lost), the more probable architecture."""
+    model = _supernet(tiny_cfg)
+    split = sorted(name for name, site in sites(model) if len(site.wq.cands.bits) > 1)[0]
+    with torch.no_grad():
+        for name, site in sites(model):
+            if site.wq.alpha is not None:
+                p = [0.4, 0.05, 0.05, 0.5] if name == split else [0.1, 0.1, 0.1, 0.7]
+                site.wq.alpha.copy_(torch.tensor(p).log())
+    argmax = Architecture.from_supernet(model)
+    assert argmax.avg_bits("encoder") == 8.0
+    budget = Budget(avg_bits=8.0 - 2 * dict(argmax)[split].group_numel / argmax.size("encoder").weights)
+    greedy, g_report = derive(model, budget)
+    exact, e_report = derive(model, budget, exact=True)
+    assert sorted(dict(greedy)[split].bits)[:2] == [4, 8] and g_report.downgraded_groups == 1
+    assert sorted(dict(exact)[split].bits)[:2] == [0, 8] and e_report.downgraded_groups == 1
+    assert all(s.bits == dict(argmax)[n].bits for n, s in exact if n != split)
+    assert e_report.probability_lost == pytest.approx(0.1) and g_report.probability_lost == pytest.approx(0.45)
+    assert _log_prob(model, exact) > _log_prob(model, greedy)
+
+
+def test_exact_derivation_reports_an_unreachable_budget_and_leaves_a_fitting_argmax_to_the_fill(tiny_cfg):
+    model = _supernet(tiny_cfg)
+    no_prune = SearchSpace(w_bits=[2, 4, 8], groups=4, a_bits=[8], embedding_bits=[8], embedding_groups=4)
+    torch.manual_seed(0)
+    strict = to_supernet(BertForSequenceClassification(tiny_cfg), no_prune)
+    with pytest.raises(ValueError, match="every group is already at its fewest bits"):
+        derive(strict, Budget(avg_bits=1.0), exact=True)
+    # under the budget: exact and greedy share the fill
+    assert derive(model, Budget(avg_bits=6.0), exact=True)[0] == derive(model, Budget(avg_bits=6.0))[0]

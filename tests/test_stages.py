@@ -231,6 +231,16 @@ def test_a_search_prices_and_writes_steps_at_space_scale_bits(env, tmp_path):  #
     assert _metrics(run_dir)["architecture"]["encoder_mb"] == round(arch.size_mb("encoder"), 4)
 
 
+def test_search_derivation_exact_reaches_the_derivation(env, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "s"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=2", "search.derivation=exact", "max_steps=2"),
+                     run_dir) == 0
+    derived = _metrics(run_dir)["derive"]
+    assert derived["exact"] is True and derived["final"] <= 2.0
+    assert Architecture.load(run_dir / "architecture.json").avg_bits("encoder") <= 2.0
+    assert OmegaConf.load(run_dir / "config.yaml").search.derivation == "exact"
+
+
 def test_an_interrupted_search_resumes_to_the_result_of_an_uninterrupted_one(env, tmp_path, monkeypatch, caplog):  # noqa: F811
     # 12 steps over two epochs of the architecture half (3 batches each), the first architecture step at step 1
     overrides = ("stage=search", "budget.avg_bits=3", "search.epochs=4", "max_steps=12", "search.checkpoint_every=4",
