@@ -121,16 +121,14 @@ def _check_space(model: nn.Module, space: SearchSpace) -> None:
     for name, site in sites(model):
         want = {SiteKind.ENCODER: space.weight_candidates, SiteKind.EMBEDDING: space.embedding_candidates,
                 SiteKind.HEAD: space.head_candidates}[site.kind]()
-        if site.wq.cands != want:
-            raise ValueError(f"{name} was converted with weight candidates {list(site.wq.cands.bits)} on the "
-                             f"{site.wq.cands.mode.name} grid, the space given offers {list(want.bits)} on the "
-                             f"{want.mode.name} grid; pack with the space the model was converted with")
-        acts = site.aq.cands if site.aq is not None else None
-        if acts is not None and acts != space.activation_candidates():
-            theirs = space.activation_candidates()
-            raise ValueError(f"{name}'s input was converted with {list(acts.bits)} bits on the {acts.mode.name} grid, "
-                             f"the space given has {list(theirs.bits)} on the {theirs.mode.name} grid; pack with the "
-                             f"space the model was converted with")
+        checks = [(f"{name} was converted with weight candidates", site.wq.cands, want)]
+        if site.aq is not None:
+            checks.append((f"{name}'s input was converted with", site.aq.cands, space.activation_candidates()))
+        for what, have, given in checks:
+            if have != given:
+                raise ValueError(f"{what} {list(have.bits)} bits on the {have.mode.name} grid, the space given offers "
+                                 f"{list(given.bits)} on the {given.mode.name} grid; pack with the space the model "
+                                 f"was converted with")
 
 
 @torch.no_grad()

@@ -274,7 +274,7 @@ def test_what_would_not_reload_as_the_same_model_is_refused_before_writing(tmp_p
         save_packed(model, arch, SPACE, tmp_path / "unset")  # placeholder steps of 1.0, set by the first forward
     model(**_inputs())
     other_grid = dataclasses.replace(SPACE, a_mode=QuantMode.UNSIGNED)
-    with pytest.raises(ValueError, match="input was converted with .* ASYMMETRIC grid, the space given has .* UNSIGNED"):
+    with pytest.raises(ValueError, match="input was converted with .* ASYMMETRIC grid, the space given offers .* UNSIGNED"):
         save_packed(model, arch, other_grid, tmp_path / "grid")
     with pytest.raises(ValueError, match="was converted with weight candidates"):
         save_packed(model, arch, dataclasses.replace(SPACE, w_bits=[8]), tmp_path / "bits")
