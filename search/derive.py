@@ -113,6 +113,14 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
         choice[name] = [sorted_cands.index(b) for b in site.bits]
         total += float(price[choice[name]].sum())
 
+    def record(name: str, g: int, j: int) -> None:
+        """Move group g of site `name` to sorted candidate j, counting the move and the probability it costs."""
+        i, p, col = choice[name][g], probs[name][1], columns[name]
+        report.probability_lost += float(p[g, col[i]] - p[g, col[j]])
+        report.downgraded_groups += j < i
+        report.upgraded_groups += j > i
+        choice[name][g] = j
+
     def move(direction: int) -> None:
         """Greedy moves by one candidate in `direction`, cheapest probability per unit of price first."""
         nonlocal total
@@ -129,29 +137,19 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
             if direction > 0 and total + delta > target:
                 continue  # does not fit; a cheaper move elsewhere still may
             total += delta
-            report.probability_lost += float(p[g, col[i]] - p[g, col[j]])
-            if direction < 0:
-                report.downgraded_groups += 1
-            else:
-                report.upgraded_groups += 1
-            choice[name][g] = j
+            record(name, g, j)
             _offer(heap, name, g, j, direction, p, price, col)
 
     if total > target and exact:
-        lo = constant + sum(float(prices[name][1].min()) * len(choice[name]) for name in choice)
-        if lo > target:
+        sack = _probability_knapsack(choice, columns, probs, prices, constant)
+        if sack.bounds()[0] > target:
             raise ValueError(f"cannot fit budget {budget}: every group is already at its fewest bits")
-        best = _most_probable(choice, columns, probs, prices, constant, budget.target)
+        best = sack.allocate(budget.target, KNAPSACK_TIME_LIMIT)
         report.optimality_gap = best.gap
-        for name, new in zip(choice, best.choice):
-            p, col = probs[name][1], columns[name]
-            for g, (i, j) in enumerate(zip(choice[name], new.tolist())):
-                if i != j:
-                    report.probability_lost += float(p[g, col[i]] - p[g, col[j]])
-                    report.downgraded_groups += j < i
-                    report.upgraded_groups += j > i
-            choice[name] = new.tolist()
-        total = best.cost
+        for name, new in zip(sack.names, best.choice):
+            for g, j in enumerate(new.tolist()):
+                if j != choice[name][g]:
+                    record(name, g, j)
     elif total > target:
         move(-1)
         if total > target:
@@ -171,15 +169,15 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
     return result, report
 
 
-def _most_probable(choice: dict[str, list[int]], columns: dict[str, list[int]], probs, prices, constant: float,
-                   target: float):
-    """The knapsack allocation of least total -log p (the largest product of probabilities) costing <= target."""
+def _probability_knapsack(choice: dict[str, list[int]], columns: dict[str, list[int]], probs, prices,
+                          constant: float) -> Knapsack:
+    """The knapsack whose least total value within a budget is the most probable architecture: every candidate
+    valued at -log p, so the least sum is the largest product of the chosen candidates' probabilities."""
     names = tuple(choice)
-    sack = Knapsack(
+    return Knapsack(
         names=names, bits=tuple(tuple(prices[n][0]) for n in names),
         values=tuple(-np.log(np.clip(probs[n][1][:, columns[n]].numpy(), MIN_PROB, None)) for n in names),
         prices=tuple(prices[n][1].numpy() for n in names), constant=constant)
-    return sack.allocate(target, KNAPSACK_TIME_LIMIT)
 
 
 def _offer(heap, name: str, g: int, i: int, direction: int, p: torch.Tensor, price: torch.Tensor, col: list[int]) -> None:
