@@ -51,8 +51,10 @@ class DeriveReport:
     final: float | None
     target: float | None
     unit: str | None
+    # one-candidate steps down and up (greedy takes one per move; a group moved from 4 to 1 bits counts 3 steps)
     downgraded_groups: int = 0
     upgraded_groups: int = 0
+    moved_groups: int = 0  # groups whose final bits differ from their argmax's
     probability_lost: float = 0.0  # sum over moved groups of p(argmax) - p(final choice)
     median_top_prob: float | None = None  # over searched groups, the median probability of their top candidate
     decided_share: float | None = None  # share of searched groups whose top candidate holds >= DECIDED
@@ -117,8 +119,8 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
         """Move group g of site `name` to sorted candidate j, counting the move and the probability it costs."""
         i, p, col = choice[name][g], probs[name][1], columns[name]
         report.probability_lost += float(p[g, col[i]] - p[g, col[j]])
-        report.downgraded_groups += j < i
-        report.upgraded_groups += j > i
+        report.downgraded_groups += max(i - j, 0)
+        report.upgraded_groups += max(j - i, 0)
         choice[name][g] = j
 
     def move(direction: int) -> None:
@@ -160,11 +162,12 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
     result = dataclasses.replace(
         arch, sites=tuple((name, _with_bits(site, [prices[name][0][i] for i in choice[name]])) for name, site in arch))
     report.final = budget.of(result)
+    report.moved_groups = sum(a != b for (_, s0), (_, s1) in zip(arch, result) for a, b in zip(s0.bits, s1.bits))
     if not budget.fits(result):  # the linear prices and the cost model disagree: a bug, not bad input
         raise AssertionError(f"derivation reached {report.final} against {budget.target}")
-    log.info("derive%s: argmax %.4g -> %.4g %s (budget %.4g): %d groups downgraded, %d upgraded, probability lost %.3f%s",
-             " (exact)" if exact else "", start, report.final, budget.unit, budget.target, report.downgraded_groups,
-             report.upgraded_groups, report.probability_lost,
+    log.info("derive%s: argmax %.4g -> %.4g %s (budget %.4g): %d groups moved, %d candidate steps down, %d up, "
+             "probability lost %.3f%s", " (exact)" if exact else "", start, report.final, budget.unit, budget.target,
+             report.moved_groups, report.downgraded_groups, report.upgraded_groups, report.probability_lost,
              "" if report.optimality_gap is None else f", optimality gap {report.optimality_gap:.2g}")
     return result, report
 

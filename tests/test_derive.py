@@ -63,6 +63,8 @@ def test_derivation_repairs_to_the_budget(tiny_cfg, avg_bits, fills):
         # only downgrades: no group ends with more bits than its argmax
         for (name, a), (_, b) in zip(argmax, arch):
             assert all(x >= y for x, y in zip(a.bits, b.bits))
+    changed = sum(x != y for (_, a), (_, b) in zip(argmax, arch) for x, y in zip(a.bits, b.bits))
+    assert 0 < report.moved_groups == changed <= report.downgraded_groups + report.upgraded_groups
     assert Architecture.from_json(arch.to_json()) == arch
 
 
@@ -230,9 +232,12 @@ def test_exact_derivation_is_the_most_probable_architecture_within_the_budget(ti
     assert report.optimality_gap is not None and report.optimality_gap < 1e-6  # a tiny model: solved to optimality
     # at least as probable as the greedy repair's choice, which is also within the budget
     assert _log_prob(model, exact) >= _log_prob(model, greedy) - 1e-9
-    moved = sum(a != b for (_, sa), (_, sb) in zip(Architecture.from_supernet(model), exact)
-                for a, b in zip(sa.bits, sb.bits))
-    assert report.downgraded_groups + report.upgraded_groups == moved > 0
+    probs = candidate_probs(model)
+    changed = [(sorted(probs[n][0]), a, b) for (n, sa), (_, sb) in zip(Architecture.from_supernet(model), exact)
+               for a, b in zip(sa.bits, sb.bits) if a != b]
+    assert report.moved_groups == len(changed) > 0
+    # the counts are one-candidate steps, as the greedy repair's moves are
+    assert report.downgraded_groups + report.upgraded_groups == sum(abs(c.index(a) - c.index(b)) for c, a, b in changed)
 
 
 def test_exact_derivation_moves_a_split_group_past_its_unlikely_middle_candidates(tiny_cfg):
@@ -252,8 +257,10 @@ def test_exact_derivation_moves_a_split_group_past_its_unlikely_middle_candidate
     budget = Budget(avg_bits=8.0 - 2 * dict(argmax)[split].group_numel / argmax.size("encoder").weights)
     greedy, g_report = derive(model, budget)
     exact, e_report = derive(model, budget, exact=True)
-    assert sorted(dict(greedy)[split].bits)[:2] == [4, 8] and g_report.downgraded_groups == 1
-    assert sorted(dict(exact)[split].bits)[:2] == [0, 8] and e_report.downgraded_groups == 1
+    assert sorted(dict(greedy)[split].bits)[:2] == [4, 8] and g_report.downgraded_groups == 1 == g_report.moved_groups
+    # one group moved, three candidates down (8 -> 4 -> 2 -> 0)
+    assert sorted(dict(exact)[split].bits)[:2] == [0, 8] and e_report.moved_groups == 1
+    assert e_report.downgraded_groups == 3 and e_report.upgraded_groups == 0
     assert all(s.bits == dict(argmax)[n].bits for n, s in exact if n != split)
     assert e_report.probability_lost == pytest.approx(0.1) and g_report.probability_lost == pytest.approx(0.45)
     assert _log_prob(model, exact) > _log_prob(model, greedy)

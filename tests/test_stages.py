@@ -244,9 +244,9 @@ def test_search_derivation_exact_reaches_the_derivation(env, tmp_path):  # noqa:
     # the tool that tabulates searches names the derivation and what it cost
     out = subprocess.run([sys.executable, "tools/search_decidedness.py", str(run_dir)], cwd=CONF_DIR.parent,
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    assert "derivation: groups moved, probability lost" in out[0]
-    moved = derived["upgraded_groups"] + derived["downgraded_groups"]
-    assert f"| exact: {moved}, {derived['probability_lost']:.1f} |" in out[2]
+    assert "derivation: groups moved in candidate steps, probability lost" in out[0]
+    steps = derived["upgraded_groups"] + derived["downgraded_groups"]
+    assert f"| exact: {derived['moved_groups']} in {steps} steps, {derived['probability_lost']:.1f} |" in out[2]
 
 
 def test_an_interrupted_search_resumes_to_the_result_of_an_uninterrupted_one(env, tmp_path, monkeypatch, caplog):  # noqa: F811

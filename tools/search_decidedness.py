@@ -5,8 +5,9 @@ repair and fill, not to what it learned. For each `search/` run directory (its c
 metrics.json, and `../qat/metrics.json` when a QAT of it sits beside it, as stage=compare and
 stage=pipeline lay them out) this prints, as a markdown table: the logit optimiser and temperatures, the
 median probability of each searched group's top candidate and the share of groups at >= 0.9, the
-argmax architecture's size against the budget, how derivation (search.derivation) moved groups and how much
-probability that cost (the sum over moved groups of p(argmax) - p(chosen)), pruned groups, and the
+argmax architecture's size against the budget, how derivation (search.derivation) moved groups (groups changed
+and one-candidate steps; runs from before the report counted groups show the steps alone) and how much probability
+that cost (the sum over moved groups of p(argmax) - p(chosen)), pruned groups, and the
 metric before and after QAT. `--choices` adds the start (search.alpha_init), the curvature weight and the
 number of encoder groups at each bit-width of the derived architecture.
 
@@ -53,7 +54,8 @@ def row(run: Path, with_choices: bool = False) -> str:
     return (f"| `{run}` | {cfg['arch_optimizer']} {cfg['arch_lr']:g} | {cfg['tau_start']:g} -> {cfg['tau_end']:g} | "
             f"{cfg['epochs']:g} | {median:.2f} | {100 * share:.0f}% | "
             f"{d['argmax']:.3f} / {d['target']:g} {d['unit']} | {cfg.get('derivation', 'greedy')}: "
-            f"{d['upgraded_groups'] + d['downgraded_groups']}, {d['probability_lost']:.1f} | "
+            f"{'' if d.get('moved_groups') is None else str(d['moved_groups']) + ' in '}"
+            f"{d['upgraded_groups'] + d['downgraded_groups']} steps, {d['probability_lost']:.1f} | "
             f"{arch['pruned_groups']} of {searched} | {main['name']} {main['value']:.2f} | {qat} |"
             + (choices(run, cfg) if with_choices else ""))
 
@@ -72,7 +74,7 @@ def main() -> None:
             raise SystemExit(f"error: {run} is not a finished search run ({type(e).__name__}: {e}); "
                              f"re-run it or leave it out")
     print(f"| search run | logits | temperature | epochs | median top probability | groups decided (>= {DECIDED}) | "
-          f"argmax / budget | derivation: groups moved, probability lost | pruned groups | derived, before QAT | after QAT |{extra}")
+          f"argmax / budget | derivation: groups moved in candidate steps, probability lost | pruned groups | derived, before QAT | after QAT |{extra}")
     print("|---" * (11 + 3 * args.choices) + "|")
     print("\n".join(lines))
 
