@@ -228,12 +228,32 @@ def _find(points: Sequence[Point], method: Kind, budget: float | None) -> Point 
 def target_met(points: Sequence[Point], budget: float) -> bool | None:
     """Issue #6's target at `budget`: the searched median at least HAWQ-V2's at <= 4 bits; at <= 2.5 bits at
     least 1 point above HAWQ-V2's and further above uniform QAT's. None when there is nothing to judge."""
-    s, hawq, uni = (_find(points, k, budget) for k in (Kind.searched, Kind.hawq, Kind.uniform))
-    if s is None or hawq is None or budget > 4:
+    s, need = _find(points, Kind.searched, budget), target_needs(points, budget)
+    return None if s is None or need is None else s.median >= need
+
+
+def target_needs(points: Sequence[Point], budget: float) -> float | None:
+    """The lowest searched median that would meet issue #6's target at `budget` against these baselines (`target_met`):
+    HAWQ-V2's median at <= 4 bits, 1 point above it at <= 2.5 bits; infinity where no searched score can meet it
+    (at <= 2.5 bits uniform QAT is at or above HAWQ-V2, so the lead over uniform cannot be the larger one); NaN
+    where HAWQ-V2's metric is not a number. None when there is nothing to judge."""
+    hawq, uni = (_find(points, k, budget) for k in (Kind.hawq, Kind.uniform))
+    if hawq is None or budget > 4:
         return None
+    if math.isnan(hawq.median):
+        return math.nan
     if budget <= 2.5:
-        return s.median >= hawq.median + 1 and (uni is None or uni.median < hawq.median)
-    return s.median >= hawq.median
+        return hawq.median + 1 if uni is None or uni.median < hawq.median else math.inf
+    return hawq.median
+
+
+def _needs(need: float | None) -> str:
+    """`target_needs` in words."""
+    if need is None:
+        return "-"
+    if math.isnan(need):
+        return "not comparable (HAWQ-V2's metric is not a number)"
+    return "out of reach (uniform >= HAWQ-V2)" if math.isinf(need) else f"{need:.2f}"
 
 
 def verdict(points: Sequence[Point]) -> list[str]:
@@ -256,6 +276,8 @@ def verdict(points: Sequence[Point]) -> list[str]:
                 parts.append(f"{abs(delta):.2f} points {word} {base.value}" if delta else f"equal to {base.value}")
         target = target_met(points, budget)
         met = "" if target is None else (" - target met" if target else " - **target not met**")
+        if target is False:
+            met += f" (searched needs: {_needs(target_needs(points, budget))})"
         lines.append(f"- {budget:g} bits ({s.seeds} seed{'s' * (s.seeds != 1)}): searched {s.metric_name} "
                      f"{s.median:.2f}, {'; '.join(parts) or 'no baseline'}{met}.")
     return lines
@@ -264,6 +286,7 @@ def verdict(points: Sequence[Point]) -> list[str]:
 STANDINGS_COLUMNS = ["task", "budget (bits)", "FP32", "searched", "HAWQ-V2", "uniform", "searched - HAWQ-V2",
                      "searched - uniform", "target", "seeds"]
 SEEDS_AHEAD_COLUMNS = ["seeds ahead of HAWQ-V2", "seeds ahead of uniform"]
+NEEDS_COLUMNS = ["searched needs"]
 
 
 def seeds_ahead(rows: Sequence[Row], budget: float, base: Kind) -> tuple[int, int] | None:
@@ -280,11 +303,12 @@ def seeds_ahead(rows: Sequence[Row], budget: float, base: Kind) -> tuple[int, in
     return sum(searched[s] > other[s] for s in shared), len(shared)
 
 
-def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False) -> str:
+def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False, needs: bool = False) -> str:
     """One markdown table over several tasks' comparisons (each task's runs, as `collect` reads them): per task
     and budget the median metric of FP32 and of every method, the searched model's lead over each baseline
     (negative: it loses) and issue #6's target. With `by_seed` two more columns say on how many seeds the
-    searched model is ahead of each baseline, paired by seed (`seeds_ahead`)."""
+    searched model is ahead of each baseline, paired by seed (`seeds_ahead`). With `needs` one more says which
+    searched median would meet the target (`target_needs`), or that none can."""
 
     def cell(p: Point | None) -> str:
         return "-" if p is None else f"{p.median:.2f}"
@@ -296,7 +320,7 @@ def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False)
         found = seeds_ahead(task_rows, budget, base)
         return "-" if found is None else f"{found[0]}/{found[1]}"
 
-    columns = STANDINGS_COLUMNS + (SEEDS_AHEAD_COLUMNS if by_seed else [])
+    columns = STANDINGS_COLUMNS + (SEEDS_AHEAD_COLUMNS if by_seed else []) + (NEEDS_COLUMNS if needs else [])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for task, rows in tasks:
         points = aggregate(rows)
@@ -310,6 +334,8 @@ def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False)
                       "/".join(map(str, seeds))]
             if by_seed:
                 values += [ahead(rows, budget, Kind.hawq), ahead(rows, budget, Kind.uniform)]
+            if needs:
+                values.append(_needs(target_needs(points, budget)))
             lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 

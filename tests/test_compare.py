@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -159,20 +160,26 @@ def test_a_metric_that_is_not_a_number_is_said_so(tmp_path):
     (line,) = verdict(points)
     assert "not comparable with hawq (a metric is not a number)" in line and "target not met" in line
     assert "equal to" not in line
+    hawq = next(p for p in points if p.method is Kind.hawq)
+    nan_hawq = [p if p is not hawq else dataclasses.replace(hawq, median=math.nan) for p in points]
+    (line,) = verdict([p if p.method is not Kind.searched else dataclasses.replace(p, median=80.0) for p in nan_hawq])
+    assert "target not met** (searched needs: not comparable (HAWQ-V2's metric is not a number))" in line
 
 
 @pytest.mark.parametrize("searched, hawq, uniform, budget, expected", [
     (81.0, 80.5, 79.0, 3, "target met"),  # <= 4 bits: at least HAWQ-V2
-    (80.0, 80.5, 79.0, 3, "target not met"),
-    (81.0, 80.5, 79.0, 2, "target not met"),  # <= 2.5 bits: +1 over HAWQ-V2 needed
+    (80.0, 80.5, 79.0, 3, "target not met** (searched needs: 80.50)"),
+    (81.0, 80.5, 79.0, 2, "target not met** (searched needs: 81.50)"),  # <= 2.5 bits: +1 over HAWQ-V2 needed
     (82.0, 80.5, 79.0, 2, "target met"),
-    (82.0, 80.5, 81.0, 2, "target not met"),  # and more over uniform than over HAWQ-V2
+    (82.0, 80.5, 81.0, 2, "target not met** (searched needs: out of reach (uniform >= HAWQ-V2))"),  # and more over
+    (90.0, 80.5, 80.5, 2, "target not met** (searched needs: out of reach"),  # uniform than over HAWQ-V2
     (70.0, 80.0, 60.0, 6, "10.00 points below hawq"),  # above 4 bits: no target, still the plain numbers
 ])
 def test_verdict_states_wins_and_losses_plainly(tmp_path, searched, hawq, uniform, budget, expected):
     _tree(tmp_path, {("qat", budget, 1): searched, ("hawq_qat", budget, 1): hawq, (f"uniform{budget}", budget, 1): uniform})
     (line,) = verdict(aggregate(collect([tmp_path])))
     assert expected in line
+    assert ("needs" in line) == ("not met" in line)
     if budget > 4:
         assert "target" not in line
 
@@ -226,6 +233,16 @@ def test_standings_tool_puts_every_task_budget_and_lead_in_one_table(tmp_path):
     assert out[0].endswith("| seeds | seeds ahead of HAWQ-V2 | seeds ahead of uniform |")
     assert out[2].endswith("| 3/4 | 3/3 | 2/3 |") and out[4].endswith("| 1 | - | - |")
     assert out[3].endswith("| 1 | 0/1 | - |")
+    out = subprocess.run([*tool, "--needs", f"T1={tmp_path}/a*", f"T2={tmp_path}/b"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].endswith("| seeds | searched needs |")
+    # T1: HAWQ-V2 80.50 over a1-a3, uniform 79.00; T2: HAWQ-V2 71.00 at 4 bits, no HAWQ-V2 at 2 bits
+    assert [line.rsplit("|", 2)[1].strip() for line in out[2:]] == ["81.50", "71.00", "-"]
+    _tree(tmp_path / "e", {("qat", 2, 1): 90.0, ("hawq_qat", 2, 1): 80.0, ("uniform2", 2, 1): 80.0})
+    out = subprocess.run([*tool, "--needs", "--seeds-ahead", f"T6={tmp_path}/e"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[2] == ("| T6 (f1) | 2 | 85.00 | 90.00 | 80.00 | 80.00 | +10.00 | +10.00 | **not met** | 1 | 1/1 | 1/1 "
+                      "| out of reach (uniform >= HAWQ-V2) |")
     _metrics(tmp_path / "c" / "b2" / "s1" / "qat", 80.0)
     (tmp_path / "c" / "b2" / "s1" / "qat" / "metrics.json").write_text("{}")  # in the layout, not a finished run's
     _metrics(tmp_path / "d" / "fp32", 85.0)  # a comparison whose quantized runs have not finished yet

@@ -7,7 +7,8 @@ writes them; see search/comparison.py). Per task and budget it prints the median
 model, HAWQ-V2 and uniform QAT over the seeds found, the searched model's lead over each baseline (negative
 where it loses) and whether issue #6's target holds (>= HAWQ-V2 at <= 4 bits; at <= 2.5 bits +1 point over
 HAWQ-V2 and more over uniform). `--seeds-ahead` adds, per baseline, on how many seeds the searched model
-scores higher than it, paired by seed (k/n). A pattern that matches no directory, a task with no finished
+scores higher than it, paired by seed (k/n); `--needs` the searched median that would meet the target against
+these baselines, or "out of reach" where uniform is at or above HAWQ-V2 at <= 2.5 bits. A pattern that matches no directory, a task with no finished
 quantized run, or runs that cannot be pooled (two results for one method, budget and seed; two tasks) are errors.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main() -> int:
     p.add_argument("tasks", nargs="+", metavar="NAME=GLOB[,GLOB...]")
     p.add_argument("--seeds-ahead", action="store_true",
                    help="add the seeds on which the searched model is ahead of each baseline (paired by seed)")
+    p.add_argument("--needs", action="store_true",
+                   help="add the searched median that would meet #6's target, or 'out of reach' where uniform >= HAWQ-V2")
     args = p.parse_args()
     tasks = []
     for spec in args.tasks:
@@ -50,7 +53,7 @@ def main() -> int:
                   file=sys.stderr)
             return 2
         tasks.append((name, rows))
-    print(standings(tasks, by_seed=args.seeds_ahead), end="")
+    print(standings(tasks, by_seed=args.seeds_ahead, needs=args.needs), end="")
     return 0
 
 
