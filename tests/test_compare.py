@@ -171,8 +171,9 @@ def test_a_metric_that_is_not_a_number_is_said_so(tmp_path):
     (80.0, 80.5, 79.0, 3, "target not met** (searched needs: 80.50)"),
     (81.0, 80.5, 79.0, 2, "target not met** (searched needs: 81.50)"),  # <= 2.5 bits: +1 over HAWQ-V2 needed
     (82.0, 80.5, 79.0, 2, "target met"),
-    (82.0, 80.5, 81.0, 2, "target not met** (searched needs: out of reach (uniform >= HAWQ-V2))"),  # and more over
-    (90.0, 80.5, 80.5, 2, "target not met** (searched needs: out of reach"),  # uniform than over HAWQ-V2
+    # and more over uniform than over HAWQ-V2: with uniform at or above HAWQ-V2 no searched score meets it
+    (82.0, 80.5, 81.0, 2, "target not met** (searched needs: out of reach (uniform >= HAWQ-V2))"),
+    (90.0, 80.5, 80.5, 2, "target not met** (searched needs: out of reach"),
     (70.0, 80.0, 60.0, 6, "10.00 points below hawq"),  # above 4 bits: no target, still the plain numbers
 ])
 def test_verdict_states_wins_and_losses_plainly(tmp_path, searched, hawq, uniform, budget, expected):
