@@ -8,8 +8,9 @@ model, HAWQ-V2 and uniform QAT over the seeds found, the searched model's lead o
 where it loses) and whether issue #6's target holds (>= HAWQ-V2 at <= 4 bits; at <= 2.5 bits +1 point over
 HAWQ-V2 and more over uniform). `--seeds-ahead` adds, per baseline, on how many seeds the searched model
 scores higher than it, paired by seed (k/n); `--needs` the searched median that would meet the target against
-these baselines, or "out of reach" where uniform is at or above HAWQ-V2 at <= 2.5 bits. A pattern that matches no directory, a task with no finished
-quantized run, or runs that cannot be pooled (two results for one method, budget and seed; two tasks) are errors.
+these baselines, or "out of reach" where uniform is at or above HAWQ-V2 at <= 2.5 bits. A pattern that matches no
+directory, a task with no finished quantized run, or runs that cannot be pooled (two results for one method, budget
+and seed; two tasks) are errors.
 """
 from __future__ import annotations
 
