@@ -14,6 +14,9 @@ For every budget b (`budget.avg_bits=b` in `budget.scope`) and seed s, in `b<b>/
               embeddings, head and activations as in the searched architecture
 plus `fp32/` (the fine-tuned checkpoint evaluated; `finetune/` first when the model is not fine-tuned on
 the task). Every method starts from the same checkpoint with the same seed, QAT recipe and data.
+With `compare.qat_draws=k` > 1 every QAT above runs k times: draw 0 as above, draw d (1 to k - 1) into
+`qat.draw<d>/`, `hawq_qat.draw<d>/` and `uniform<u>.draw<d>/` with seed s + 1000 d. The seed's metric is the
+median of its draws, which tells what an architecture gives apart from the spread of one QAT run.
 A finished step (its metrics.json) is skipped and an interrupted one resumes, so `resume=true` continues
 a long comparison where it stopped. After every cell the summary is rewritten (search/comparison.py):
 comparison.md, comparison.csv, runs.csv, pareto.png, logged to the tracker at the end.
@@ -40,7 +43,7 @@ from .pipeline import check_budgets_up_front, common_args, fine_tuned_model, haw
 from .qat import SUPERNET_STATE
 from .rundir import RunDir, replace_dir, run_step, temp_beside
 
-__all__ = ["run_compare", "uniform_bits"]
+__all__ = ["run_compare", "uniform_bits", "draw_name", "draw_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +59,25 @@ _COMMON = ("model", "task", "space")
 _SEARCH, _HAWQ, _QAT = _COMMON + ("search",), _COMMON + ("hawq",), _COMMON + ("qat",)
 
 
+def draw_name(step: str, draw: int) -> str:
+    """The directory of QAT draw `draw` of `step` (qat, hawq_qat, uniform2): the step itself for draw 0, else
+    `<step>.draw<k>`."""
+    return step if draw == 0 else f"{step}.draw{draw}"
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """QAT draw `draw`'s seed in the cell of `seed`: the cell's seed for draw 0, else 1000 further per draw."""
+    return seed + DRAW_SEED_STRIDE * draw
+
+
+DRAW_SEED_STRIDE = 1000
+
+
 def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed: int) -> None:
-    """Every method at one budget and seed."""
+    """Every method at one budget and seed; each QAT `compare.qat_draws` times (see `draw_name`, `draw_seed`)."""
     cell = budget_dir(budget, seed)
     methods = set(c.compare.methods)
+    draws = range(c.compare.qat_draws)
     common = common_args(c, seed=seed)
     searched = run.path / cell / "search" / "architecture.json"
     if Method.searched in methods:
@@ -68,20 +86,28 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
             model, c.task, c.space, c.search, at, c.eval, r, resume=resume, **common), _SEARCH,
             keep=kept_state(c, SUPERNET_STATE.name),
             config=dataclasses.replace(c, stage=Stage.search, model=model, budget=at, seed=seed))
-        qat_step(c, run, f"{cell}/qat", model, searched, seed, _SEARCH + ("qat",), searched=True)
+        for d in draws:
+            qat_step(c, run, f"{cell}/{draw_name('qat', d)}", model, searched, draw_seed(seed, d),
+                     _SEARCH + ("qat",), searched=True)
     if Method.hawq in methods:
         # at the searched architecture's exact size when there is one; else at the budget itself
         hawq_budget = (BudgetConfig(match=str(searched), scope=c.budget.scope) if searched.is_file()
                        else BudgetConfig(avg_bits=budget, scope=c.budget.scope))
         hawq_steps(c, run, f"{cell}/", model, hawq_budget, seed, (_HAWQ, _HAWQ + ("qat",)))
+        for d in draws[1:]:
+            hawq_arch = run.path / cell / "hawq" / "architecture.json"
+            qat_step(c, run, f"{cell}/{draw_name('hawq_qat', d)}", model, hawq_arch, draw_seed(seed, d),
+                     _HAWQ + ("qat",))
     if Method.uniform in methods:
         bits = uniform_bits(budget, MIDRISE_BITS if c.space.w_grid is QuantMode.MIDRISE else 2)
         path = run.path / cell / f"uniform{bits}.json"
         if not path.is_file():  # embeddings, head and activations as the searched architecture has them
             template = Architecture.load(searched) if searched.is_file() else skeleton
             uniform(template, bits).save(path)
-        _reuse_uniform(run, f"{cell}/uniform{bits}", path, seed)
-        qat_step(c, run, f"{cell}/uniform{bits}", model, path, seed, _QAT)
+        for d in draws:
+            step = f"{cell}/{draw_name(f'uniform{bits}', d)}"
+            _reuse_uniform(run, step, path, seed)
+            qat_step(c, run, step, model, path, draw_seed(seed, d), _QAT)
 
 
 def _same_architecture(done: Architecture, mine: Architecture) -> bool:
@@ -98,7 +124,7 @@ def _reuse_uniform(run: RunDir, step: str, arch: Path, seed: int) -> None:
         return
     mine = Architecture.load(arch)
     for done in sorted(run.path.glob(f"b*/s{seed}/{target.name}/metrics.json")):  # never `target`: it has none
-        other = done.parent.parent / f"{target.name}.json"
+        other = done.parent.parent / arch.name
         if other.is_file() and _same_architecture(Architecture.load(other), mine):
             tmp = temp_beside(target)
             shutil.rmtree(tmp, ignore_errors=True)

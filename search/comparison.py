@@ -6,7 +6,9 @@ or `tools/bench_search.sh` output) holds
     b<budget>/s<seed>/qat/metrics.json         searched + QAT
     b<budget>/s<seed>/hawq_qat/metrics.json    HAWQ-V2 at the searched size + the same QAT
     b<budget>/s<seed>/uniform<bits>/metrics.json  uniform-precision QAT
-`collect` turns every such metrics.json into a `Row`; `aggregate` takes the median and the spread over
+and, with several QAT draws per architecture (`compare.qat_draws`), `qat.draw1/`, `hawq_qat.draw1/`, ...
+beside them. `collect` turns every such metrics.json into a `Row`, one per (method, budget, seed): the median
+of its draws; `aggregate` takes the median and the spread over
 seeds per (method, budget); `write_comparison` writes comparison.md (with a plain verdict against the
 baselines), comparison.csv, runs.csv and pareto.png. Nothing is typed by hand.
 """
@@ -28,8 +30,9 @@ from supernet import MIB, Architecture
 from .config import Method
 from .rundir import write_atomic, write_text_atomic
 
-__all__ = ["Kind", "Row", "Point", "collect", "aggregate", "write_comparison", "budget_dir", "verdict", "target_met",
-           "standings", "seeds_ahead", "LAYOUT"]
+__all__ = ["Kind", "Row", "Point", "collect", "collect_draws", "draws_table", "aggregate",
+           "write_comparison", "budget_dir", "verdict", "target_met",
+           "standings", "seeds_ahead", "method_of", "LAYOUT"]
 
 
 class Kind(str, Enum):
@@ -45,6 +48,7 @@ class Kind(str, Enum):
 _CHILDREN = {"qat": Kind.searched, "hawq_qat": Kind.hawq}
 _UNIFORM = re.compile(r"uniform(\d+)$")
 _CELL = re.compile(r"b([0-9.]+)$"), re.compile(r"s(\d+)$")
+_DRAW = re.compile(r"(.+)\.draw(\d+)$")  # QAT draw k >= 1 of a step (search/compare.py draw_name)
 
 
 # what `collect` looks for, in the words of an error that found none
@@ -75,6 +79,7 @@ class Row:
     fp32_total_mb: float = float("nan")
     # the main split's other metrics (MRPC: accuracy beside F1), then the other splits' main metrics
     others: tuple[tuple[str, float], ...] = ()
+    draws: int = 1  # QAT runs of this architecture and seed whose median `metric` (and `others`) is; run_dir: the first
 
 
 def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Row:
@@ -125,51 +130,121 @@ def _fp32_sizes(rows: list[Row]) -> list[Row]:
             for r in rows]
 
 
-def _method(child: str) -> Kind | None:
-    return _CHILDREN.get(child) or (Kind.uniform if _UNIFORM.match(child) else None)
+def method_of(child: str) -> tuple[Kind | None, int]:
+    """The method and QAT draw of a cell's child directory: (searched, 0) for qat/, (uniform, 2) for uniform2.draw2/."""
+    draw = _DRAW.match(child)
+    step, k = (draw.group(1), int(draw.group(2))) if draw else (child, 0)
+    return _CHILDREN.get(step) or (Kind.uniform if _UNIFORM.match(step) else None), k
 
 
-def collect(roots: Iterable[Path]) -> list[Row]:
-    """Every finished run below `roots` laid out as a comparison (see the module docstring)."""
-    rows: list[Row] = []
+def collect(roots: Iterable[Path], max_draws: int | None = None) -> list[Row]:
+    """Every finished run below `roots` laid out as a comparison (see the module docstring), one row per
+    (method, budget, seed): several QAT draws of one architecture and seed become their median (of the first
+    `max_draws` draws, when given: 1 reads each seed's first QAT run alone, as a comparison of one draw has it)."""
+    runs = [(d, r) for d, r in collect_draws(roots) if max_draws is None or d < max_draws]
+    return _fp32_sizes(_pool_draws(runs))
+
+
+def collect_draws(roots: Iterable[Path]) -> list[tuple[int, Row]]:
+    """Every finished run below `roots` as (QAT draw, row), each run once (see `_one_each`), draws not pooled."""
+    rows: list[tuple[int, Row]] = []
     for root in roots:
         for path in sorted(Path(root).rglob("metrics.json")):
             child, seed_dir, budget_dir_ = path.parent.name, path.parent.parent.name, path.parent.parent.parent.name
             if child == "fp32":
-                rows.append(_row(path, Kind.fp32, None, None))
+                rows.append((0, _row(path, Kind.fp32, None, None)))
                 continue
-            method = _method(child)
+            method, draw = method_of(child)
             b, s = _CELL[0].match(budget_dir_), _CELL[1].match(seed_dir)
             if method is not None and b and s:
-                rows.append(_row(path, method, float(b.group(1)), int(s.group(1))))
-    return _fp32_sizes(_one_each(rows))
+                rows.append((draw, _row(path, method, float(b.group(1)), int(s.group(1)))))
+    return _one_each(rows)
+
+
+def draws_table(runs: Sequence[tuple[int, Row]]) -> str:
+    """How much of a comparison's spread is QAT's own (markdown; `runs` as `collect_draws` gives them): per
+    method, budget and seed the metric of every QAT draw of its one architecture, their median and range; then
+    per method and budget the median range within a seed (what QAT alone moves) against the range of the seeds'
+    medians (what the seeds move: the architecture, with what is left of QAT's spread)."""
+    by: dict[tuple[str, float, int], dict[int, float]] = {}
+    order = list(Kind)
+    for draw, r in runs:
+        if r.method is not Kind.fp32:
+            by.setdefault((r.method.value, r.budget, r.seed), {})[draw] = r.metric
+    if not by:
+        return "No quantized run to show.\n"
+    keys = sorted(by, key=lambda k: (-k[1], order.index(Kind(k[0])), k[2]))
+    width = max(max(d) for d in by.values()) + 1
+    head = " | ".join(f"draw {d}" for d in range(width))
+    lines = [f"| method | budget (bits) | seed | {head} | median | max - min |", "|---|---|---|" + "---|" * (width + 2)]
+    per_cell: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    for k in keys:
+        values = by[k]
+        ordered = [values[d] for d in sorted(values)]
+        median, spread = _median(ordered), max(ordered) - min(ordered)
+        per_cell.setdefault(k[:2], []).append((median, spread))
+        cells = [f"{values[d]:.2f}" if d in values else "-" for d in range(width)]
+        lines.append(f"| {k[0]} | {k[1]:g} | {k[2]} | " + " | ".join(cells) + f" | {median:.2f} | {spread:.2f} |")
+    lines += ["", "| method | budget (bits) | seeds | median range within a seed (QAT draws) "
+              "| range of the seeds' medians |", "|---|---|---|---|---|"]
+    for (method, budget), found in per_cell.items():
+        medians = [m for m, _ in found]
+        lines.append(f"| {method} | {budget:g} | {len(found)} | {_median([sp for _, sp in found]):.2f} | "
+                     f"{max(medians) - min(medians):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pool_draws(rows: list[tuple[int, Row]]) -> list[Row]:
+    """One row per (method, budget, seed): the median metric (and other metrics) of its QAT draws, with `draws` set,
+    the sizes and `run_dir` of its first draw. A seed with one run keeps its row as it is."""
+    by: dict[tuple[Kind, float | None, int | None], list[tuple[int, Row]]] = {}
+    for draw, r in rows:
+        by.setdefault((r.method, r.budget, r.seed), []).append((draw, r))
+    pooled = []
+    for found in by.values():
+        found.sort(key=lambda dr: dr[0])
+        first = found[0][1]
+        if len(found) == 1:
+            pooled.append(first)
+            continue
+        rs = [r for _, r in found]
+        others = tuple((k, _median([dict(r.others).get(k, math.nan) for r in rs])) for k, _ in first.others)
+        pooled.append(dataclasses.replace(first, metric=_median([r.metric for r in rs]), others=others, draws=len(rs)))
+    return pooled
+
+
+def _median(values: Sequence[float]) -> float:
+    """The median, or NaN when any value is NaN (sorting NaN among numbers gives an order-dependent answer)."""
+    return math.nan if any(map(math.isnan, values)) else statistics.median(values)
 
 
 def _same(x: float, y: float) -> bool:
     return x == y or (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
 
 
-def _one_each(rows: list[Row]) -> list[Row]:
-    """`rows` with each run once, checked to belong to one table. The same run reached twice (a directory and
-    its copy, or one passed twice) counts once; two different results for one (method, budget, seed), two FP32
+def _one_each(rows: list[tuple[int, Row]]) -> list[tuple[int, Row]]:
+    """`rows` ((QAT draw, row) pairs) with each run once, checked to belong to one table. The same run reached
+    twice (a directory and its copy, or one passed twice) counts once; two different results for one (method,
+    budget, seed, draw), two FP32
     references that differ, or two metrics are a ValueError naming both runs: such directories come from
     different settings, checkpoints or tasks, and pooling them would make the medians and seed counts wrong."""
-    kept: dict[tuple[Kind, float | None, int | None], Row] = {}
-    for r in rows:
+    kept: dict[tuple[Kind, float | None, int | None, int], Row] = {}
+    for draw, r in rows:
         first = next(iter(kept.values()), None)
         if first is not None and r.metric_name != first.metric_name:
             raise ValueError(f"{r.run_dir} reports {r.metric_name} but {first.run_dir} reports {first.metric_name}; "
                              f"pass the directories of one task at a time")
-        key = (r.method, r.budget, r.seed)
+        key = (r.method, r.budget, r.seed, draw)
         seen = kept.get(key)
         if seen is None:
             kept[key] = r
         elif not _same(seen.metric, r.metric):
-            what = "the FP32 reference" if r.method is Kind.fp32 else f"{r.method.value} at {r.budget:g} bits, seed {r.seed}"
+            what = ("the FP32 reference" if r.method is Kind.fp32 else
+                    f"{r.method.value} at {r.budget:g} bits, seed {r.seed}" + (f", QAT draw {draw}" if draw else ""))
             raise ValueError(f"two different results for {what}: {seen.metric:.4f} in {seen.run_dir} and "
                              f"{r.metric:.4f} in {r.run_dir}; they come from different settings, checkpoints or "
                              f"tasks: pass only the directories of one comparison")
-    return list(kept.values())
+    return [(key[3], r) for key, r in kept.items()]
 
 
 @dataclass(frozen=True)
@@ -189,6 +264,7 @@ class Point:
     compression: float
     pruned_groups: float
     others: tuple[tuple[str, float], ...] = ()  # medians of the other metrics
+    draws: int = 1  # the fewest QAT draws behind one seed's metric
 
 
 def aggregate(rows: Sequence[Row]) -> list[Point]:
@@ -216,7 +292,7 @@ def aggregate(rows: Sequence[Row]) -> list[Point]:
                              else (math.nan,) * 3)
         points.append(Point(method, budget, len(rs), rs[0].metric_name, median, low,
                             high, med("encoder_avg_bits"), med("encoder_mb"), med("total_mb"),
-                            med("compression"), med("pruned_groups"), others))
+                            med("compression"), med("pruned_groups"), others, min(r.draws for r in rs)))
     order = list(Kind)
     return sorted(points, key=lambda p: (-(p.budget or 99), order.index(p.method)))
 
@@ -375,7 +451,8 @@ def _fmt(p: Point) -> list[str]:
     spread = f"{p.median:.2f} [{p.low:.2f}, {p.high:.2f}]" if p.seeds > 1 else f"{p.median:.2f}"
     return [p.method.value, "FP32" if p.budget is None else f"{p.budget:g}", f"{p.encoder_avg_bits:.3f}",
             f"{p.encoder_mb:.3f}", f"{p.total_mb:.3f}", f"{p.compression:.2f}x", f"{p.pruned_groups:.0f}",
-            f"{p.metric_name} {spread}", ", ".join(f"{k} {v:.2f}" for k, v in p.others), str(p.seeds)]
+            f"{p.metric_name} {spread}", ", ".join(f"{k} {v:.2f}" for k, v in p.others),
+            str(p.seeds) + (f" (median of {p.draws} QAT draws each)" if p.draws > 1 else "")]
 
 
 COLUMNS = ["method", "budget (bits)", "encoder bits/weight", "encoder MiB", "total MiB", "compression (total)",

@@ -196,8 +196,14 @@ class CompareConfig:
     budgets: List[float] = field(default_factory=lambda: [4.0, 3.0, 2.5, 2.0, 1.5])
     seeds: List[int] = field(default_factory=lambda: [42, 43, 44])
     methods: List[Method] = field(default_factory=lambda: [Method.searched, Method.hawq, Method.uniform])
+    # QAT runs per architecture (seed s, then s + 1000, s + 2000, ...); a seed's metric is their median, which
+    # separates what the architecture gives from the spread of one QAT run
+    qat_draws: int = 1
 
     def __post_init__(self) -> None:
+        if self.qat_draws < 1:
+            raise ValueError(f"compare.qat_draws={self.qat_draws} is invalid; use 1 (one QAT run per architecture) "
+                             f"or more, e.g. compare.qat_draws=3")
         examples = {"budgets": "[4,3,2]", "seeds": "[42,43,44]", "methods": "[searched,hawq,uniform]"}
         for name, example in examples.items():
             if not getattr(self, name):

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from search.__main__ import run_stage
 from search.budget import uniform
-from search.compare import _reuse_uniform, uniform_bits
-from search.comparison import Kind, aggregate, collect, paired, verdict, write_comparison
+from search.compare import _reuse_uniform, draw_seed, uniform_bits
+from search.comparison import Kind, aggregate, collect, collect_draws, draws_table, paired, verdict, write_comparison
 from search.rundir import STATE_FILE, RunDir, changed_settings, run_step, schema_defaults
 from supernet import Architecture, QuantMode, SearchSpace, to_supernet
 
@@ -326,6 +326,71 @@ def test_compare_runs_every_method_at_equal_size_and_resumes(env, tmp_path):  # 
     assert "searched QAT starts from the search's supernet" in (run_dir / "comparison.md").read_text().splitlines()[0]
 
 
+def test_qat_draws_per_architecture_run_with_their_own_seeds_and_pool_to_their_median(env, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "cmp"
+    overrides = ["stage=compare", "compare.budgets=[2,1.5]", "compare.seeds=[1]", "hawq.max_probes=3",
+                 "search.size_weight=5", "compare.qat_draws=2"]
+    assert run_stage(_cfg(env, tmp_path, *overrides), run_dir) == 0
+    for cell in ("b2/s1", "b1.5/s1"):
+        for step in ("qat", "hawq_qat", "uniform2"):
+            first, second = (OmegaConf.load(run_dir / cell / name / "config.yaml") for name in (step, f"{step}.draw1"))
+            assert (first.seed, second.seed) == (1, draw_seed(1, 1)) == (1, 1001), (cell, step)
+            assert first.qat.architecture == second.qat.architecture
+    # the 1.5-bit cell's uniform 2-bit runs, both draws, are the 2-bit cell's (same architecture and seed)
+    for name in ("uniform2", "uniform2.draw1"):
+        assert (json.loads((run_dir / "b1.5/s1" / name / "metrics.json").read_text())
+                == json.loads((run_dir / "b2/s1" / name / "metrics.json").read_text()))
+    rows = collect([run_dir])
+    assert len(rows) == 1 + 2 * 3 and {r.draws for r in rows if r.method is not Kind.fp32} == {2}
+    for r in rows:
+        if r.method is Kind.fp32:
+            continue
+        runs = [json.loads((Path(r.run_dir).parent / n / "metrics.json").read_text())["main_metric"]["value"]
+                for n in (Path(r.run_dir).name, Path(r.run_dir).name + ".draw1")]
+        assert r.metric == pytest.approx(sum(runs) / 2) and not Path(r.run_dir).name.endswith(".draw1")
+    assert "(median of 2 QAT draws each)" in (run_dir / "comparison.md").read_text()
+
+    # a draw that differs from the same draw in a copy of the comparison is named as such
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    changed = json.loads((copy / "b2/s1/qat.draw1/metrics.json").read_text())
+    changed["main_metric"]["value"] += 1
+    (copy / "b2/s1/qat.draw1/metrics.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="searched at 2 bits, seed 1, QAT draw 1"):
+        collect([run_dir, copy])
+
+
+def test_qat_draws_pool_per_seed_and_the_tools_show_each_draw_or_only_the_first(tmp_path):
+    _tree(tmp_path, {("qat", 2, 1): 80.0, ("qat.draw1", 2, 1): 84.0, ("qat.draw2", 2, 1): 81.0,
+                     ("qat", 2, 2): 70.0, ("qat.draw1", 2, 2): 72.0, ("qat.draw2", 2, 2): 78.0,
+                     ("uniform2", 2, 1): 79.0, ("uniform2.draw1", 2, 1): 77.0, ("uniform2", 2, 2): 75.0})
+    pooled = {(r.method, r.seed): (r.metric, r.draws) for r in collect([tmp_path])}
+    assert pooled[(Kind.searched, 1)] == (81.0, 3) and pooled[(Kind.searched, 2)] == (72.0, 3)
+    assert pooled[(Kind.uniform, 1)] == (78.0, 2) and pooled[(Kind.uniform, 2)] == (75.0, 1)
+    first = {(r.method, r.seed): (r.metric, r.draws) for r in collect([tmp_path], max_draws=1)}
+    assert first[(Kind.searched, 1)] == (80.0, 1) and first[(Kind.uniform, 1)] == (79.0, 1)
+    points = {p.method: p for p in aggregate(collect([tmp_path]))}
+    assert (points[Kind.searched].median, points[Kind.searched].draws, points[Kind.uniform].draws) == (76.5, 3, 1)
+
+    table = draws_table(collect_draws([tmp_path]))
+    assert "| searched | 2 | 1 | 80.00 | 84.00 | 81.00 | 81.00 | 4.00 |" in table
+    assert "| uniform | 2 | 2 | 75.00 | - | - | 75.00 | 0.00 |" in table
+    # within a seed QAT moves the searched model by 4 and 8 (median 6); the seeds' medians lie 9 apart
+    assert "| searched | 2 | 2 | 6.00 | 9.00 |" in table and "| uniform | 2 | 2 | 1.00 | 3.00 |" in table
+
+    summary = subprocess.run([sys.executable, "tools/summarize_compare.py", str(tmp_path), "--out", str(tmp_path / "s"),
+                              "--per-draw", "--max-draws", "2"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "(median of 2 QAT draws each)" in summary.stdout
+    assert "| searched | 2 | 1 | 80.00 | 84.00 | 82.00 |" in summary.stdout  # the third draw left out
+    standing = subprocess.run([sys.executable, "tools/standings.py", f"T={tmp_path}", "--max-draws", "1"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+    assert "| T (f1) | 2 | 85.00 | 75.00 | - | 77.00 |" in standing  # draw 0: searched 80 and 70, uniform 79 and 75
+    for tool in ("tools/standings.py", "tools/summarize_compare.py"):
+        bad = subprocess.run([sys.executable, tool, f"T={tmp_path}" if "standings" in tool else str(tmp_path),
+                              "--max-draws", "0"], cwd=ROOT, capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--max-draws 0 is invalid" in bad.stderr
+
+
 def test_uniform_qat_of_another_budget_with_the_same_architecture_and_seed_is_reused(tmp_path, tiny_cfg):
     from transformers import BertForSequenceClassification
 
@@ -465,15 +530,20 @@ def test_a_cell_step_depends_on_its_own_seed_not_on_what_ran_before_it(env, tmp_
 
 def test_graft_tool_puts_a_search_variant_beside_the_same_baseline_runs(tmp_path):
     _tree(tmp_path / "base", {("qat", 2, 1): 80.0, ("hawq_qat", 2, 1): 79.0, ("uniform2", 2, 1): 78.0,
-                              ("qat", 2, 2): 81.0, ("hawq_qat", 2, 2): 77.0})
+                              ("qat", 2, 2): 81.0, ("hawq_qat", 2, 2): 77.0, ("qat.draw1", 2, 1): 10.0,
+                              ("hawq_qat.draw1", 2, 1): 75.0})
     _metrics(tmp_path / "variant" / "b2" / "s1" / "qat", 83.0, mb=1.0, bits=2)
+    _metrics(tmp_path / "variant" / "b2" / "s1" / "qat.draw1", 85.0, mb=1.0, bits=2)
     _metrics(tmp_path / "variant" / "b2" / "s1" / "search", 70.0)
     tool = [sys.executable, "tools/graft_searched.py"]
     out = subprocess.run([*tool, str(tmp_path / "base"), str(tmp_path / "variant"), str(tmp_path / "out")], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert out.startswith("b2/s1: searched 2")
     rows = {(r.method.value, r.seed): r.metric for r in collect([tmp_path / "out"])}
-    assert rows == {("fp32", None): 85.0, ("searched", 1): 83.0, ("hawq", 1): 79.0, ("uniform", 1): 78.0}
+    # the searched QAT draws are all the variant's (none of the base's), the baselines' all the base's
+    assert rows == {("fp32", None): 85.0, ("searched", 1): 84.0, ("hawq", 1): 77.0, ("uniform", 1): 78.0}
+    assert sorted(p.name for p in (tmp_path / "out" / "b2" / "s1").iterdir()) == [
+        "hawq", "hawq_qat", "hawq_qat.draw1", "qat", "qat.draw1", "search", "uniform2"]
     assert (tmp_path / "base" / "b2" / "s1" / "qat" / "metrics.json").is_file()  # the base is left as it was
     _metrics(tmp_path / "variant" / "b3" / "s1" / "qat", 84.0, mb=1.0, bits=3)  # a cell the base does not have
     bad = subprocess.run([*tool, str(tmp_path / "base"), str(tmp_path / "variant"), str(tmp_path / "out2")], cwd=ROOT,

@@ -114,6 +114,7 @@ def test_typo_or_wrong_type_fails_at_compose(override):
     ("compare.seeds=[]", "compare.seeds is empty"),
     ("compare.methods=[]", "compare.methods is empty"),
     ("compare.seeds=[42,42]", "compare.seeds=[42, 42] repeats an entry"),
+    ("compare.qat_draws=0", "compare.qat_draws=0 is invalid; use 1 (one QAT run per architecture) or more"),
     ("search.log_every=0", "search.log_every=0 is invalid"),  # once a ZeroDivisionError mid-run
     ("search.log_mass_every=0", "search.log_mass_every=0 is invalid"),
     ("search.checkpoint_every=-1", "search.checkpoint_every=-1 is invalid"),

@@ -5,8 +5,9 @@
 BASE is a comparison directory (`stage=compare`, e.g. from tools/bench_compare.sh) with FP32, HAWQ-V2 and
 uniform QAT; VARIANT one of the same checkpoint and seeds run with other search settings and
 `compare.methods=[searched]`. OUT gets BASE's `fp32/`, HAWQ-V2 and uniform steps and VARIANT's `search/` and
-`qat/` steps of every cell (budget and seed) VARIANT has, as hard links (no data copied), so that
-tools/summarize_compare.py and tools/standings.py compare the variant with the very same baseline runs.
+`qat/` steps (and its QAT draws `qat.draw<d>/`, if any) of every cell (budget and seed) VARIANT has, as hard
+links (no data copied), so that tools/summarize_compare.py and tools/standings.py compare the variant with the
+very same baseline runs.
 BASE's HAWQ-V2 was matched to BASE's searched size: the report prints both sizes per cell, since a variant
 that lands elsewhere is no longer at equal size. OUT is replaced if it exists.
 """
@@ -19,9 +20,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from search.comparison import Kind, method_of
 from search.rundir import replace_dir, temp_beside
 
-SEARCHED = ("search", "qat")
+
+def _searched(step: str) -> bool:
+    """The search and the QAT of its architecture, every draw: what OUT takes from VARIANT and never from BASE."""
+    return step == "search" or method_of(step)[0] is Kind.searched
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -62,12 +67,13 @@ def _fill(base: Path, variant: Path, tmp: Path, cells: list[Path]) -> list[str]:
     lines = []
     for cell in cells:
         for step in sorted((base / cell).iterdir()):
-            if step.is_dir() and step.name not in SEARCHED:
+            if step.is_dir() and not _searched(step.name):
                 _link_tree(step, tmp / cell / step.name)
             elif step.is_file():  # uniform<bits>.json, the uniform baseline's architecture
                 os.link(step, tmp / cell / step.name)
-        for name in SEARCHED:
-            _link_tree(variant / cell / name, tmp / cell / name)
+        for step in sorted((variant / cell).iterdir()):
+            if step.is_dir() and _searched(step.name):
+                _link_tree(step, tmp / cell / step.name)
         lines.append(f"{cell}: searched {_encoder_bits(variant / cell / 'qat')} encoder bits/weight, "
                      f"HAWQ-V2 {_encoder_bits(base / cell / 'hawq_qat')} (matched to {base.name}'s search)")
     return lines

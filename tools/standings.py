@@ -8,7 +8,8 @@ model, HAWQ-V2 and uniform QAT over the seeds found, the searched model's lead o
 where it loses) and whether issue #6's target holds (>= HAWQ-V2 at <= 4 bits; at <= 2.5 bits +1 point over
 HAWQ-V2 and more over uniform). `--seeds-ahead` adds, per baseline, on how many seeds the searched model
 scores higher than it, paired by seed (k/n); `--needs` the searched median that would meet the target against
-these baselines, or "out of reach" where uniform is at or above HAWQ-V2 at <= 2.5 bits. A pattern that matches no
+these baselines, or "out of reach" where uniform is at or above HAWQ-V2 at <= 2.5 bits. Several QAT draws per seed
+(`compare.qat_draws`) count as their median; `--max-draws N` reads each seed's first N alone. A pattern that matches no
 directory, a task with no finished quantized run, or runs that cannot be pooled (two results for one method, budget
 and seed; two tasks) are errors.
 """
@@ -29,7 +30,12 @@ def main() -> int:
                    help="add the seeds on which the searched model is ahead of each baseline (paired by seed)")
     p.add_argument("--needs", action="store_true",
                    help="add the searched median that would meet #6's target, or 'out of reach' where uniform >= HAWQ-V2")
+    p.add_argument("--max-draws", type=int, default=None, metavar="N",
+                   help="read only each seed's first N QAT draws (default: all; 1: as a comparison of one draw)")
     args = p.parse_args()
+    if args.max_draws is not None and args.max_draws < 1:
+        print(f"error: --max-draws {args.max_draws} is invalid; give 1 or more", file=sys.stderr)
+        return 2
     tasks = []
     for spec in args.tasks:
         name, sep, patterns = spec.partition("=")
@@ -44,7 +50,7 @@ def main() -> int:
                 return 2
             dirs |= found
         try:
-            rows = collect(sorted(dirs))
+            rows = collect(sorted(dirs), args.max_draws)
         except ValueError as e:  # a metrics.json that is not a finished run's, or runs of different settings
             print(f"error: {name}: {e}", file=sys.stderr)
             return 2

@@ -11,6 +11,9 @@ budget and seed, two FP32 references that differ, or two metrics (two tasks) are
 pooling them would miscount the seeds. Prints comparison.md. With `--before DIR [DIR ...]` (the same runs under other settings) it also
 prints, for every run found in both, the metric before and after and the change (and the change of every other
 metric both report, such as SST-2's labelled test set), and the median changes per method and budget.
+Several QAT draws per seed (`compare.qat_draws`) count as their median; `--max-draws N` reads only each seed's
+first N draws (1: as if the comparison had run one), and `--per-draw` prints every draw and how far QAT alone
+moves a seed against how far the seeds' medians lie apart.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from search.comparison import LAYOUT, collect, paired, write_comparison
+from search.comparison import LAYOUT, collect, collect_draws, draws_table, paired, write_comparison
 
 
 def main() -> int:
@@ -28,13 +31,20 @@ def main() -> int:
     p.add_argument("--title", default=None, help="title of the table and plot")
     p.add_argument("--before", nargs="+", type=Path, default=[],
                    help="the same runs under other settings: print the change of every run found in both")
+    p.add_argument("--max-draws", type=int, default=None, metavar="N",
+                   help="read only each seed's first N QAT draws (default: all)")
+    p.add_argument("--per-draw", action="store_true", help="also print every QAT draw of every seed, and their spread")
     args = p.parse_args()
+    if args.max_draws is not None and args.max_draws < 1:
+        print(f"error: --max-draws {args.max_draws} is invalid; give 1 or more", file=sys.stderr)
+        return 2
     missing = [str(r) for r in [*args.roots, *args.before] if not r.is_dir()]
     if missing:
         print(f"error: no such directory: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        rows, before = collect(args.roots), collect(args.before)
+        rows, before = collect(args.roots, args.max_draws), collect(args.before, args.max_draws)
+        runs = collect_draws(args.roots) if args.per_draw else []
     except ValueError as e:  # a metrics.json that is not a finished run's, or runs of different settings
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -51,6 +61,8 @@ def main() -> int:
     print(paths["comparison.md"].read_text())
     if args.before:
         print(paired(rows, before))
+    if args.per_draw:
+        print(draws_table([(d, r) for d, r in runs if args.max_draws is None or d < args.max_draws]))
     return 0
 
 
