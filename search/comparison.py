@@ -164,8 +164,11 @@ def collect_draws(roots: Iterable[Path]) -> list[tuple[int, Row]]:
 def draws_table(runs: Sequence[tuple[int, Row]]) -> str:
     """How much of a comparison's spread is QAT's own (markdown; `runs` as `collect_draws` gives them): per
     method, budget and seed the metric of every QAT draw of its one architecture, their median and range; then
-    per method and budget the median range within a seed (what QAT alone moves) against the range of the seeds'
-    medians (what the seeds move: the architecture, with what is left of QAT's spread)."""
+    per method and budget the mean over every draw, the median range within a seed (what QAT alone moves) against
+    the range of the seeds' medians (what the seeds move: the architecture, with what is left of QAT's spread), and
+    a one-way ANOVA's p over the seeds' draws: small where the seeds' architectures differ by more than QAT's
+    spread explains (needs two draws or more of every seed)."""
+    from scipy.stats import f_oneway
     by: dict[tuple[str, float, int], dict[int, float]] = {}
     order = list(Kind)
     for draw, r in runs:
@@ -177,20 +180,22 @@ def draws_table(runs: Sequence[tuple[int, Row]]) -> str:
     width = max(max(d) for d in by.values()) + 1
     head = " | ".join(f"draw {d}" for d in range(width))
     lines = [f"| method | budget (bits) | seed | {head} | median | max - min |", "|---|---|---|" + "---|" * (width + 2)]
-    per_cell: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    per_cell: dict[tuple[str, float], list[list[float]]] = {}
     for k in keys:
         values = by[k]
         ordered = [values[d] for d in sorted(values)]
         median, spread = _median(ordered), max(ordered) - min(ordered)
-        per_cell.setdefault(k[:2], []).append((median, spread))
+        per_cell.setdefault(k[:2], []).append(ordered)
         cells = [f"{values[d]:.2f}" if d in values else "-" for d in range(width)]
         lines.append(f"| {k[0]} | {k[1]:g} | {k[2]} | " + " | ".join(cells) + f" | {median:.2f} | {spread:.2f} |")
-    lines += ["", "| method | budget (bits) | seeds | median range within a seed (QAT draws) "
-              "| range of the seeds' medians |", "|---|---|---|---|---|"]
+    lines += ["", "| method | budget (bits) | seeds | draws | mean of every draw | median range within a seed "
+              "(QAT draws) | range of the seeds' medians | seeds differ (ANOVA p) |", "|---" * 8 + "|"]
     for (method, budget), found in per_cell.items():
-        medians = [m for m, _ in found]
-        lines.append(f"| {method} | {budget:g} | {len(found)} | {_median([sp for _, sp in found]):.2f} | "
-                     f"{max(medians) - min(medians):.2f} |")
+        medians, every = [_median(v) for v in found], [x for v in found for x in v]
+        testable = len(found) > 1 and all(len(v) > 1 for v in found) and len(set(every)) > 1
+        p = f"{f_oneway(*found).pvalue:.3f}" if testable else "-"
+        lines.append(f"| {method} | {budget:g} | {len(found)} | {len(every)} | {statistics.fmean(every):.2f} | "
+                     f"{_median([max(v) - min(v) for v in found]):.2f} | {max(medians) - min(medians):.2f} | {p} |")
     return "\n".join(lines) + "\n"
 
 

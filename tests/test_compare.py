@@ -375,8 +375,10 @@ def test_qat_draws_pool_per_seed_and_the_tools_show_each_draw_or_only_the_first(
     table = draws_table(collect_draws([tmp_path]))
     assert "| searched | 2 | 1 | 80.00 | 84.00 | 81.00 | 81.00 | 4.00 |" in table
     assert "| uniform | 2 | 2 | 75.00 | - | - | 75.00 | 0.00 |" in table
-    # within a seed QAT moves the searched model by 4 and 8 (median 6); the seeds' medians lie 9 apart
-    assert "| searched | 2 | 2 | 6.00 | 9.00 |" in table and "| uniform | 2 | 2 | 1.00 | 3.00 |" in table
+    # within a seed QAT moves the searched model by 4 and 8 (median 6); the seeds' medians lie 9 apart. Seed means
+    # 81.67 and 73.33: a one-way ANOVA's F = 104.17 / (43.33 / 4) = 9.62 on (1, 4) degrees of freedom, p = 0.036
+    assert "| searched | 2 | 2 | 6 | 77.50 | 6.00 | 9.00 | 0.036 |" in table
+    assert "| uniform | 2 | 2 | 3 | 77.00 | 1.00 | 3.00 | - |" in table  # seed 2 has one draw: no test
 
     summary = subprocess.run([sys.executable, "tools/summarize_compare.py", str(tmp_path), "--out", str(tmp_path / "s"),
                               "--per-draw", "--max-draws", "2"], cwd=ROOT, capture_output=True, text=True, check=True)

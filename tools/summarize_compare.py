@@ -12,8 +12,9 @@ pooling them would miscount the seeds. Prints comparison.md. With `--before DIR 
 prints, for every run found in both, the metric before and after and the change (and the change of every other
 metric both report, such as SST-2's labelled test set), and the median changes per method and budget.
 Several QAT draws per seed (`compare.qat_draws`) count as their median; `--max-draws N` reads only each seed's
-first N draws (1: as if the comparison had run one), and `--per-draw` prints every draw and how far QAT alone
-moves a seed against how far the seeds' medians lie apart.
+first N draws (1: as if the comparison had run one), and `--per-draw` prints every draw, how far QAT alone
+moves a seed against how far the seeds' medians lie apart, and a one-way ANOVA's p of the seeds' draws (small:
+the seeds' architectures differ by more than QAT's own spread).
 """
 from __future__ import annotations
 
