@@ -59,6 +59,9 @@ _COMMON = ("model", "task", "space")
 _SEARCH, _HAWQ, _QAT = _COMMON + ("search",), _COMMON + ("hawq",), _COMMON + ("qat",)
 
 
+DRAW_SEED_STRIDE = 1000  # QAT draw d of a cell of seed s runs with seed s + 1000 d
+
+
 def draw_name(step: str, draw: int) -> str:
     """The directory of QAT draw `draw` of `step` (qat, hawq_qat, uniform2): the step itself for draw 0, else
     `<step>.draw<k>`."""
@@ -68,9 +71,6 @@ def draw_name(step: str, draw: int) -> str:
 def draw_seed(seed: int, draw: int) -> int:
     """QAT draw `draw`'s seed in the cell of `seed`: the cell's seed for draw 0, else 1000 further per draw."""
     return seed + DRAW_SEED_STRIDE * draw
-
-
-DRAW_SEED_STRIDE = 1000
 
 
 def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed: int) -> None:
@@ -94,8 +94,8 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
         hawq_budget = (BudgetConfig(match=str(searched), scope=c.budget.scope) if searched.is_file()
                        else BudgetConfig(avg_bits=budget, scope=c.budget.scope))
         hawq_steps(c, run, f"{cell}/", model, hawq_budget, seed, (_HAWQ, _HAWQ + ("qat",)))
-        for d in draws[1:]:
-            hawq_arch = run.path / cell / "hawq" / "architecture.json"
+        hawq_arch = run.path / cell / "hawq" / "architecture.json"
+        for d in draws[1:]:  # draw 0 is hawq_steps' own
             qat_step(c, run, f"{cell}/{draw_name('hawq_qat', d)}", model, hawq_arch, draw_seed(seed, d),
                      _HAWQ + ("qat",))
     if Method.uniform in methods:

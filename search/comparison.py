@@ -79,7 +79,7 @@ class Row:
     fp32_total_mb: float = float("nan")
     # the main split's other metrics (MRPC: accuracy beside F1), then the other splits' main metrics
     others: tuple[tuple[str, float], ...] = ()
-    draws: int = 1  # QAT runs of this architecture and seed whose median `metric` (and `others`) is; run_dir: the first
+    draws: int = 1  # QAT runs (draws) of this architecture and seed: `metric` and `others` are their medians
 
 
 def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Row:
@@ -230,9 +230,9 @@ def _same(x: float, y: float) -> bool:
 def _one_each(rows: list[tuple[int, Row]]) -> list[tuple[int, Row]]:
     """`rows` ((QAT draw, row) pairs) with each run once, checked to belong to one table. The same run reached
     twice (a directory and its copy, or one passed twice) counts once; two different results for one (method,
-    budget, seed, draw), two FP32
-    references that differ, or two metrics are a ValueError naming both runs: such directories come from
-    different settings, checkpoints or tasks, and pooling them would make the medians and seed counts wrong."""
+    budget, seed, draw), two FP32 references that differ, or two metrics are a ValueError naming both runs: such
+    directories come from different settings, checkpoints or tasks, and pooling them would make the medians and
+    seed counts wrong."""
     kept: dict[tuple[Kind, float | None, int | None, int], Row] = {}
     for draw, r in rows:
         first = next(iter(kept.values()), None)
