@@ -34,7 +34,7 @@ from supernet import Architecture, QuantMode
 from supernet.quantizers import MIDRISE_BITS
 
 from .budget import Budget, uniform
-from .comparison import Row, budget_dir, collect, write_comparison
+from .comparison import Row, budget_dir, collect, draw_name, write_comparison
 from .config import BudgetConfig, Config, EvalConfig, Method, QatInit, Stage
 from .dnas import run_search
 from .errors import UserError
@@ -43,7 +43,7 @@ from .pipeline import check_budgets_up_front, common_args, fine_tuned_model, haw
 from .qat import SUPERNET_STATE
 from .rundir import RunDir, replace_dir, run_step, temp_beside
 
-__all__ = ["run_compare", "uniform_bits", "draw_name", "draw_seed"]
+__all__ = ["run_compare", "uniform_bits", "draw_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,6 @@ _SEARCH, _HAWQ, _QAT = _COMMON + ("search",), _COMMON + ("hawq",), _COMMON + ("q
 
 
 DRAW_SEED_STRIDE = 1000  # QAT draw d of a cell of seed s runs with seed s + 1000 d
-
-
-def draw_name(step: str, draw: int) -> str:
-    """The directory of QAT draw `draw` of `step` (qat, hawq_qat, uniform2): the step itself for draw 0, else
-    `<step>.draw<k>`."""
-    return step if draw == 0 else f"{step}.draw{draw}"
 
 
 def draw_seed(seed: int, draw: int) -> int:

@@ -30,7 +30,7 @@ from supernet import MIB, Architecture
 from .config import Method
 from .rundir import write_atomic, write_text_atomic
 
-__all__ = ["Kind", "Row", "Point", "collect", "collect_draws", "draws_table", "aggregate",
+__all__ = ["Kind", "Row", "Point", "collect", "collect_draws", "pool_draws", "draws_table", "draw_name", "aggregate",
            "write_comparison", "budget_dir", "verdict", "target_met",
            "standings", "seeds_ahead", "method_of", "LAYOUT"]
 
@@ -48,11 +48,17 @@ class Kind(str, Enum):
 _CHILDREN = {"qat": Kind.searched, "hawq_qat": Kind.hawq}
 _UNIFORM = re.compile(r"uniform(\d+)$")
 _CELL = re.compile(r"b([0-9.]+)$"), re.compile(r"s(\d+)$")
-_DRAW = re.compile(r"(.+)\.draw(\d+)$")  # QAT draw k >= 1 of a step (search/compare.py draw_name)
+_DRAW = re.compile(r"(.+)\.draw(\d+)$")  # QAT draw k >= 1 of a step (`draw_name`)
 
 
 # what `collect` looks for, in the words of an error that found none
 LAYOUT = "fp32/ or b<budget>/s<seed>/<qat|hawq_qat|uniformN>/metrics.json"
+
+
+def draw_name(step: str, draw: int) -> str:
+    """The directory of QAT draw `draw` of `step` (qat, hawq_qat, uniform2): the step itself for draw 0, else
+    `<step>.draw<k>` (what `method_of` parses back)."""
+    return step if draw == 0 else f"{step}.draw{draw}"
 
 
 def budget_dir(budget: float, seed: int) -> str:
@@ -141,12 +147,12 @@ def collect(roots: Iterable[Path], max_draws: int | None = None) -> list[Row]:
     """Every finished run below `roots` laid out as a comparison (see the module docstring), one row per
     (method, budget, seed): several QAT draws of one architecture and seed become their median (of the first
     `max_draws` draws, when given: 1 reads each seed's first QAT run alone, as a comparison of one draw has it)."""
-    runs = [(d, r) for d, r in collect_draws(roots) if max_draws is None or d < max_draws]
-    return _fp32_sizes(_pool_draws(runs))
+    return pool_draws(collect_draws(roots, max_draws))
 
 
-def collect_draws(roots: Iterable[Path]) -> list[tuple[int, Row]]:
-    """Every finished run below `roots` as (QAT draw, row), each run once (see `_one_each`), draws not pooled."""
+def collect_draws(roots: Iterable[Path], max_draws: int | None = None) -> list[tuple[int, Row]]:
+    """Every finished run below `roots` as (QAT draw, row), each run once (see `_one_each`), draws not pooled;
+    only draws below `max_draws` when given."""
     rows: list[tuple[int, Row]] = []
     for root in roots:
         for path in sorted(Path(root).rglob("metrics.json")):
@@ -156,7 +162,7 @@ def collect_draws(roots: Iterable[Path]) -> list[tuple[int, Row]]:
                 continue
             method, draw = method_of(child)
             b, s = _CELL[0].match(budget_dir_), _CELL[1].match(seed_dir)
-            if method is not None and b and s:
+            if method is not None and b and s and (max_draws is None or draw < max_draws):
                 rows.append((draw, _row(path, method, float(b.group(1)), int(s.group(1)))))
     return _one_each(rows)
 
@@ -199,9 +205,10 @@ def draws_table(runs: Sequence[tuple[int, Row]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pool_draws(rows: list[tuple[int, Row]]) -> list[Row]:
-    """One row per (method, budget, seed): the median metric (and other metrics) of its QAT draws, with `draws` set,
-    the sizes and `run_dir` of its first draw. A seed with one run keeps its row as it is."""
+def pool_draws(rows: list[tuple[int, Row]]) -> list[Row]:
+    """One row per (method, budget, seed) of `rows` (as `collect_draws` gives them): the median metric (and other
+    metrics) of its QAT draws, with `draws` set, the sizes and `run_dir` of its first draw. A seed with one run
+    keeps its row as it is. The FP32 reference gets its sizes from the quantized runs."""
     by: dict[tuple[Kind, float | None, int | None], list[tuple[int, Row]]] = {}
     for draw, r in rows:
         by.setdefault((r.method, r.budget, r.seed), []).append((draw, r))
@@ -215,7 +222,7 @@ def _pool_draws(rows: list[tuple[int, Row]]) -> list[Row]:
         rs = [r for _, r in found]
         others = tuple((k, _median([dict(r.others).get(k, math.nan) for r in rs])) for k, _ in first.others)
         pooled.append(dataclasses.replace(first, metric=_median([r.metric for r in rs]), others=others, draws=len(rs)))
-    return pooled
+    return _fp32_sizes(pooled)
 
 
 def _median(values: Sequence[float]) -> float:

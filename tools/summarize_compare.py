@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from search.comparison import LAYOUT, collect, collect_draws, draws_table, paired, write_comparison
+from search.comparison import LAYOUT, collect, collect_draws, draws_table, paired, pool_draws, write_comparison
 
 
 def main() -> int:
@@ -44,8 +44,8 @@ def main() -> int:
         print(f"error: no such directory: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        rows, before = collect(args.roots, args.max_draws), collect(args.before, args.max_draws)
-        runs = collect_draws(args.roots) if args.per_draw else []
+        runs = collect_draws(args.roots, args.max_draws)  # read once: pooled for the table, as they are for --per-draw
+        rows, before = pool_draws(runs), collect(args.before, args.max_draws)
     except ValueError as e:  # a metrics.json that is not a finished run's, or runs of different settings
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -63,7 +63,7 @@ def main() -> int:
     if args.before:
         print(paired(rows, before))
     if args.per_draw:
-        print(draws_table([(d, r) for d, r in runs if args.max_draws is None or d < args.max_draws]))
+        print(draws_table(runs))
     return 0
 
 
