@@ -32,7 +32,7 @@ from .rundir import write_atomic, write_text_atomic
 
 __all__ = ["Kind", "Row", "Point", "collect", "collect_draws", "pool_draws", "draws_table", "draw_name", "aggregate",
            "write_comparison", "budget_dir", "verdict", "target_met",
-           "standings", "seeds_ahead", "method_of", "LAYOUT"]
+           "standings", "seeds_ahead", "paired_difference", "Difference", "method_of", "LAYOUT"]
 
 
 class Kind(str, Enum):
@@ -375,28 +375,89 @@ STANDINGS_COLUMNS = ["task", "budget (bits)", "FP32", "searched", "HAWQ-V2", "un
                      "searched - uniform", "target", "seeds"]
 SEEDS_AHEAD_COLUMNS = ["seeds ahead of HAWQ-V2", "seeds ahead of uniform"]
 NEEDS_COLUMNS = ["searched needs"]
+CI_COLUMNS = ["searched - HAWQ-V2, paired mean [95% CI]", "searched - uniform, paired mean [95% CI]"]
+
+
+def _differences(rows: Sequence[Row], budget: float, base: Kind) -> list[float]:
+    """The searched model's metric minus `base`'s at `budget`, one per seed that has both, in seed order."""
+    def by_seed(kind: Kind) -> dict[int | None, float]:  # seed -> metric
+        return {r.seed: r.metric for r in rows if r.method is kind and r.budget == budget}
+
+    searched, other = by_seed(Kind.searched), by_seed(base)
+    return [searched[s] - other[s] for s in sorted(set(searched) & set(other), key=lambda s: (s is None, s or 0))]
 
 
 def seeds_ahead(rows: Sequence[Row], budget: float, base: Kind) -> tuple[int, int] | None:
     """(k, n): of the n seeds with both a searched and a `base` run at `budget`, the k where the searched model
     scores strictly higher. Pairing by seed takes out the spread between seeds that a difference of medians
     carries; None when no seed has both."""
-    def by_seed(kind: Kind) -> dict[int | None, float]:  # seed -> metric
-        return {r.seed: r.metric for r in rows if r.method is kind and r.budget == budget}
+    found = _differences(rows, budget, base)
+    return (sum(d > 0 for d in found), len(found)) if found else None
 
-    searched, other = by_seed(Kind.searched), by_seed(base)
-    shared = set(searched) & set(other)
-    if not shared:
+
+@dataclass(frozen=True)
+class Difference:
+    """The searched model's lead over a baseline, paired by seed: the mean over `n` seeds and its two-sided
+    t-interval [low, high] at `confidence` (NaN bounds with one seed, which gives no spread)."""
+
+    n: int
+    mean: float
+    low: float
+    high: float
+    confidence: float = 0.95
+
+    def __str__(self) -> str:
+        if math.isnan(self.mean):
+            return "not comparable (a metric is not a number)"
+        if self.n < 2:
+            return f"{self.mean:+.2f} (1 seed)"
+        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the interval leaves out 0: these seeds tell the two methods apart."""
+        return self.n >= 2 and (self.low > 0 or self.high < 0)
+
+
+def paired_difference(rows: Sequence[Row], budget: float, base: Kind, confidence: float = 0.95) -> Difference | None:
+    """The searched model's lead over `base` at `budget`, paired by seed (each seed's pooled metric, see `collect`):
+    the mean of the per-seed differences with Student's t-interval over the seeds. The seed is the unit that
+    varies the architecture; with several QAT draws per seed their median is that seed's value. None when no
+    seed has both methods."""
+    from scipy.stats import t
+
+    found = _differences(rows, budget, base)
+    if not found:
         return None
-    return sum(searched[s] > other[s] for s in shared), len(shared)
+    mean = statistics.fmean(found)
+    if len(found) < 2 or any(map(math.isnan, found)):
+        return Difference(len(found), mean, math.nan, math.nan, confidence)
+    half = t.ppf((1 + confidence) / 2, len(found) - 1) * statistics.stdev(found) / math.sqrt(len(found))
+    return Difference(len(found), mean, mean - half, mean + half, confidence)
 
 
-def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False, needs: bool = False) -> str:
+def paired_lines(rows: Sequence[Row]) -> list[str]:
+    """Plain sentences, per budget with two seeds or more of a pair: the searched model's mean lead over each
+    baseline paired by seed, its 95% t-interval, and whether these seeds tell the two apart."""
+    lines = []
+    for budget in sorted({r.budget for r in rows if r.budget is not None}, reverse=True):
+        found = {base: paired_difference(rows, budget, base) for base in (Kind.hawq, Kind.uniform)}
+        found = {base: d for base, d in found.items() if d is not None and d.n >= 2 and not math.isnan(d.mean)}
+        parts = [f"searched - {base.value} {d} over {d.n} seeds ("
+                 f"{'apart' if d.resolved else 'not apart: the interval holds 0'})" for base, d in found.items()]
+        if parts:
+            lines.append(f"- {budget:g} bits: " + "; ".join(parts) + ".")
+    return lines
+
+
+def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False, needs: bool = False,
+              ci: bool = False) -> str:
     """One markdown table over several tasks' comparisons (each task's runs, as `collect` reads them): per task
     and budget the median metric of FP32 and of every method, the searched model's lead over each baseline
     (negative: it loses) and issue #6's target. With `by_seed` two more columns say on how many seeds the
     searched model is ahead of each baseline, paired by seed (`seeds_ahead`). With `needs` one more says which
-    searched median would meet the target (`target_needs`), or that none can."""
+    searched median would meet the target (`target_needs`), or that none can. With `ci` two more give the
+    searched model's mean lead over each baseline paired by seed and its 95% t-interval (`paired_difference`)."""
 
     def cell(p: Point | None) -> str:
         return "-" if p is None else f"{p.median:.2f}"
@@ -408,7 +469,12 @@ def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False,
         found = seeds_ahead(task_rows, budget, base)
         return "-" if found is None else f"{found[0]}/{found[1]}"
 
-    columns = STANDINGS_COLUMNS + (SEEDS_AHEAD_COLUMNS if by_seed else []) + (NEEDS_COLUMNS if needs else [])
+    def interval(task_rows: Sequence[Row], budget: float, base: Kind) -> str:
+        found = paired_difference(task_rows, budget, base)
+        return "-" if found is None else str(found)
+
+    columns = (STANDINGS_COLUMNS + (SEEDS_AHEAD_COLUMNS if by_seed else []) + (NEEDS_COLUMNS if needs else [])
+               + (CI_COLUMNS if ci else []))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for task, rows in tasks:
         points = aggregate(rows)
@@ -424,6 +490,8 @@ def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False,
                 values += [ahead(rows, budget, Kind.hawq), ahead(rows, budget, Kind.uniform)]
             if needs:
                 values.append(_needs(target_needs(points, budget)))
+            if ci:
+                values += [interval(rows, budget, Kind.hawq), interval(rows, budget, Kind.uniform)]
             lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
@@ -471,12 +539,18 @@ COLUMNS = ["method", "budget (bits)", "encoder bits/weight", "encoder MiB", "tot
            "pruned groups", "metric median [min, max]", "other metrics (median)", "seeds"]
 
 
-def markdown(points: Sequence[Point], title: str) -> str:
+def markdown(points: Sequence[Point], title: str, rows: Sequence[Row] = ()) -> str:
+    """comparison.md: the table of `points`, the verdict on their medians and, from the per-seed `rows`, the
+    searched model's lead paired by seed with its 95% interval where two seeds or more have both methods."""
     lines = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(p)) + " |" for p in points]
     found = verdict(points)
     if found:
         lines += ["", "Searched vs the baselines (medians):", "", *found]
+    found = paired_lines(rows)
+    if found:
+        lines += ["", "Searched vs the baselines, paired by seed (mean difference [95% t-interval over the seeds]):",
+                  "", *found]
     return "\n".join(lines) + "\n"
 
 
@@ -499,7 +573,7 @@ def write_comparison(rows: Sequence[Row], out: Path, title: str) -> tuple[list[P
     points = aggregate(rows)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("comparison.md", "comparison.csv", "runs.csv", "pareto.png")}
-    write_text_atomic(paths["comparison.md"], markdown(points, title))
+    write_text_atomic(paths["comparison.md"], markdown(points, title, rows))
     _write_csv(paths["comparison.csv"], points)
     _write_csv(paths["runs.csv"], rows)
     pareto(points, paths["pareto.png"], title)

@@ -20,7 +20,8 @@ from conftest import ROOT
 from search.__main__ import run_stage
 from search.budget import uniform
 from search.compare import _reuse_uniform, draw_seed, uniform_bits
-from search.comparison import Kind, aggregate, collect, collect_draws, draws_table, paired, verdict, write_comparison
+from search.comparison import (Kind, aggregate, collect, collect_draws, draws_table, paired, paired_difference, verdict,
+                               write_comparison)
 from search.rundir import STATE_FILE, RunDir, changed_settings, run_step, schema_defaults
 from supernet import Architecture, QuantMode, SearchSpace, to_supernet
 
@@ -185,6 +186,25 @@ def test_verdict_states_wins_and_losses_plainly(tmp_path, searched, hawq, unifor
         assert "target" not in line
 
 
+def test_paired_difference_is_the_mean_lead_over_seeds_with_a_t_interval(tmp_path):
+    # searched - HAWQ-V2 on seeds 1-3: 2, 4, 3 -> mean 3, sd 1; t(0.975, 2 df) = 4.3027 -> 3 -/+ 4.3027 / sqrt(3)
+    _tree(tmp_path, {("qat", 2, 1): 82.0, ("qat", 2, 2): 84.0, ("qat", 2, 3): 83.0, ("qat", 2, 4): 99.0,
+                     ("hawq_qat", 2, 1): 80.0, ("hawq_qat", 2, 2): 80.0, ("hawq_qat", 2, 3): 80.0,
+                     ("uniform2", 2, 1): 81.0, ("uniform2", 2, 2): 84.5, ("uniform2", 2, 3): 83.0})
+    rows = collect([tmp_path])
+    d = paired_difference(rows, 2.0, Kind.hawq)  # seed 4 has no HAWQ-V2 run: not a pair
+    assert (d.n, d.mean) == (3, 3.0) and d.low == pytest.approx(0.5159, abs=1e-4) and d.high == pytest.approx(5.4841, abs=1e-4)
+    assert str(d) == "+3.00 [+0.52, +5.48]" and d.resolved
+    u = paired_difference(rows, 2.0, Kind.uniform)  # 1, -0.5, 0: the interval holds 0
+    assert u.n == 3 and not u.resolved and u.low < 0 < u.high
+    assert paired_difference(rows, 4.0, Kind.hawq) is None
+    one = paired_difference([r for r in rows if r.seed in (None, 1)], 2.0, Kind.hawq)
+    assert str(one) == "+2.00 (1 seed)" and not one.resolved
+    md = write_comparison(rows, tmp_path / "out", "t")[1]["comparison.md"].read_text()
+    assert ("- 2 bits: searched - hawq +3.00 [+0.52, +5.48] over 3 seeds (apart); searched - uniform +0.17 "
+            "[-1.73, +2.06] over 3 seeds (not apart: the interval holds 0).") in md
+
+
 def test_write_comparison_writes_table_csv_and_plot(tmp_path):
     _tree(tmp_path, {("qat", 2, 1): 80.0, ("qat", 2, 2): 82.0, ("hawq_qat", 2, 1): 79.0, ("uniform2", 2, 1): 77.0})
     points, paths = write_comparison(collect([tmp_path]), tmp_path / "out", "t")
@@ -239,6 +259,12 @@ def test_standings_tool_puts_every_task_budget_and_lead_in_one_table(tmp_path):
     assert out[0].endswith("| seeds | searched needs |")
     # T1: HAWQ-V2 80.50 over a1-a3, uniform 79.00; T2: HAWQ-V2 71.00 at 4 bits, no HAWQ-V2 at 2 bits
     assert [line.rsplit("|", 2)[1].strip() for line in out[2:]] == ["81.50", "71.00", "-"]
+    out = subprocess.run([*tool, "--ci", f"T1={tmp_path}/a*", f"T2={tmp_path}/b"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].endswith("| seeds | searched - HAWQ-V2, paired mean [95% CI] | searched - uniform, paired mean [95% CI] |")
+    # T1 against HAWQ-V2: 1.5, 3.5, 1.0 (mean 2, sd 1.3229, 3 seeds); T2 at 4 bits: one seed, no interval
+    assert out[2].endswith("| 3/4 | +2.00 [-1.29, +5.29] | +2.67 [-3.58, +8.92] |")
+    assert out[3].endswith("| 1 | -1.00 (1 seed) | - |") and out[4].endswith("| 1 | - | - |")
     _tree(tmp_path / "e", {("qat", 2, 1): 90.0, ("hawq_qat", 2, 1): 80.0, ("uniform2", 2, 1): 80.0})
     out = subprocess.run([*tool, "--needs", "--seeds-ahead", f"T6={tmp_path}/e"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.splitlines()

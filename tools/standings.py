@@ -8,7 +8,9 @@ model, HAWQ-V2 and uniform QAT over the seeds found, the searched model's lead o
 where it loses) and whether issue #6's target holds (>= HAWQ-V2 at <= 4 bits; at <= 2.5 bits +1 point over
 HAWQ-V2 and more over uniform). `--seeds-ahead` adds, per baseline, on how many seeds the searched model
 scores higher than it, paired by seed (k/n); `--needs` the searched median that would meet the target against
-these baselines, or "out of reach" where uniform is at or above HAWQ-V2 at <= 2.5 bits. Several QAT draws per seed
+these baselines, or "out of reach" where uniform is at or above HAWQ-V2 at <= 2.5 bits; `--ci` the searched
+model's mean lead over each baseline paired by seed, with its 95% t-interval over the seeds (a lead whose
+interval holds 0 is one these seeds cannot tell from none). Several QAT draws per seed
 (`compare.qat_draws`) count as their median; `--max-draws N` reads each seed's first N alone. A pattern that matches no
 directory, a task with no finished quantized run, or runs that cannot be pooled (two results for one method, budget
 and seed; two tasks) are errors.
@@ -30,6 +32,8 @@ def main() -> int:
                    help="add the seeds on which the searched model is ahead of each baseline (paired by seed)")
     p.add_argument("--needs", action="store_true",
                    help="add the searched median that would meet #6's target, or 'out of reach' where uniform >= HAWQ-V2")
+    p.add_argument("--ci", action="store_true",
+                   help="add the searched model's mean lead over each baseline, paired by seed, with its 95%% t-interval")
     p.add_argument("--max-draws", type=int, default=None, metavar="N",
                    help="read only each seed's first N QAT draws (default: all; 1: as a comparison of one draw)")
     args = p.parse_args()
@@ -60,7 +64,7 @@ def main() -> int:
                   file=sys.stderr)
             return 2
         tasks.append((name, rows))
-    print(standings(tasks, by_seed=args.seeds_ahead, needs=args.needs), end="")
+    print(standings(tasks, by_seed=args.seeds_ahead, needs=args.needs, ci=args.ci), end="")
     return 0
 
 
