@@ -200,6 +200,8 @@ def test_paired_difference_is_the_mean_lead_over_seeds_with_a_t_interval(tmp_pat
     assert paired_difference(rows, 4.0, Kind.hawq) is None
     one = paired_difference([r for r in rows if r.seed in (None, 1)], 2.0, Kind.hawq)
     assert str(one) == "+2.00 (1 seed)" and not one.resolved
+    nan = [dataclasses.replace(r, metric=math.nan) if r.seed == 2 and r.method is Kind.hawq else r for r in rows]
+    assert str(paired_difference(nan, 2.0, Kind.hawq)) == "not comparable (a metric is not a number)"
     md = write_comparison(rows, tmp_path / "out", "t")[1]["comparison.md"].read_text()
     assert ("- 2 bits: searched - hawq +3.00 [+0.52, +5.48] over 3 seeds (apart); searched - uniform +0.17 "
             "[-1.73, +2.06] over 3 seeds (not apart: the interval holds 0).") in md
