@@ -10,7 +10,8 @@ and, with several QAT draws per architecture (`compare.qat_draws`), `qat.draw1/`
 beside them. `collect` turns every such metrics.json into a `Row`, one per (method, budget, seed): the median
 of its draws; `aggregate` takes the median and the spread over
 seeds per (method, budget); `write_comparison` writes comparison.md (with a plain verdict against the
-baselines), comparison.csv, runs.csv and pareto.png. Nothing is typed by hand.
+baselines, and the searched model's lead paired by seed with its 95% interval: `paired_difference`),
+comparison.csv, runs.csv and pareto.png. Nothing is typed by hand.
 """
 from __future__ import annotations
 
