@@ -385,7 +385,7 @@ def _differences(rows: Sequence[Row], budget: float, base: Kind) -> list[float]:
         return {r.seed: r.metric for r in rows if r.method is kind and r.budget == budget}
 
     searched, other = by_seed(Kind.searched), by_seed(base)
-    return [searched[s] - other[s] for s in sorted(set(searched) & set(other), key=lambda s: (s is None, s or 0))]
+    return [searched[s] - other[s] for s in sorted(set(searched) & set(other))]
 
 
 def seeds_ahead(rows: Sequence[Row], budget: float, base: Kind) -> tuple[int, int] | None:
@@ -398,14 +398,13 @@ def seeds_ahead(rows: Sequence[Row], budget: float, base: Kind) -> tuple[int, in
 
 @dataclass(frozen=True)
 class Difference:
-    """The searched model's lead over a baseline, paired by seed: the mean over `n` seeds and its two-sided
-    t-interval [low, high] at `confidence` (NaN bounds with one seed, which gives no spread)."""
+    """The searched model's lead over a baseline, paired by seed: the mean over `n` seeds and its two-sided 95%
+    t-interval [low, high] (NaN bounds with one seed, which gives no spread)."""
 
     n: int
     mean: float
     low: float
     high: float
-    confidence: float = 0.95
 
     def __str__(self) -> str:
         if math.isnan(self.mean):
@@ -420,9 +419,9 @@ class Difference:
         return self.n >= 2 and (self.low > 0 or self.high < 0)
 
 
-def paired_difference(rows: Sequence[Row], budget: float, base: Kind, confidence: float = 0.95) -> Difference | None:
+def paired_difference(rows: Sequence[Row], budget: float, base: Kind) -> Difference | None:
     """The searched model's lead over `base` at `budget`, paired by seed (each seed's pooled metric, see `collect`):
-    the mean of the per-seed differences with Student's t-interval over the seeds. The seed is the unit that
+    the mean of the per-seed differences with Student's 95% t-interval over the seeds. The seed is the unit that
     varies the architecture; with several QAT draws per seed their median is that seed's value. None when no
     seed has both methods."""
     from scipy.stats import t
@@ -432,9 +431,9 @@ def paired_difference(rows: Sequence[Row], budget: float, base: Kind, confidence
         return None
     mean = statistics.fmean(found)
     if len(found) < 2 or any(map(math.isnan, found)):
-        return Difference(len(found), mean, math.nan, math.nan, confidence)
-    half = t.ppf((1 + confidence) / 2, len(found) - 1) * statistics.stdev(found) / math.sqrt(len(found))
-    return Difference(len(found), mean, mean - half, mean + half, confidence)
+        return Difference(len(found), mean, math.nan, math.nan)
+    half = t.ppf(0.975, len(found) - 1) * statistics.stdev(found) / math.sqrt(len(found))
+    return Difference(len(found), mean, mean - half, mean + half)
 
 
 def paired_lines(rows: Sequence[Row]) -> list[str]:
