@@ -36,7 +36,7 @@ from search.evaluate import run_eval
 from search.export import run_export
 from search.finetune import finetune
 from search.hawq_stage import run_hawq
-from search.logger import check_logger, make_logger
+from search.logger import check_logger, step_loggers
 from search.progress import configure as configure_progress
 from search.pipeline import run_pipeline
 from search.qat import run_qat
@@ -222,11 +222,10 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
         configure_progress(config.progress_bar)
         check_reusable(run_dir, config.resume)
         set_seed(config.seed)
-        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         run = RunDir(
             run_dir,
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-            logger_factory=lambda: make_logger(config.logger, run_dir, resolved),
+            logger_factory=step_loggers(config.logger, run_dir),
             before_writing=(lambda r: check_resumed(r, config.stage)) if config.resume else None,
         )
         with run:

@@ -163,7 +163,7 @@ def run_compare(c: Config, run: RunDir) -> dict[str, Any]:
                "budgets": list(cfg.budgets), "seeds": list(cfg.seeds), "methods": [m.value for m in cfg.methods],
                "runs": len(rows), "files": {k: str(v) for k, v in paths.items()},
                "comparison": (run.path / "comparison.md").read_text()}
+    run.write_json("metrics.json", summary)  # first: the result stands whatever the tracker does
     run.logger.table("comparison", paths["comparison.csv"])
     run.logger.image("pareto", paths["pareto.png"])
-    run.write_json("metrics.json", summary)
     return summary

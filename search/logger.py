@@ -12,13 +12,14 @@ import logging
 import netrc
 import os
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 from urllib.parse import urlparse
 
 from search.config import LoggerConfig, LoggerKind, WandbMode
 from search.errors import UserError
 
-__all__ = ["RunLogger", "NullLogger", "WandbLogger", "check_logger", "make_logger", "wandb_mode"]
+__all__ = ["RunLogger", "NullLogger", "WandbLogger", "LoggerFactory", "check_logger", "make_logger", "step_loggers",
+           "wandb_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,12 @@ class NullLogger:
 
 
 class WandbLogger:
-    """One wandb run, living in `<run_dir>/wandb/`."""
+    """One wandb run, living in `<run_dir>/wandb/`. Several can be open at once: a multi-step run (pipeline,
+    compare) keeps its own open while each step logs to a run of its own."""
 
     def __init__(
-        self, cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any], name: str | None = None
+        self, cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any], name: str | None = None,
+        group: str | None = None,
     ) -> None:
         import wandb  # imported here: `logger=none` runs never load it
 
@@ -69,9 +72,10 @@ class WandbLogger:
             entity=cfg.entity,
             dir=str(run_dir),
             name=name or run_dir.name,
+            group=group,
             config=dict(config),
             mode=mode,
-            reinit="finish_previous",
+            reinit="create_new",  # never finish another open run (the multi-step run a step belongs to)
         )
         log.info("wandb run %s (mode %s) in %s/wandb", self._run.name, mode or "from WANDB_MODE", run_dir)
 
@@ -142,8 +146,24 @@ def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def make_logger(
-    cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any], name: str | None = None
+    cfg: LoggerConfig, run_dir: Path, config: Mapping[str, Any], name: str | None = None, group: str | None = None
 ) -> RunLogger:
     """The tracker `cfg.kind` asks for, logging the resolved `config`."""
-    builders = {LoggerKind.none: lambda: NullLogger(), LoggerKind.wandb: lambda: WandbLogger(cfg, run_dir, config, name)}
+    builders = {LoggerKind.none: lambda: NullLogger(),
+                LoggerKind.wandb: lambda: WandbLogger(cfg, run_dir, config, name, group)}
     return builders[cfg.kind]()
+
+
+# what a RunDir opens its tracker with: its own directory and its config
+LoggerFactory = Callable[[Path, Mapping[str, Any]], RunLogger]
+
+
+def step_loggers(cfg: LoggerConfig, top: Path) -> LoggerFactory:
+    """The trackers of one command's run directory `top` and of every step beneath it (pipeline, compare): each
+    a run of its own, in its own directory, named after its path (`<top>/b2/s42/search`) and grouped under `top`'s
+    name, so that a step's run never ends the command's."""
+    def make(run_dir: Path, config: Mapping[str, Any]) -> RunLogger:
+        step = run_dir.relative_to(top).as_posix()
+        name = top.name if step == "." else f"{top.name}/{step}"
+        return make_logger(cfg, run_dir, config, name=name, group=top.name)
+    return make

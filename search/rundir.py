@@ -38,7 +38,7 @@ except ImportError:  # Windows: no flock; runs there are not guarded against a s
 
 from search.config import Config
 from search.errors import UserError
-from search.logger import NullLogger, RunLogger
+from search.logger import LoggerFactory, NullLogger, RunLogger
 
 __all__ = [
     "RunDir", "RESULTS", "changed_settings", "check_reusable", "schema_defaults", "previous_dir", "remove_if_empty", "replace_dir", "refuse_changed_steps", "run_step", "saved_train_state", "STATE_FILE",
@@ -134,7 +134,7 @@ class RunDir:
         self,
         path: Path | str,
         config_yaml: str | None = None,
-        logger_factory: Callable[[], RunLogger] = NullLogger,
+        logger_factory: LoggerFactory = lambda run_dir, config: NullLogger(),
         main_process: bool = True,
         before_writing: Callable[["RunDir"], None] | None = None,
         parent_config_yaml: str | None = None,
@@ -180,7 +180,8 @@ class RunDir:
         self._handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         self._handler.setLevel(logging.INFO)
         logging.getLogger().addHandler(self._handler)
-        self.logger = self._logger_factory()
+        config = OmegaConf.to_container(OmegaConf.create(self._config_yaml)) if self._config_yaml else {}
+        self.logger = self._logger_factory(self.path, config)
         log.info("run directory %s", self.path)
 
     def _acquire(self) -> None:

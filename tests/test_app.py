@@ -21,10 +21,10 @@ from transformers import BertModel
 from conftest import ROOT, tiny_config
 from data_fixtures import GLUE_FILES, tiny_tokenizer, write_conll, write_glue, write_squad
 from search.__main__ import CONF_DIR, check_group_choices, check_overrides, run_stage
-from search.config import LoggerConfig, LoggerKind, WandbMode
+from search.config import Config, LoggerConfig, LoggerKind, Stage, WandbMode
 from search.errors import UserError
-from search.logger import NullLogger, make_logger, wandb_mode
-from search.rundir import LOCK, RunDir, check_reusable
+from search.logger import NullLogger, make_logger, step_loggers, wandb_mode
+from search.rundir import LOCK, RunDir, check_reusable, run_step
 
 WORDS = ["the", "cat", "sat", "on", "mat", "washington", "unaffable", "a", "is", "it", "where", "who"]
 
@@ -337,6 +337,35 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     logger.summary({"eval": {"validation": {"accuracy": 50.0}}})
     logger.finish()
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_each_step_logs_to_a_wandb_run_of_its_own_and_the_command_logs_after_its_steps(tmp_path, monkeypatch):
+    """A pipeline or a comparison keeps its own run open while every step logs to one of its own; a step's run
+    once ended the command's, and the comparison table logged after the steps then failed."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    top = tmp_path / "cmp"
+    run = RunDir(top, config_yaml="stage: compare\n",
+                 logger_factory=step_loggers(LoggerConfig(kind=LoggerKind.wandb, mode=WandbMode.offline), top))
+    seen = {}
+
+    def step(r: RunDir, resume: bool) -> dict:
+        r.open()
+        r.log({"loss": 1.0}, 0)
+        seen.update(name=r.logger._run.name, group=r.logger._run.group, config=dict(r.logger._run.config))
+        r.write_json("metrics.json", {})
+        return {}
+
+    (tmp_path / "t.csv").write_text("method,f1\nsearched,85.0\n")
+    with run:
+        run.open()
+        run_step(run, "b2/s42/search", step, config=Config(stage=Stage.search, seed=42))
+        run.logger.table("comparison", tmp_path / "t.csv")  # the command's run is still open
+        assert (run.logger._run.name, run.logger._run.group) == ("cmp", "cmp")
+    assert seen["name"] == "cmp/b2/s42/search" and seen["group"] == "cmp"
+    assert seen["config"]["stage"] == "search" and seen["config"]["seed"] == 42  # the step's own config
+    assert list((top / "wandb").glob("offline-run-*"))
+    assert list((top / "b2" / "s42" / "search" / "wandb").glob("offline-run-*"))
 
 
 def test_wandb_online_without_an_api_key_is_one_line_before_the_run_dir(env, tmp_path, capsys, monkeypatch):
