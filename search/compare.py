@@ -30,6 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from supernet import Architecture, QuantMode
 from supernet.quantizers import MIDRISE_BITS
 
@@ -39,7 +41,7 @@ from .config import BudgetConfig, Config, EvalConfig, Method, QatInit, Stage
 from .dnas import run_search
 from .errors import UserError
 from .evaluate import run_eval
-from .pipeline import check_budgets_up_front, common_args, fine_tuned_model, hawq_steps, kept_state, qat_step
+from .pipeline import check_up_front, common_args, fine_tuned_model, hawq_steps, kept_state, qat_step
 from .qat import SUPERNET_STATE
 from .rundir import RunDir, replace_dir, run_step, temp_beside
 
@@ -87,6 +89,8 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
         # at the searched architecture's exact size when there is one; else at the budget itself
         hawq_budget = (BudgetConfig(match=str(searched), scope=c.budget.scope) if searched.is_file()
                        else BudgetConfig(avg_bits=budget, scope=c.budget.scope))
+        if searched.is_file():
+            _warn_unmatched_hawq(run.path / cell / "hawq")
         hawq_steps(c, run, f"{cell}/", model, hawq_budget, seed, (_HAWQ, _HAWQ + ("qat",)))
         hawq_arch = run.path / cell / "hawq" / "architecture.json"
         for d in draws[1:]:  # draw 0 is hawq_steps' own
@@ -102,6 +106,19 @@ def _cell(c: Config, run: RunDir, model: Any, skeleton: Any, budget: float, seed
             step = f"{cell}/{draw_name(f'uniform{bits}', d)}"
             _reuse_uniform(run, step, path, seed)
             qat_step(c, run, step, model, path, draw_seed(seed, d), _QAT)
+
+
+def _warn_unmatched_hawq(step: Path) -> None:
+    """A finished HAWQ-V2 run of a comparison that had no searched architecture then (`searched` added to the methods
+    later) was allocated at the plain budget: it is reused like any finished step, so say that it is not at the
+    searched architecture's exact size and how to rerun it there."""
+    config = step / "config.yaml"
+    if not ((step / "metrics.json").is_file() and config.is_file()):
+        return
+    if OmegaConf.load(config).get("budget", {}).get("match") is None:
+        log.warning("%s was allocated at the plain budget, before this cell had a searched architecture, not at that "
+                    "architecture's exact size; delete it and %s to rerun both at that size", step,
+                    step.with_name("hawq_qat"))
 
 
 def _same_architecture(done: Architecture, mine: Architecture) -> bool:
@@ -144,7 +161,7 @@ def run_compare(c: Config, run: RunDir) -> dict[str, Any]:
         raise UserError("stage=compare takes its budgets from compare.budgets; unset budget.avg_bits, budget.mb "
                         "and budget.match (budget.scope still applies)")
     budgets = [Budget(c.budget.scope, avg_bits=b) for b in cfg.budgets]
-    skeleton = check_budgets_up_front(c, budgets)
+    skeleton = check_up_front(c, budgets, Method.hawq in cfg.methods)
     run.open()
     results: dict[str, Any] = {}
     model = fine_tuned_model(c, run, results)

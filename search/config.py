@@ -112,6 +112,10 @@ class ModelConfig:
     """A pretrained checkpoint: a hub id or a local directory (a BertModel gets a new task head)."""
 
     name_or_path: str = MISSING
+    # is it fine-tuned on the task already (pipeline and compare then skip their finetune step)? None: when this
+    # project's finetune stage wrote it for the task (its bert_mpq.json says so); true: a checkpoint fine-tuned
+    # elsewhere (it must have a task head); false: fine-tune it first in any case
+    finetuned: Optional[bool] = None
 
 
 @dataclass

@@ -147,6 +147,18 @@ def _resolve_budget(budget_cfg: BudgetConfig, template: Architecture) -> Budget:
     return budget
 
 
+def check_hawq_settings(cfg: HawqConfig, space: SearchSpace) -> None:
+    """HAWQ-V2's settings that only the space can refute; a pipeline or compare checks them before its first step."""
+    if not cfg.activations:
+        return
+    if len(space.a_bits) < 2:
+        raise UserError(f"hawq.activations=true allocates activation bits, but space.a_bits={list(space.a_bits)} "
+                        f"offers one; give several, e.g. space.a_bits=[4,8]")
+    if cfg.a_avg_bits is None or not min(space.a_bits) <= cfg.a_avg_bits:
+        raise UserError(f"hawq.activations=true needs hawq.a_avg_bits (average bits per activation element) of at "
+                        f"least {min(space.a_bits)}, the smallest of space.a_bits; got {cfg.a_avg_bits}")
+
+
 def run_hawq(
     model: ModelConfig, task: TaskConfig, space: SearchSpace, cfg: HawqConfig, budget_cfg: BudgetConfig,
     evaluation: EvalConfig, run: RunDir, *, seed: int, max_eval_examples: int | None = None,
@@ -154,13 +166,7 @@ def run_hawq(
 ) -> dict[str, Any]:
     """HAWQ-V2 of the fine-tuned `model` under the budget; writes architecture.json and metrics.json."""
     spec = get_task(task.name)
-    if cfg.activations:
-        if len(space.a_bits) < 2:
-            raise UserError(f"hawq.activations=true allocates activation bits, but space.a_bits={list(space.a_bits)} "
-                            f"offers one; give several, e.g. space.a_bits=[4,8]")
-        if cfg.a_avg_bits is None or not min(space.a_bits) <= cfg.a_avg_bits:
-            raise UserError(f"hawq.activations=true needs hawq.a_avg_bits (average bits per activation element) of at "
-                            f"least {min(space.a_bits)}, the smallest of space.a_bits; got {cfg.a_avg_bits}")
+    check_hawq_settings(cfg, space)
     tokenizer = load_tokenizer(model.name_or_path)
     tokenized, sets = task_data(task, tokenizer, evaluation, cache_dir, max_eval_examples, train=True)
     net = load_task_model(model.name_or_path, spec.name)

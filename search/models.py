@@ -33,7 +33,8 @@ from search.tasks import TaskKind, TaskSpec, get_task
 from supernet import SearchSpace, to_supernet
 from supernet.files import follow_umask
 
-__all__ = ["MODEL_CLASSES", "TASK_FILE", "check_local", "load_tokenizer", "load_task_model", "save_checkpoint"]
+__all__ = ["MODEL_CLASSES", "TASK_FILE", "check_local", "load_tokenizer", "load_task_model", "require_task_head",
+           "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ def _head_kwargs(spec: TaskSpec) -> dict[str, Any]:
     return kwargs
 
 
-def _check_head(name_or_path: str, spec: TaskSpec) -> None:
-    """A checkpoint fine-tuned on another task has a head of another shape: say so before loading."""
+def _check_head(name_or_path: str, spec: TaskSpec) -> bool:
+    """A checkpoint fine-tuned on another task has a head of another shape: say so before loading. Whether it
+    has a task head at all."""
     task_file = Path(name_or_path).expanduser() / TASK_FILE
     if task_file.is_file():
         trained_on = json.loads(task_file.read_text()).get("task")
@@ -108,6 +110,16 @@ def _check_head(name_or_path: str, spec: TaskSpec) -> None:
             f"{name_or_path} has a head with {config.num_labels} outputs but task {spec.name!r} "
             f"needs {spec.num_labels}; use a checkpoint fine-tuned on {spec.name}"
         )
+    return has_head
+
+
+def require_task_head(name_or_path: str, task: str) -> None:
+    """`model.finetuned=true` skips fine-tuning: the checkpoint must carry `task`'s head, since a bare encoder
+    would get a random one and every method would be measured on it."""
+    check_local(name_or_path)
+    if not _check_head(name_or_path, get_task(task)):
+        raise UserError(f"model.finetuned=true, but {name_or_path} has no task head (a bare encoder); drop "
+                        f"model.finetuned to fine-tune it on {task} first, or give a checkpoint fine-tuned on {task}")
 
 
 def load_task_model(name_or_path: str, task: str) -> PreTrainedModel:

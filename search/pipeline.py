@@ -20,13 +20,14 @@ from .budget import Budget, site_candidates
 from .config import BudgetConfig, Config, ModelConfig, QatInit, Stage
 from .dnas import run_search
 from .finetune import finetune
-from .hawq_stage import run_hawq
-from .models import TASK_FILE, convert, load_task_model
+from .hawq_stage import check_hawq_settings, run_hawq
+from .models import TASK_FILE, convert, load_task_model, load_tokenizer, require_task_head
+from .prepare import TRAIN, eval_split_names, load_splits
 from .qat import SUPERNET_STATE, run_qat
 from .rundir import RunDir, run_step
 from .tasks import get_task
 
-__all__ = ["run_pipeline", "hawq_steps", "qat_step", "finetuned_on", "fine_tuned_model", "common_args", "check_budgets_up_front",
+__all__ = ["run_pipeline", "hawq_steps", "qat_step", "finetuned_on", "fine_tuned_model", "common_args", "check_up_front",
            "kept_state"]
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,17 @@ def finetuned_on(name_or_path: str, task: str) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("task") == task
 
 
-def check_budgets_up_front(c: Config, budgets: Sequence[Budget]) -> Architecture:
-    """Impossible budgets fail now, not after fine-tuning and an hour of search; returns the architecture
-    skeleton of `c.model` converted with `c.space` (its sites and groups, at the argmax of fresh logits)."""
+def check_up_front(c: Config, budgets: Sequence[Budget], hawq: bool) -> Architecture:
+    """Bad input fails now, before the run directory is written, not after fine-tuning and an hour of search: the
+    task's data (read and tokenised as every step will, into the cache they reuse), HAWQ-V2's settings when `hawq`
+    runs, and impossible budgets. Returns the architecture skeleton of `c.model` converted with `c.space` (its sites
+    and groups, at the argmax of fresh logits)."""
+    if hawq:
+        check_hawq_settings(c.hawq, c.space)
+    if c.model.finetuned:
+        require_task_head(c.model.name_or_path, c.task.name)
+    load_splits(c.task, load_tokenizer(c.model.name_or_path), [TRAIN, *eval_split_names(c.task.name, c.eval.splits)],
+                c.cache_dir, c.max_eval_examples)
     net = convert(load_task_model(c.model.name_or_path, c.task.name), c.space, c.model.name_or_path)
     skeleton = Architecture.from_supernet(net)
     candidates = site_candidates(net)
@@ -63,10 +72,13 @@ def kept_state(c: Config, *names: str) -> tuple[str, ...] | None:
 
 
 def fine_tuned_model(c: Config, run: RunDir, results: dict[str, Any]) -> ModelConfig:
-    """`c.model` when it is fine-tuned on the task already, else the checkpoint of a `finetune/` step of `run`."""
+    """`c.model` when it is fine-tuned on the task already (`model.finetuned`, by default its bert_mpq.json), else
+    the checkpoint of a `finetune/` step of `run`."""
     checkpoint = c.model.name_or_path
-    if finetuned_on(checkpoint, c.task.name):
-        log.info("%s is fine-tuned on %s already; no finetune step", checkpoint, c.task.name)
+    told = c.model.finetuned
+    if told or (told is None and finetuned_on(checkpoint, c.task.name)):
+        log.info("%s is fine-tuned on %s already (%s); no finetune step", checkpoint, c.task.name,
+                 "model.finetuned=true" if told else "its bert_mpq.json")
         return c.model
     results["finetune"] = run_step(run, "finetune", lambda r, resume: finetune(
         c.model, c.task, c.finetune, c.eval, r, resume=resume, **common_args(c)), keep=kept_state(c),
@@ -101,8 +113,7 @@ def run_pipeline(c: Config, run: RunDir) -> dict[str, Any]:
     """Run every step into `run`'s sub-directories; returns (and writes) the summary."""
     spec = get_task(c.task.name)
     budget = Budget.from_args(c.budget.avg_bits, c.budget.mb, c.budget.scope, c.budget.match)
-    if budget is not None:
-        check_budgets_up_front(c, [budget])
+    check_up_front(c, [] if budget is None else [budget], c.pipeline.hawq)
     run.open()  # inputs checked: from here run.log keeps the steps' headers, and the directory is locked
     common = common_args(c)
     results: dict[str, Any] = {}

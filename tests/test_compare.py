@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from search.__main__ import run_stage
 from search.budget import uniform
-from search.compare import _reuse_uniform, draw_seed, uniform_bits
+from search.compare import _reuse_uniform, _warn_unmatched_hawq, draw_seed, uniform_bits
 from search.comparison import (Kind, aggregate, collect, collect_draws, draws_table, paired, paired_difference, verdict,
                                write_comparison)
 from search.rundir import STATE_FILE, RunDir, changed_settings, run_step, schema_defaults
@@ -461,6 +462,38 @@ def test_compare_checks_every_budget_before_anything_runs(env, tmp_path, capsys)
     run_dir = tmp_path / "bad"
     assert run_stage(_cfg(env, tmp_path, "stage=compare", "compare.budgets=[3,0.5]", "space.w_bits=[2,4]"), run_dir) != 0
     assert "below the smallest size" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_a_hawq_run_sized_at_the_plain_budget_is_named_when_a_search_joins_its_cell(tmp_path, caplog):
+    """Growing a comparison by methods (`searched` after `hawq`) reuses HAWQ-V2's finished run, which was allocated
+    at the budget and not at the searched architecture's size: the log says so and how to rerun it."""
+    step = tmp_path / "b2/s1/hawq"
+    step.mkdir(parents=True)
+    (step / "metrics.json").write_text("{}")
+    for match, warned in ((None, True), (str(tmp_path / "b2/s1/search/architecture.json"), False)):
+        (step / "config.yaml").write_text(OmegaConf.to_yaml({"stage": "hawq", "budget": {"avg_bits": 2, "match": match}}))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="search.compare"):
+            _warn_unmatched_hawq(step)
+        assert ("allocated at the plain budget" in caplog.text) is warned
+        assert (str(step.with_name("hawq_qat")) in caplog.text) is warned
+
+
+@pytest.mark.parametrize("stage", ["stage=compare", "stage=pipeline"])
+@pytest.mark.parametrize("overrides, message", [
+    (["task=rte"], "no data folder for task 'rte'"),
+    (["hawq.activations=true", "pipeline.hawq=true"], "hawq.activations=true allocates activation bits"),
+])
+def test_data_and_hawq_settings_are_checked_before_the_run_directory_is_written(env, tmp_path, capsys, stage, overrides,
+                                                                                  message):  # noqa: F811
+    """Both once failed in their first step: a compare or pipeline left config.yaml and run.log behind, and with
+    HAWQ-V2's settings, the fine-tuning, search and QAT it had run before them."""
+    run_dir = tmp_path / "bad"
+    budget = "compare.budgets=[3]" if stage == "stage=compare" else "budget.avg_bits=3"
+    assert run_stage(_cfg(env, tmp_path, stage, budget, *overrides), run_dir) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
     assert not run_dir.exists()
 
 

@@ -371,6 +371,30 @@ def test_pipeline_checks_the_budget_before_fine_tuning(env, tmp_path, capsys):  
     assert not run_dir.exists()
 
 
+def test_a_checkpoint_fine_tuned_elsewhere_skips_fine_tuning_when_told_and_must_have_a_head(env, tmp_path, capsys):  # noqa: F811
+    """The pipeline knows its own fine-tuned checkpoints by their bert_mpq.json; one fine-tuned elsewhere (a hub
+    model with its task head) is fine-tuned again unless `model.finetuned=true` says it is done."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from conftest import tiny_config
+
+    bare = tmp_path / "bare_pipe"
+    assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", "model.finetuned=true"), bare) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.finetuned=true, but" in err[0] and "no task head" in err[0]
+    assert not bare.exists()
+
+    elsewhere = tmp_path / "elsewhere"  # a classifier with SST-2's two labels and no bert_mpq.json
+    BertForSequenceClassification(tiny_config(num_labels=2)).save_pretrained(elsewhere)
+    AutoTokenizer.from_pretrained(env["model"]).save_pretrained(elsewhere)
+    for told, finetuned in (("model.finetuned=true", False), ("model.finetuned=false", True)):
+        run_dir = tmp_path / told.replace("=", "_")
+        assert run_stage(_cfg(env, tmp_path, "stage=pipeline", "budget.avg_bits=3", f"model.name_or_path={elsewhere}",
+                              told), run_dir) == 0
+        assert (run_dir / "finetune").exists() is finetuned
+        assert (run_dir / "qat" / "metrics.json").is_file()
+
+
 def test_qat_needs_an_architecture(env, tmp_path, capsys):  # noqa: F811
     assert run_stage(_cfg(env, tmp_path, "stage=qat"), tmp_path / "q") != 0
     assert "qat.architecture is not set" in capsys.readouterr().err
