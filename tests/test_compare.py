@@ -220,6 +220,33 @@ def test_write_comparison_writes_table_csv_and_plot(tmp_path):
     assert paths["pareto.png"].stat().st_size > 5000
 
 
+def test_plot_table_tool_reads_back_the_points_a_comparison_table_was_written_from(tmp_path):
+    """For a comparison whose run directories are gone, its generated table is what is left to plot."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from plot_table import point, table_lines
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    _tree(tmp_path, {("qat", 2, 1): 80.0, ("qat", 2, 2): 82.0, ("hawq_qat", 2, 1): 79.0, ("uniform2", 2, 1): 77.0})
+    points, paths = write_comparison(collect([tmp_path]), tmp_path / "out", "t")
+    page = tmp_path / "page.md"  # a table inside a longer page, after other tables
+    page.write_text("# notes\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n## the run\n\n" + paths["comparison.md"].read_text())
+    back = [point(row) for row in table_lines(page.read_text(), "## the run")]
+    assert [(p.method, p.budget, p.seeds, p.metric_name) for p in back] == \
+        [(p.method, p.budget, p.seeds, p.metric_name) for p in points]
+    for p, q in zip(back, points):  # as printed: 2 decimals for the metric, 3 for MiB
+        assert (p.median, p.low, p.high) == pytest.approx((q.median, q.low, q.high), abs=0.005)
+        assert p.encoder_mb == pytest.approx(q.encoder_mb, abs=5e-4)
+    tool = [sys.executable, "tools/plot_table.py", str(page), "--out", str(tmp_path / "p.png")]
+    assert subprocess.run([*tool, "--after", "## the run"], cwd=ROOT, capture_output=True, text=True).returncode == 0
+    assert (tmp_path / "p.png").stat().st_size > 5000
+    bad = subprocess.run([*tool, "--after", "## no such run"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no line starts with '## no such run'" in bad.stderr
+    page.write_text(page.read_text().replace("| searched | 2 |", "| searched | two |"))
+    bad = subprocess.run([*tool, "--after", "## the run"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
 def test_summary_tool_merges_multirun_jobs(tmp_path):
     for job, seed in (("0", 1), ("1", 2)):
         _tree(tmp_path / "multi" / job, {("qat", 2, seed): 80.0 + seed, ("hawq_qat", 2, seed): 79.0})
