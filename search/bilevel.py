@@ -246,7 +246,12 @@ class BilevelStep:
     def weight_step(self, batch: Batch) -> dict[str, float]:
         self.weight_opt.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model, batch)
-        total = loss + self.group_lasso_weight * group_lasso(self.model) if self.group_lasso_weight else loss
+        logs = {"loss/weights": loss.item()}
+        total = loss
+        if self.group_lasso_weight:
+            lasso = group_lasso(self.model)
+            total = loss + self.group_lasso_weight * lasso
+            logs["loss/group_lasso"] = lasso.item()
         self.backward(total, inputs=self.weights)
         if self.max_grad_norm > 0:
             self.unscale()  # clipping fp16's scaled gradients at 1 left ~1e-9 per weight, below AdamW's eps
@@ -254,7 +259,7 @@ class BilevelStep:
         self.weight_opt.step()
         if self.weight_scheduler is not None:
             self.weight_scheduler.step()
-        return {"loss/weights": loss.item()}
+        return logs
 
     def arch_step(self, arch_batch: Batch, train_batch: Batch) -> dict[str, float]:
         loss, size_logs = self.arch_gradients(arch_batch, train_batch)

@@ -324,6 +324,9 @@ class SearchConfig:
             _positive("search.xi", self.xi)
         if self.size_weight < 0 or self.group_lasso < 0 or self.curvature_weight < 0:
             raise ValueError("search.size_weight, search.group_lasso and search.curvature_weight must be >= 0")
+        if self.group_lasso > 0 and self.lr == 0:
+            raise ValueError(f"search.group_lasso={self.group_lasso} shrinks the weights in their step, which search.lr=0 "
+                             f"turns off; give search.lr > 0 or drop search.group_lasso")
 
 
 class QatInit(_ValueStr):
@@ -479,6 +482,9 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} is invalid; use a positive int or null (no cap)")
+        if self.search.group_lasso > 0 and 0 not in self.space.w_bits:
+            raise ValueError(f"search.group_lasso={self.search.group_lasso} pushes groups toward 0 bits, but "
+                             f"space.w_bits={list(self.space.w_bits)} cannot prune; add 0 or drop search.group_lasso")
 
 
 def _positive(name: str, value: float) -> None:

@@ -172,6 +172,19 @@ def test_temperature_mass_and_group_lasso(tiny_cfg):
     assert group_lasso(model).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_the_weight_step_shrinks_prunable_groups_by_the_group_lasso_and_logs_it(tiny_cfg):
+    norms = {}
+    for weight in (0.0, 0.5):
+        model, _, step = _setup(tiny_cfg, weight_lr=1e-2)
+        step.group_lasso_weight = weight
+        logs = step.weight_step(_batches()[0])
+        assert ("loss/group_lasso" in logs) is (weight > 0)
+        norms[weight] = group_lasso(model).item()
+        if weight:
+            assert logs["loss/group_lasso"] > norms[weight]  # logged before the step that shrank it
+    assert norms[0.5] < norms[0.0]
+
+
 def test_the_step_trains_in_training_mode_with_gumbel_noise(tiny_cfg):
     from supernet import Relaxation
 

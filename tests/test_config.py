@@ -128,6 +128,15 @@ def test_bad_values_fail_in_to_config_with_one_line(override, needle):
     assert needle in message and "\n" not in message
 
 
+def test_a_group_lasso_needs_a_weight_step_and_a_zero_bit_candidate():
+    """It shrinks the weights toward pruning: with no weight step or nothing to prune it would do nothing silently."""
+    assert to_config(_compose("search.group_lasso=0.1")).search.group_lasso == 0.1
+    with pytest.raises(UserError, match="search.group_lasso=0.1 shrinks the weights in their step, which search.lr=0"):
+        to_config(_compose("search.group_lasso=0.1", "search.lr=0"))
+    with pytest.raises(UserError, match=r"space.w_bits=\[1, 2, 3, 4\] cannot prune; add 0 or drop search.group_lasso"):
+        to_config(_compose("search.group_lasso=0.1", "space=lowbit"))
+
+
 def test_the_unrolled_step_size_must_be_positive():
     assert to_config(_compose("search.second_order=true", "search.xi=1e-3")).search.xi == 1e-3
     with pytest.raises(UserError, match="search.xi=-0.1 is invalid"):
