@@ -24,6 +24,7 @@ from supernet.cost import FP32_BITS
 from supernet.quantizers import group_errors
 
 from .budget import Budget, Penalty
+from .derive import activation_probs
 from .loop import Endless, batch_size
 
 Batch = Mapping[str, torch.Tensor]
@@ -136,7 +137,8 @@ def temperature(step: int, total: int, start: float, end: float) -> float:
 
 def probability_mass(model: nn.Module) -> dict[str, float]:
     """Share of the weights each candidate holds, overall (`mass/<bits>`) and per site (`mass/<site>/<bits>`, which
-    the tracker gets and run.log's step lines leave out), from the noise-free probabilities."""
+    the tracker gets and run.log's step lines leave out), from the noise-free probabilities. Searched activation bits
+    alike: `mass_input/<bits>` (the mean over the quantizers) and `mass_input/<site>/<bits>` (see `activation_probs`)."""
     out: dict[str, float] = {}
     overall: dict[int, float] = {}
     total = 0
@@ -149,6 +151,13 @@ def probability_mass(model: nn.Module) -> dict[str, float]:
                 out[f"mass/{name}/{b}"] = m
                 overall[b] = overall.get(b, 0.0) + m * n
     out.update({f"mass/{b}": v / total for b, v in sorted(overall.items())})
+    inputs = activation_probs(model)
+    act: dict[int, float] = {}
+    for name, (bits, p) in inputs.items():
+        for b, m in zip(bits, p[0].tolist()):
+            out[f"mass_input/{name}/{b}"] = m
+            act[b] = act.get(b, 0.0) + m / len(inputs)
+    out.update({f"mass_input/{b}": v for b, v in sorted(act.items())})
     return out
 
 
@@ -237,9 +246,13 @@ class BilevelStep:
         if step >= self.warmup_steps:
             # by position, not by what this process drew before: a resumed search takes the same batch
             logs.update(self.arch_step(self.arch_batches.at(step - self.warmup_steps), batch))
+        else:  # the architecture waits, but the expected size and its penalty are still worth a curve
+            with torch.no_grad():
+                logs.update(self.size_term(self.model)[1])
         if self.train_weights:
             logs.update(self.weight_step(batch))
-        if self.log_mass_every and step % self.log_mass_every == 0:
+        last = step == self.total_steps - 1  # the distributions the search ends with reach the tracker too
+        if self.log_mass_every and (step % self.log_mass_every == 0 or last):
             logs.update(probability_mass(self.model))
         return logs
 

@@ -74,6 +74,20 @@ def candidate_probs(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.
     return out
 
 
+def activation_probs(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
+    """Per searched activation quantizer, under the name of the first site that reads it (Q, K and V share one):
+    (candidate bits, [1, K] probabilities without sampling noise)."""
+    out, seen = {}, set()
+    for name, site in sites(model):
+        aq = getattr(site, "aq", None)
+        if aq is None or not aq.searchable or id(aq) in seen:
+            continue
+        seen.add(id(aq))
+        with torch.no_grad():
+            out[name] = (aq.cands.bits, aq.mean_probs().detach().double().cpu())
+    return out
+
+
 def decidedness(probs: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> tuple[float | None, float | None]:
     """(median top probability, share of groups at >= DECIDED) over the groups with several candidates."""
     tops = [p.max(1).values for bits, p in probs.values() if len(bits) > 1]

@@ -25,7 +25,7 @@ from .bilevel import BilevelStep, CurvatureTerm, SizeTerm, task_loss
 from .budget import Budget, Penalty, site_candidates, start_at_budget
 from .config import AlphaInit, ArchOptimizer, BudgetConfig, Derivation, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
 from .data import make_loader, split_for_search
-from .derive import candidate_probs, derive
+from .derive import activation_probs, candidate_probs, derive
 from .errors import UserError
 from .evaluate import evaluate_sets, scalars, stage_metrics
 from .loop import Endless, decay_groups, linear_warmup, make_accelerator, total_steps, train
@@ -57,6 +57,15 @@ def upper_optimizers(arch: list[torch.nn.Parameter], scales: list[torch.nn.Param
     if scales:
         out.append(torch.optim.Adam(scales, lr=cfg.scale_lr))
     return out
+
+
+ACT_ALPHAS = "alphas_input.json"  # the searched activation bits' probabilities, beside the weights' alphas.json
+
+
+def _rounded(probs: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> dict[str, dict[str, list]]:
+    """alphas.json's form: per site (or activation quantizer) its candidate bits and [G, K] probabilities."""
+    return {name: {"bits": list(bits), "probs": [[round(v, 4) for v in row] for row in p.tolist()]}
+            for name, (bits, p) in probs.items()}
 
 
 def run_search(
@@ -142,12 +151,12 @@ def run_search(
 
     supernet = accelerator.unwrap_model(net)
     arch, report = derive(supernet, budget, scale_bits=space.scale_bits, exact=cfg.derivation is Derivation.exact)
-    probs = {name: {"bits": list(bits), "probs": [[round(v, 4) for v in row] for row in p.tolist()]}
-             for name, (bits, p) in candidate_probs(supernet).items()}
     summary = arch.summary()
     if run.main_process:
         arch.save(run.path / "architecture.json")
-        write_text_atomic(run.path / "alphas.json", json.dumps(probs) + "\n")
+        for name, probs in (("alphas.json", candidate_probs(supernet)), (ACT_ALPHAS, activation_probs(supernet))):
+            if probs:  # the activations' only where their bits are searched
+                write_text_atomic(run.path / name, json.dumps(_rounded(probs)) + "\n")
         picture = plot_architecture(arch, run.path / "architecture.png")
         run.logger.image("architecture", picture)
     arch.apply(supernet)  # the derived model, evaluated before any QAT

@@ -76,10 +76,31 @@ def test_warmup_steps_leave_the_architecture_alone(tiny_cfg):
     model, sets, step = _setup(tiny_cfg, warmup=2)
     a0 = _snapshot(sets.arch)
     for i, batch in enumerate(_batches(2)):
-        step(batch, i)
+        logs = step(batch, i)
+        assert {"size/expected_mb", "size/expected_avg_bits", "loss/size"} <= set(logs)  # still a curve to watch
+        assert "loss/arch_task" not in logs
     assert not any(_changed(sets.arch, a0))
     step(_batches(1)[0], 2)
     assert all(_changed(sets.arch, a0))
+
+
+def test_the_mass_of_searched_activation_bits_is_logged_once_per_quantizer_and_at_the_last_step(tiny_cfg):
+    from search.derive import activation_probs
+
+    model = to_supernet(BertForSequenceClassification(tiny_cfg), SearchSpace(w_bits=[2, 4], groups=4, a_bits=[4, 8]))
+    inputs = activation_probs(model)
+    linear = [name for name, site in sites(model) if getattr(site, "aq", None) is not None]
+    assert 0 < len(inputs) < len(linear)  # Q, K and V read one input through one quantizer
+    assert all(bits == (4, 8) and p.shape == (1, 2) for bits, p in inputs.values())
+    mass = probability_mass(model)
+    assert mass["mass_input/4"] + mass["mass_input/8"] == pytest.approx(1.0)
+    assert sum(k.startswith("mass_input/") and k.count("/") == 2 for k in mass) == 2 * len(inputs)
+    assert not any(k.startswith("mass_input") for k in probability_mass(_setup(tiny_cfg)[0]))  # 8 bits alone: none
+
+    _, _, step = _setup(tiny_cfg, steps=3)
+    step.log_mass_every = 50
+    logged = [any(k.startswith("mass/") for k in step(batch, i)) for i, batch in enumerate(_batches(3))]
+    assert logged == [True, False, True]  # every 50 steps from the first, and the last
 
 
 def test_finite_difference_hvp_matches_autograd():

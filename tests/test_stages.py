@@ -46,6 +46,7 @@ def test_pipeline_runs_end_to_end_and_meets_the_budget(env, tmp_path, caplog):  
     assert arch.avg_bits("encoder") <= 3.0
     assert (run_dir / "search" / "architecture.png").stat().st_size > 1000
     assert (run_dir / "search" / "alphas.json").is_file()
+    assert not (run_dir / "search" / "alphas_input.json").exists()  # activations at 8 bits alone: nothing searched
     # the search step's config.yaml names the model it searched: the pipeline's fine-tuned checkpoint
     assert OmegaConf.load(run_dir / "search" / "config.yaml").model.name_or_path == str(run_dir / "finetune" / "checkpoint")
     search = _metrics(run_dir / "search")
@@ -167,6 +168,18 @@ def test_eval_of_a_tampered_packed_folder_is_a_one_line_error(env, tmp_path, cap
     assert run_stage(_cfg(env, tmp_path, "stage=eval", f"eval.checkpoint={folder}"), tmp_path / "ev") != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "truncated or modified" in err
+
+
+def test_a_search_of_activation_bits_writes_their_probabilities_beside_the_weights(env, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "act"
+    assert run_stage(_cfg(env, tmp_path, "stage=search", "budget.avg_bits=3", "space.a_bits=[4,8]", "max_steps=2"),
+                     run_dir) == 0
+    weights = json.loads((run_dir / "alphas.json").read_text())
+    inputs = json.loads((run_dir / "alphas_input.json").read_text())
+    assert 0 < len(inputs) < len(weights)  # one per activation quantizer: Q, K and V share theirs
+    assert all(a["bits"] == [4, 8] and len(a["probs"]) == 1 and sum(a["probs"][0]) == pytest.approx(1, abs=1e-3)
+               for a in inputs.values())
+    assert set(inputs) <= set(weights)  # named after the first site that reads the input
 
 
 def test_qat_of_a_hand_written_uniform_architecture(env, tmp_path):  # noqa: F811
