@@ -170,6 +170,7 @@ class Architecture:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for scope in Scope:
+            out[f"{scope.value}_bytes"] = self.size_bytes(scope)  # exact (bits / 8): MiB below are rounded
             out[f"{scope.value}_mb"] = round(self.size_mb(scope), 4)
             out[f"{scope.value}_avg_bits"] = round(self.avg_bits(scope), 4)
             ratio = self.compression_ratio(scope)

@@ -104,6 +104,7 @@ def test_json_round_trip(tmp_path, tiny_cfg):
     d = json.loads(path.read_text())
     assert d["sites"]["bert.encoder.layer.0.attention.self.query"]["bits"] == list(arch.site("bert.encoder.layer.0.attention.self.query").bits)
     assert d["summary"]["pruned_groups"] == arch.pruned_groups()
+    assert d["summary"]["encoder_bytes"] == arch.size_bytes("encoder") and d["summary"]["total_bytes"] == arch.size_bytes("total")
 
 
 def test_apply_fixes_the_model_and_derive_reads_it_back(tiny_cfg):
