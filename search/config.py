@@ -262,9 +262,9 @@ class SearchConfig:
     lr: float = 2e-5  # weights (AdamW), linear warmup then decay; 0: the weights stay at the checkpoint
     weight_decay: float = 0.01
     lr_warmup_ratio: float = 0.1
-    # Adam, not the paper's SGD 0.1: measured on MiniLM-L6 (18,432 logits), a logit's gradient is ~1e-5
-    # (task 9e-6, size penalty 1.2e-5 on average), so SGD at 0.1 moves it ~1e-6 per step: nothing moves in
-    # a search of a few thousand steps. Adam's normalised step does not depend on that scale. At 1e-2 with a
+    # Adam, not the paper's SGD 0.1: measured on MiniLM-L6 and MRPC (18,432 logits; BENCHMARKS.md, "Why Adam"), a
+    # logit's mean |gradient| is 1.3e-4 from the task and 1.2e-5 from the size penalty, so SGD at 0.1 moves it
+    # 1.4e-5 per step: 3e-3 over a 211-step search. Adam's normalised step (~its lr) does not depend on that scale. At 1e-2 with a
     # fixed temperature, 116 steps on MRPC left the median group's top candidate at 0.31 of the probability
     # (near uniform); 5e-2 annealed to tau 0.2 decides it (median 0.97) and QAT scores higher (BENCHMARKS.md).
     arch_optimizer: ArchOptimizer = ArchOptimizer.adam

@@ -6,7 +6,10 @@ architecture logits and the first-order one, and the relative size of their diff
 the weights' lr (2e-5 with AdamW, as DARTS takes the weights' SGD lr); "adam" is the xi whose SGD step moves
 the weights as far as an Adam step of that lr does (lr / RMS of the weights' gradient). Then the same
 finite-difference Hessian-vector product at two radii (does the estimate hold still on quantized weights?),
-and the time of a second-order architecture step over a first-order one (interleaved, medians).
+and the time of a second-order architecture step over a first-order one (interleaved, medians). First, the
+scale of the first-order gradient itself, from the task loss and from the size penalty apart: the mean |gradient|
+of a logit, and how far one step of the paper's SGD at lr 0.1 moves it against Adam's (about its lr per step,
+whatever the gradient's scale), the reason the search's logits default to Adam.
 
     MPQ_ASSETS=../shared/assets python tools/unrolled_check.py runs/bench/fp/mrpc/checkpoint --task mrpc --space lowbit
 """
@@ -49,6 +52,22 @@ def arch_grad(step: BilevelStep, logits: list, arch_batch: dict, train_batch: di
     return torch.cat([p.grad.flatten() for p in logits]).clone()
 
 
+def gradient_scale(net, logits: list, size: SizeTerm, a_batches: list[dict]) -> dict[str, float]:
+    """Mean |d loss / d logit| over every logit, of the task loss (median over the batches) and of the size
+    penalty, and one step of each optimiser: SGD at lr 0.1 moves a logit by 0.1 x |gradient| (momentum at
+    most multiplies that by 10 over many steps), Adam by about its lr."""
+    def mean_abs(loss: torch.Tensor) -> float:
+        grads = torch.autograd.grad(loss, logits, allow_unused=True)
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(logits, grads)])
+        return flat.abs().mean().item()
+
+    task = statistics.median(mean_abs(task_loss(net, ab)) for ab in a_batches)
+    penalty = mean_abs(size(net)[0])
+    cfg = SearchConfig()
+    return {"logits": sum(p.numel() for p in logits), "task_grad": task, "size_grad": penalty,
+            "sgd_0.1_step": 0.1 * (task + penalty), "adam_step": cfg.arch_lr}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", help="a fine-tuned checkpoint folder (the finetune stage's checkpoint)")
@@ -86,6 +105,8 @@ def main() -> None:
         grads = [g for g in torch.autograd.grad(task_loss(net, wb), sets.weights, allow_unused=True) if g is not None]
         rms.append((sum(g.pow(2).sum() for g in grads) / sum(g.numel() for g in grads)).sqrt().item())
     xis = {"lr": cfg.lr, "adam": cfg.lr / statistics.median(rms)}
+    scale = gradient_scale(net, sets.arch, size, a_batches)
+    print(json.dumps(scale), flush=True)
     rows = []
     first = make(False)
     g1s = [arch_grad(first, sets.arch, ab, wb) for wb, ab in zip(w_batches, a_batches)]
@@ -123,6 +144,9 @@ def main() -> None:
     timing = {"first_order_s": statistics.median(times[False]), "second_order_s": statistics.median(times[True])}
     timing["ratio"] = timing["second_order_s"] / timing["first_order_s"]
     print(json.dumps(timing), flush=True)
+    print(f"\n{scale['logits']} logits: mean |gradient| {scale['task_grad']:.2g} from the task, {scale['size_grad']:.2g} from the "
+          f"size penalty; one step moves a logit by {scale['sgd_0.1_step']:.2g} with SGD at 0.1, by about "
+          f"{scale['adam_step']:g} with Adam at {scale['adam_step']:g}")
     print(f"\nrms of the weights' gradient {statistics.median(rms):.3g}; {args.pairs} batch pairs of {args.batch_size}\n")
     print("| xi | cosine with the first-order gradient | |second - first| / |first| |")
     print("|---|---|---|")
@@ -135,7 +159,8 @@ def main() -> None:
           f"({timing['ratio']:.2f}x)")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"args": vars(args), "rms_weight_grad": statistics.median(rms), "xi": rows, **radius, **timing}, f, indent=2)
+            json.dump({"args": vars(args), "gradient_scale": scale, "rms_weight_grad": statistics.median(rms), "xi": rows,
+                       **radius, **timing}, f, indent=2)
 
 
 if __name__ == "__main__":
