@@ -1,5 +1,5 @@
-"""Pictures of an Architecture: bits per group for every site, layer by layer; a bits histogram; pruned
-groups per layer. HAWQ-V2's (arXiv:1911.03852) Pareto frontier and Hutchinson's convergence; the
+"""Pictures of an Architecture: bits per group for every site (embeddings, encoder layer by layer, head) and the
+activations' bits; an encoder bits histogram; pruned groups per layer. HAWQ-V2's (arXiv:1911.03852) Pareto frontier and Hutchinson's convergence; the
 comparison of methods at equal size. Written as PNG
 (matplotlib, no display needed) and logged to the run's tracker.
 """
@@ -25,20 +25,42 @@ _SHORT = {"attention.self.query": "Q", "attention.self.key": "K", "attention.sel
           "attention.output.dense": "O", "intermediate.dense": "FFN in", "output.dense": "FFN out"}
 
 
-def _encoder_grid(arch: Architecture) -> tuple[np.ndarray, list[str]]:
-    """[layers * site kinds, max groups] bits (NaN where a site has fewer groups), row labels."""
+def _label(name: str, kind: SiteKind) -> str | None:
+    """A heatmap row's label: `L3 Q` for an encoder matrix, the module's own name for an embedding or the head."""
+    m = _LAYER.search(name)
+    if kind is SiteKind.ENCODER:
+        return None if m is None else f"L{m.group(1)} {_SHORT.get(m.group(2), m.group(2))}"
+    return ".".join(name.split(".")[-2:]) if name.endswith(("dense", "weight")) else name.split(".")[-1]
+
+
+def _grid(arch: Architecture) -> tuple[np.ndarray, list[str]]:
+    """[sites, max groups] bits of every site in the model's order (embeddings, encoder layers, head), NaN where a
+    site has fewer groups; the row labels."""
     rows, labels = [], []
     for name, site in arch:
-        m = _LAYER.search(name)
-        if site.kind is not SiteKind.ENCODER or m is None:
+        label = _label(name, site.kind)
+        if label is None:
             continue
         rows.append(np.asarray(site.bits, dtype=float))
-        labels.append(f"L{m.group(1)} {_SHORT.get(m.group(2), m.group(2))}")
+        labels.append(label)
     width = max((len(r) for r in rows), default=1)
     grid = np.full((len(rows), width), np.nan)
     for i, r in enumerate(rows):
         grid[i, : len(r)] = r
     return grid, labels
+
+
+def _activations(arch: Architecture) -> str:
+    """The input activations' bits: one width, or how many sites read their input at each."""
+    counts: dict[int, int] = {}
+    for _, site in arch:
+        if site.a_bits is not None:
+            counts[site.a_bits] = counts.get(site.a_bits, 0) + 1
+    if not counts:
+        return "activations not quantized"
+    if len(counts) == 1:
+        return f"{next(iter(counts))}-bit activations"
+    return "activations: " + ", ".join(f"{b} bits at {n} sites" for b, n in sorted(counts.items()))
 
 
 def _save(fig, path: Path) -> Path:
@@ -52,7 +74,7 @@ def _save(fig, path: Path) -> Path:
 def plot_architecture(arch: Architecture, path: str | Path, title: str = "") -> Path:
     """Save the three panels to `path` (PNG); returns it."""
     path = Path(path)
-    grid, labels = _encoder_grid(arch)
+    grid, labels = _grid(arch)
     layers: dict[int, int] = {}
     for name, site in arch:
         m = _LAYER.search(name)
@@ -63,13 +85,13 @@ def plot_architecture(arch: Architecture, path: str | Path, title: str = "") -> 
     fig = plt.figure(figsize=(12, max(4.0, 0.22 * len(labels) + 2)))
     spec = fig.add_gridspec(2, 2, width_ratios=[3, 1])
     ax = fig.add_subplot(spec[:, 0])
-    bits_values = sorted(hist)
+    bits_values = sorted({int(b) for b in grid[~np.isnan(grid)]})  # the encoder's, and the embeddings' and head's
     cmap = plt.get_cmap("viridis", max(len(bits_values), 2))
     im = ax.imshow(np.vectorize(lambda b: bits_values.index(b) if b in bits_values else np.nan, otypes=[float])(grid),
                    aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5, vmax=len(bits_values) - 0.5)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xlabel("group")
-    ax.set_title("bits per group (encoder)")
+    ax.set_title("bits per group (every site; 32: FP)")
     cbar = fig.colorbar(im, ax=ax, ticks=range(len(bits_values)))
     cbar.ax.set_yticklabels([str(b) for b in bits_values])
 
@@ -88,7 +110,7 @@ def plot_architecture(arch: Architecture, path: str | Path, title: str = "") -> 
 
     s = arch.summary()
     fig.suptitle(title or f"{s['encoder_avg_bits']:.3g} bits/weight, {s['encoder_mb']:.3g} MiB encoder, "
-                 f"{s['pruned_groups']} of {s['groups']} groups pruned")
+                 f"{s['pruned_groups']} of {s['groups']} groups pruned, {_activations(arch)}")
     return _save(fig, path)
 
 

@@ -275,3 +275,22 @@ def test_exact_derivation_reports_an_unreachable_budget_and_leaves_a_fitting_arg
         derive(strict, Budget(avg_bits=1.0), exact=True)
     # under the budget: exact and greedy share the fill
     assert derive(model, Budget(avg_bits=6.0), exact=True)[0] == derive(model, Budget(avg_bits=6.0))[0]
+
+
+def test_the_architecture_picture_draws_every_site_and_says_the_activations_bits(tiny_cfg, tmp_path):
+    """Embedding and head bits are searched too (space.embedding_bits, head_bits), and activation bits can be: the
+    picture once drew the encoder alone."""
+    from search.plots import _activations, _grid, plot_architecture
+
+    space = dataclasses.replace(SPACE, a_bits=[4, 8], embedding_bits=[0, 4, 8], head_bits=[8, 32])
+    arch = Architecture.from_supernet(to_supernet(BertForSequenceClassification(tiny_cfg), space))
+    grid, labels = _grid(arch)
+    assert len(labels) == len(list(arch)) and labels[0] == "word_embeddings" and labels[-1] == "classifier"
+    assert "L0 Q" in labels and "L1 FFN out" in labels
+    assert sorted({int(b) for b in grid[~torch.isnan(torch.as_tensor(grid)).numpy()]}) == \
+        sorted({b for _, s in arch for b in s.bits})
+    assert _activations(arch) == "4-bit activations"  # fresh logits: the first candidate everywhere
+    mixed = Architecture(tuple((n, dataclasses.replace(s, a_bits=8 if i % 2 and s.a_bits else s.a_bits))
+                               for i, (n, s) in enumerate(arch)), arch.other_params)
+    assert _activations(mixed).startswith("activations: 4 bits at ") and "8 bits at" in _activations(mixed)
+    assert plot_architecture(mixed, tmp_path / "a.png").stat().st_size > 1000
