@@ -326,6 +326,8 @@ def test_compare_runs_every_method_at_equal_size_and_resumes(env, tmp_path):  # 
             assert (run_dir / cell / step / "metrics.json").is_file(), (cell, step)
     assert (run_dir / "b3/s1/uniform3/metrics.json").is_file() and (run_dir / "b2/s1/uniform2/metrics.json").is_file()
     assert (run_dir / "fp32" / "metrics.json").is_file() and (run_dir / "finetune" / "checkpoint").is_dir()
+    # the Hutchinson traces are measured once per seed: the second budget's HAWQ-V2 reads them from the cache
+    assert [json.loads((run_dir / cell / "hawq" / "metrics.json").read_text())["hawq"]["cached"] for cell in ("b3/s1", "b2/s1")] == [False, True]
     # HAWQ-V2 sits at exactly the searched architecture's encoder size
     for cell in ("b3/s1", "b2/s1"):
         searched = Architecture.load(run_dir / cell / "search" / "architecture.json")
