@@ -30,7 +30,7 @@ def _label(name: str, kind: SiteKind) -> str | None:
     m = _LAYER.search(name)
     if kind is SiteKind.ENCODER:
         return None if m is None else f"L{m.group(1)} {_SHORT.get(m.group(2), m.group(2))}"
-    return ".".join(name.split(".")[-2:]) if name.endswith(("dense", "weight")) else name.split(".")[-1]
+    return ".".join(name.split(".")[-2:]) if name.endswith(".dense") else name.split(".")[-1]  # pooler.dense
 
 
 def _grid(arch: Architecture) -> tuple[np.ndarray, list[str]]:
