@@ -137,8 +137,9 @@ def temperature(step: int, total: int, start: float, end: float) -> float:
 
 def probability_mass(model: nn.Module) -> dict[str, float]:
     """Share of the weights each candidate holds, overall (`mass/<bits>`) and per site (`mass/<site>/<bits>`, which
-    the tracker gets and run.log's step lines leave out), from the noise-free probabilities. Searched activation bits
-    alike: `mass_input/<bits>` (the mean over the quantizers) and `mass_input/<site>/<bits>` (see `activation_probs`)."""
+    the tracker gets and run.log's step lines leave out), from the noise-free probabilities. Searched activation
+    bits alike: `mass_input/<bits>` (the mean over the quantizers) and `mass_input/<site>/<bits>` (see
+    `activation_probs`)."""
     out: dict[str, float] = {}
     overall: dict[int, float] = {}
     total = 0

@@ -264,9 +264,9 @@ class SearchConfig:
     lr_warmup_ratio: float = 0.1
     # Adam, not the paper's SGD 0.1: measured on MiniLM-L6 and MRPC (18,432 logits; BENCHMARKS.md, "Why Adam"), a
     # logit's mean |gradient| is 1.3e-4 from the task and 1.2e-5 from the size penalty, so SGD at 0.1 moves it
-    # 1.4e-5 per step: 3e-3 over a 211-step search. Adam's normalised step (~its lr) does not depend on that scale. At 1e-2 with a
-    # fixed temperature, 116 steps on MRPC left the median group's top candidate at 0.31 of the probability
-    # (near uniform); 5e-2 annealed to tau 0.2 decides it (median 0.97) and QAT scores higher (BENCHMARKS.md).
+    # 1.4e-5 per step: 3e-3 over a 211-step search. Adam's normalised step (~its lr) does not depend on that scale.
+    # At 1e-2 with a fixed temperature, 116 steps on MRPC left the median group's top candidate at 0.31 of the
+    # probability (near uniform); 5e-2 annealed to tau 0.2 decides it (median 0.97) and QAT scores higher (BENCHMARKS.md).
     arch_optimizer: ArchOptimizer = ArchOptimizer.adam
     arch_lr: float = 5e-2  # architecture logits
     arch_momentum: float = 0.9  # sgd only
@@ -325,8 +325,8 @@ class SearchConfig:
         if self.size_weight < 0 or self.group_lasso < 0 or self.curvature_weight < 0:
             raise ValueError("search.size_weight, search.group_lasso and search.curvature_weight must be >= 0")
         if self.group_lasso > 0 and self.lr == 0:
-            raise ValueError(f"search.group_lasso={self.group_lasso} shrinks the weights in their step, which search.lr=0 "
-                             f"turns off; give search.lr > 0 or drop search.group_lasso")
+            raise ValueError(f"search.group_lasso={self.group_lasso} shrinks the weights in their step, which "
+                             f"search.lr=0 turns off; give search.lr > 0 or drop search.group_lasso")
 
 
 class QatInit(_ValueStr):

@@ -1,6 +1,6 @@
 """Pictures of an Architecture: bits per group for every site (embeddings, encoder layer by layer, head) and the
-activations' bits; an encoder bits histogram; pruned groups per layer. HAWQ-V2's (arXiv:1911.03852) Pareto frontier and Hutchinson's convergence; the
-comparison of methods at equal size. Written as PNG
+activations' bits; an encoder bits histogram; pruned groups per layer. HAWQ-V2's (arXiv:1911.03852) Pareto
+frontier and Hutchinson's convergence; the comparison of methods at equal size. Written as PNG
 (matplotlib, no display needed) and logged to the run's tracker.
 """
 from __future__ import annotations
