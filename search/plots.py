@@ -6,6 +6,7 @@ frontier and Hutchinson's convergence; the comparison of methods at equal size. 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -52,10 +53,7 @@ def _grid(arch: Architecture) -> tuple[np.ndarray, list[str]]:
 
 def _activations(arch: Architecture) -> str:
     """The input activations' bits: one width, or how many sites read their input at each."""
-    counts: dict[int, int] = {}
-    for _, site in arch:
-        if site.a_bits is not None:
-            counts[site.a_bits] = counts.get(site.a_bits, 0) + 1
+    counts = Counter(site.a_bits for _, site in arch if site.a_bits is not None)
     if not counts:
         return "activations not quantized"
     if len(counts) == 1:

@@ -4,8 +4,8 @@
         --out docs/bench/cola.png --title 'CoLA dev, MiniLM-L6'
 
 For a comparison whose run directories are gone, the table that `search/comparison.py` generated from them is
-what is left; this reads the first such table (the header `| method | budget (bits) | encoder bits/weight | ...`) after the first line
-that starts with `--after` (from the top without it) and draws it as `stage=compare` draws pareto.png: the
+what is left; this reads the first such table (the header `| method | budget (bits) | encoder bits/weight | ...`)
+after the first line that starts with `--after` (from the top without it) and draws it as `stage=compare` draws pareto.png: the
 metric's median with bars from its min to its max over the seeds, against the exact encoder MiB, one line per
 method, FP32 as a horizontal line. A file without such a table, or a row it cannot read, is a one-line error.
 """
@@ -20,8 +20,8 @@ from search.comparison import COLUMNS, Kind, Point
 from search.plots import pareto
 
 HEADER = "| " + " | ".join(COLUMNS[:3]) + " |"
-# "f1 85.11 [85.06, 85.71]", or one seed's "f1 85.62"
 DRAWS = re.compile(r"median of (\d+) QAT draws")  # the seeds cell of a comparison with several draws
+# "f1 85.11 [85.06, 85.71]", or one seed's "f1 85.62"
 METRIC = re.compile(r"^(?P<name>\S+) (?P<median>-?[\d.]+)(?: \[(?P<low>-?[\d.]+), (?P<high>-?[\d.]+)\])?$")
 
 

@@ -52,7 +52,7 @@ def arch_grad(step: BilevelStep, logits: list, arch_batch: dict, train_batch: di
     return torch.cat([p.grad.flatten() for p in logits]).clone()
 
 
-def gradient_scale(net, logits: list, size: SizeTerm, a_batches: list[dict]) -> dict[str, float]:
+def gradient_scale(net, logits: list, size: SizeTerm, a_batches: list[dict], arch_lr: float) -> dict[str, float]:
     """Mean |d loss / d logit| over every logit, of the task loss (median over the batches) and of the size
     penalty, and one step of each optimiser: SGD at lr 0.1 moves a logit by 0.1 x |gradient| (momentum at
     most multiplies that by 10 over many steps), Adam by about its lr."""
@@ -63,9 +63,8 @@ def gradient_scale(net, logits: list, size: SizeTerm, a_batches: list[dict]) -> 
 
     task = statistics.median(mean_abs(task_loss(net, ab)) for ab in a_batches)
     penalty = mean_abs(size(net)[0])
-    cfg = SearchConfig()
     return {"logits": sum(p.numel() for p in logits), "task_grad": task, "size_grad": penalty,
-            "sgd_0.1_step": 0.1 * (task + penalty), "adam_step": cfg.arch_lr}
+            "sgd_0.1_step": 0.1 * (task + penalty), "adam_step": arch_lr}
 
 
 def main() -> None:
@@ -105,7 +104,7 @@ def main() -> None:
         grads = [g for g in torch.autograd.grad(task_loss(net, wb), sets.weights, allow_unused=True) if g is not None]
         rms.append((sum(g.pow(2).sum() for g in grads) / sum(g.numel() for g in grads)).sqrt().item())
     xis = {"lr": cfg.lr, "adam": cfg.lr / statistics.median(rms)}
-    scale = gradient_scale(net, sets.arch, size, a_batches)
+    scale = gradient_scale(net, sets.arch, size, a_batches, cfg.arch_lr)
     print(json.dumps(scale), flush=True)
     rows = []
     first = make(False)
