@@ -1,14 +1,29 @@
 """Shared fixtures: tiny random BERTs (offline, fast) and the optional real-asset folder."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from transformers import BertConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/<name> as a module, imported as when it runs: with its own folder first on the path (benchlib)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name[:-3]}", ROOT / "tools" / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return module
 
 
 def assets_dir() -> Path | None:

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, load_tool
 from search.__main__ import run_stage
 from search.budget import uniform
 from search.compare import _reuse_uniform, _warn_unmatched_hawq, draw_seed, uniform_bits
@@ -222,11 +222,8 @@ def test_write_comparison_writes_table_csv_and_plot(tmp_path):
 
 def test_plot_table_tool_reads_back_the_points_a_comparison_table_was_written_from(tmp_path):
     """For a comparison whose run directories are gone, its generated table is what is left to plot."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from plot_table import point, table_lines
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    plot_table = load_tool("plot_table.py")
+    point, table_lines = plot_table.point, plot_table.table_lines
     _tree(tmp_path, {("qat", 2, 1): 80.0, ("qat", 2, 2): 82.0, ("hawq_qat", 2, 1): 79.0, ("uniform2", 2, 1): 77.0})
     points, paths = write_comparison(collect([tmp_path]), tmp_path / "out", "t")
     page = tmp_path / "page.md"  # a table inside a longer page, after other tables

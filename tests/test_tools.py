@@ -3,7 +3,6 @@ library's interfaces must not leave them broken (`bench_cost.py` and `unrolled_c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_tool
 from test_app import env  # noqa: F401  (module fixture: tiny model + fixture data)
 
 TINY = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -43,12 +42,6 @@ def test_unrolled_check_compares_first_and_second_order_gradients(env, tmp_path)
 @pytest.mark.parametrize("tool", sorted(p.name for p in (ROOT / "tools").glob("*.py")))
 def test_every_tool_imports(tool):
     # the tools are scripts no other test may run: an interface they import that moved would break them unseen
-    spec = importlib.util.spec_from_file_location(f"tool_{tool[:-3]}", ROOT / "tools" / tool)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "tools"))  # as when run: their own folder first (benchlib)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    module = load_tool(tool)
     if tool != "benchlib.py":  # the others' shared helpers
         assert callable(getattr(module, "main", None)), f"{tool} has no main()"
