@@ -10,7 +10,9 @@ price of every candidate, and turns the supernet's expected size into the search
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -23,6 +25,7 @@ from supernet.cost import FP32_BITS, Size
 from .errors import UserError
 
 TOLERANCE = 1e-9
+log = logging.getLogger(__name__)
 
 
 class BudgetError(UserError, ValueError):
@@ -204,6 +207,30 @@ def start_at_budget(model: nn.Module, budget: Budget, template: Architecture, ta
             row = torch.stack([p[bits.index(b)] for b in wq.cands.bits]).log() * tau  # [K], in wq's candidate order
             wq.alpha.copy_(row.to(wq.alpha).expand_as(wq.alpha))
     return level
+
+
+def check_bitops_target(target: float | None, template: Architecture, candidates: dict[str, tuple[int, ...]],
+                        a_bits: Sequence[int]) -> None:
+    """`search.bitops_target` (GBOPs per token) against the bit-operations this space can reach: below the fewest
+    (every group at its fewest weight bits, every quantized input at the fewest of `a_bits`) is a one-line error,
+    since the penalty could never be met; at or above the most it never acts, which is logged as a warning."""
+    if target is None:
+        return
+
+    def extreme(pick) -> float:
+        arch = _uniform_extreme(template, candidates, pick)
+        a = pick(a_bits)
+        sites = tuple((name, site if site.a_bits is None else dataclasses.replace(site, a_bits=a)) for name, site in arch)
+        return dataclasses.replace(arch, sites=sites).bitops() / 1e9
+
+    lo, hi = extreme(min), extreme(max)
+    if target < lo * (1 - TOLERANCE):
+        raise BudgetError(f"search.bitops_target={target:g} GBOPs per token is below the fewest this space reaches "
+                          f"({lo:.4g}, every group at its fewest weight and activation bits); raise it, or add "
+                          f"smaller candidates to space.w_bits or space.a_bits")
+    if target >= hi:
+        log.warning("search.bitops_target=%g GBOPs per token is at or above the most this space reaches (%.4g, every "
+                    "group at its most bits): the bit-operations penalty never acts", target, hi)
 
 
 def site_candidates(model: nn.Module) -> dict[str, tuple[int, ...]]:

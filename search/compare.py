@@ -161,7 +161,7 @@ def run_compare(c: Config, run: RunDir) -> dict[str, Any]:
         raise UserError("stage=compare takes its budgets from compare.budgets; unset budget.avg_bits, budget.mb "
                         "and budget.match (budget.scope still applies)")
     budgets = [Budget(c.budget.scope, avg_bits=b) for b in cfg.budgets]
-    skeleton = check_up_front(c, budgets, Method.hawq in cfg.methods)
+    skeleton = check_up_front(c, budgets, Method.hawq in cfg.methods, Method.searched in cfg.methods)
     run.open()
     results: dict[str, Any] = {}
     model = fine_tuned_model(c, run, results)

@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from supernet import Architecture, SearchSpace, param_sets, sites
 
 from .bilevel import BilevelStep, CurvatureTerm, SizeTerm, task_loss
-from .budget import Budget, Penalty, site_candidates, start_at_budget
+from .budget import Budget, Penalty, check_bitops_target, site_candidates, start_at_budget
 from .config import AlphaInit, ArchOptimizer, BudgetConfig, Derivation, EvalConfig, MixedPrecision, ModelConfig, SearchConfig, TaskConfig
 from .data import make_loader, split_for_search
 from .derive import activation_probs, candidate_probs, derive
@@ -98,6 +98,7 @@ def run_search(
         raise UserError(f"space.w_bits={list(space.w_bits)} offers one candidate: there is nothing to search; "
                         f"give two or more (e.g. [0,2,4,8]) or run stage=qat with that precision")
     template = Architecture.from_supernet(net, space.scale_bits)
+    check_bitops_target(cfg.bitops_target, template, site_candidates(net), space.a_bits)
     if budget is not None:
         budget.check_reachable(template, site_candidates(net))
         if cfg.alpha_init is AlphaInit.budget:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from supernet import Architecture
 
-from .budget import Budget, site_candidates
+from .budget import Budget, check_bitops_target, site_candidates
 from .config import BudgetConfig, Config, ModelConfig, QatInit, Stage
 from .dnas import run_search
 from .finetune import finetune
@@ -39,10 +39,10 @@ def finetuned_on(name_or_path: str, task: str) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("task") == task
 
 
-def check_up_front(c: Config, budgets: Sequence[Budget], hawq: bool) -> Architecture:
+def check_up_front(c: Config, budgets: Sequence[Budget], hawq: bool, search: bool = True) -> Architecture:
     """Bad input fails now, before the run directory is written, not after fine-tuning and an hour of search: the
     task's data (read and tokenised as every step will, into the cache they reuse), HAWQ-V2's settings when `hawq`
-    runs, and impossible budgets. Returns the architecture skeleton of `c.model` converted with `c.space` (its sites
+    runs, impossible budgets, and an unreachable bit-operations target when a `search` runs. Returns the architecture skeleton of `c.model` converted with `c.space` (its sites
     and groups, at the argmax of fresh logits)."""
     if hawq:
         check_hawq_settings(c.hawq, c.space)
@@ -55,6 +55,8 @@ def check_up_front(c: Config, budgets: Sequence[Budget], hawq: bool) -> Architec
     candidates = site_candidates(net)
     for budget in budgets:
         budget.check_reachable(skeleton, candidates)
+    if search:
+        check_bitops_target(c.search.bitops_target, skeleton, candidates, c.space.a_bits)
     return skeleton
 
 

@@ -491,6 +491,14 @@ def test_compare_checks_every_budget_before_anything_runs(env, tmp_path, capsys)
     assert not run_dir.exists()
 
 
+def test_compare_checks_the_searchs_bit_operations_target_before_anything_runs(env, tmp_path, capsys):  # noqa: F811
+    run_dir = tmp_path / "bad"
+    assert run_stage(_cfg(env, tmp_path, "stage=compare", "compare.budgets=[3]", "space.w_bits=[2,4]",
+                          "search.bitops_target=1e-9"), run_dir) != 0
+    assert "search.bitops_target=1e-09 GBOPs per token is below the fewest" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
 def test_a_hawq_run_sized_at_the_plain_budget_is_named_when_a_search_joins_its_cell(tmp_path, caplog):
     """Growing a comparison by methods (`searched` after `hawq`) reuses HAWQ-V2's finished run, which was allocated
     at the budget and not at the searched architecture's size: the log says so and how to rerun it."""

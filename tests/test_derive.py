@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from search.budget import Budget, Penalty, start_at_budget, start_probs, uniform
+from search.budget import Budget, Penalty, check_bitops_target, start_at_budget, start_probs, uniform
 from search.derive import candidate_probs, derive
-from supernet import Architecture, Scope, SearchSpace, expected_size, sites, to_supernet
+from supernet import Architecture, Scope, SearchSpace, SiteArch, SiteKind, expected_size, sites, to_supernet
 
 SPACE = SearchSpace(w_bits=[0, 2, 4, 8], groups=4, a_bits=[8], embedding_bits=[8], embedding_groups=4)
 
@@ -121,6 +121,22 @@ def test_repair_downgrades_the_groups_that_lose_least_probability(tiny_cfg):
     assert report.downgraded_groups > 0
     assert dict(arch)[sure].bits == (8,) * len(dict(arch)[sure].bits)
     assert any(min(site.bits) < 8 for name, site in arch if name != sure)
+
+
+def test_an_unreachable_bit_operations_target_is_an_error_and_an_idle_one_a_warning(caplog):
+    # one site of 2 groups, 3 rows x 10 inputs each: 60 MACs per token at weight bits {2, 4} and input bits {4, 8}
+    site = SiteArch(SiteKind.ENCODER, (4, 4), group_numel=30, rows_per_group=3, in_features=10, bias=True, a_bits=8)
+    template, cands = Architecture((("enc", site),), other_params=0), {"enc": (2, 4)}
+    fewest, most = 60 * 2 * 4 / 1e9, 60 * 4 * 8 / 1e9
+    check_bitops_target(None, template, cands, [4, 8])
+    check_bitops_target(fewest, template, cands, [4, 8])  # reachable exactly: every group at 2 bits on 4-bit inputs
+    with pytest.raises(ValueError, match=r"search.bitops_target=4.752e-07 GBOPs per token is below the fewest this "
+                                         r"space reaches \(4.8e-07, "):
+        check_bitops_target(fewest * 0.99, template, cands, [4, 8])
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        check_bitops_target(most, template, cands, [4, 8])
+    assert "never acts" in caplog.text and "1.92e-06" in caplog.text
 
 
 def test_budget_reachability_is_checked_up_front(tiny_cfg):

@@ -209,6 +209,7 @@ def test_qat_of_a_hand_written_uniform_architecture(env, tmp_path):  # noqa: F81
     ([], "needs a target"),
     (["search.penalty=linear", "search.alpha_init=budget"], "starts the search at the budget"),
     (["budget.avg_bits=3", "search.kd_weight=1.5"], "search.kd_weight=1.5 must be in [0, 1]"),
+    (["budget.avg_bits=3", "space.w_bits=[2,4]", "search.bitops_target=1e-9"], "below the fewest this space reaches"),
 ])
 def test_impossible_search_settings_fail_at_start_up(env, tmp_path, capsys, overrides, message):  # noqa: F811
     run_dir = tmp_path / "bad"
