@@ -243,6 +243,7 @@ class Derivation(_ValueStr):
 
     greedy = "greedy"  # move one group one candidate down at a time, least probability lost per bit saved first
     exact = "exact"  # the most probable architecture within the budget (a multiple-choice knapsack on -log p)
+    site = "site"  # every site at the two candidates around its expected bits, then moved a group at a time to the budget
 
 
 class AlphaInit(_ValueStr):

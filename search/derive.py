@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from supernet import Architecture, SiteArch, sites
+from supernet import Architecture, Scope, SiteArch, sites
 from supernet.cost import FP32_BITS
 
 from .budget import Budget
@@ -59,6 +60,7 @@ class DeriveReport:
     median_top_prob: float | None = None  # over searched groups, the median probability of their top candidate
     decided_share: float | None = None  # share of searched groups whose top candidate holds >= DECIDED
     exact: bool = False  # the repair was the knapsack's most probable architecture, not the greedy moves
+    site: bool = False  # each site at the two candidates around its expected bits (search.derivation=site)
     optimality_gap: float | None = None  # exact only: the knapsack's proven relative gap in -log probability
 
     def as_dict(self) -> dict:
@@ -98,35 +100,58 @@ def decidedness(probs: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> tuple
 
 
 def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
-           scale_bits: int = FP32_BITS, exact: bool = False) -> tuple[Architecture, DeriveReport]:
+           scale_bits: int = FP32_BITS, exact: bool = False, site: bool = False) -> tuple[Architecture, DeriveReport]:
     """Argmax architecture of `model`, repaired down to `budget` (greedily, or with `exact` the most probable
     architecture that fits) and (with `fill`) filled up to it; sizes count each group's step at `scale_bits`
-    (space.scale_bits)."""
-    arch = Architecture.from_supernet(model, scale_bits)
-    probs = candidate_probs(model)
+    (space.scale_bits). With `site`, each site's groups take the two precisions around the site's expected bits
+    instead (`site_choice`)."""
+    return derive_from(Architecture.from_supernet(model, scale_bits), candidate_probs(model), budget, fill, exact, site)
+
+
+def at_argmax(template: Architecture, probs: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> Architecture:
+    """`template` with every group at its most probable candidate under `probs` (as alphas.json holds them)."""
+    out = []
+    for name, site in template:
+        if name not in probs:
+            raise ValueError(f"no candidate probabilities for site {name!r}; are they from a search of this model?")
+        bits, p = probs[name]
+        if p.shape != (len(site.bits), len(bits)):
+            raise ValueError(f"{name}: probabilities of shape {tuple(p.shape)}, and the site has {len(site.bits)} groups "
+                             f"and {len(bits)} candidates")
+        out.append((name, _with_bits(site, [bits[i] for i in p.argmax(1).tolist()])))
+    return dataclasses.replace(template, sites=tuple(out))
+
+
+def derive_from(arch: Architecture, probs: dict[str, tuple[tuple[int, ...], torch.Tensor]], budget: Budget | None,
+                fill: bool = True, exact: bool = False, site: bool = False) -> tuple[Architecture, DeriveReport]:
+    """`derive` on an argmax architecture `arch` and its groups' candidate probabilities `probs`."""
     median, share = decidedness(probs)
     if median is not None and median < UNDECIDED:
         log.warning("the search has not decided: the median group's top candidate holds only %.2f of the probability "
                     "(%.0f%% of groups at >= %.1f), so repair and fill choose most groups; search longer "
                     "(search.epochs), with a larger search.arch_lr or a lower search.tau_end", median, 100 * share, DECIDED)
-    if budget is None:
+    if budget is None and not site:
         return arch, DeriveReport(None, None, None, None, median_top_prob=median, decided_share=share)
-    start = budget.of(arch)
-    report = DeriveReport(start, start, budget.target, budget.unit, median_top_prob=median, decided_share=share,
-                          exact=exact)
-    if budget.fits(arch) and not fill:
+    start = None if budget is None else budget.of(arch)
+    report = DeriveReport(start, start, None if budget is None else budget.target, None if budget is None else budget.unit,
+                          median_top_prob=median, decided_share=share, exact=exact, site=site)
+    if budget is not None and budget.fits(arch) and not fill and not site:
         return arch, report
+    if budget is None:  # the site rule at the search's own expected size: no repair, no fill
+        budget = Budget(avg_bits=arch.avg_bits(Scope.ENCODER))
+        fill, target = False, math.inf
+    else:
+        target = budget.target * (1 + 1e-9)
 
     prices, constant = budget.group_prices(arch, {n: c for n, (c, _) in probs.items()})
-    target = budget.target * (1 + 1e-9)
     choice: dict[str, list[int]] = {}  # site -> per group, index into the sorted candidates
     columns: dict[str, list[int]] = {}  # site -> sorted candidate position -> column of its probabilities
     total = constant
-    for name, site in arch:
+    for name, now in arch:
         cands, _ = probs[name]
         sorted_cands, price = prices[name]
         columns[name] = [cands.index(b) for b in sorted_cands]
-        choice[name] = [sorted_cands.index(b) for b in site.bits]
+        choice[name] = [sorted_cands.index(b) for b in now.bits]
         total += float(price[choice[name]].sum())
 
     def record(name: str, g: int, j: int) -> None:
@@ -156,7 +181,13 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
             record(name, g, j)
             _offer(heap, name, g, j, direction, p, price, col)
 
-    if total > target and exact:
+    if site:
+        new_choice, total = site_choice(choice, columns, probs, prices, constant, target, fill)
+        for name, new in new_choice.items():
+            for g, j in enumerate(new):
+                if j != choice[name][g]:
+                    record(name, g, j)
+    elif total > target and exact:
         sack = _probability_knapsack(choice, columns, probs, prices, constant)
         if sack.bounds()[0] > target:
             raise ValueError(f"cannot fit budget {budget}: every group is already at its fewest bits")
@@ -174,16 +205,92 @@ def derive(model: nn.Module, budget: Budget | None, fill: bool = True,
         move(+1)
 
     result = dataclasses.replace(
-        arch, sites=tuple((name, _with_bits(site, [prices[name][0][i] for i in choice[name]])) for name, site in arch))
+        arch, sites=tuple((name, _with_bits(s, [prices[name][0][i] for i in choice[name]])) for name, s in arch))
     report.final = budget.of(result)
     report.moved_groups = sum(a != b for (_, s0), (_, s1) in zip(arch, result) for a, b in zip(s0.bits, s1.bits))
+    if report.target is None:
+        log.info("derive (site): %d groups moved from the argmax, %.4g bits per weight (encoder)", report.moved_groups,
+                 report.final)
+        report.final = None
+        return result, report
     if not budget.fits(result):  # the linear prices and the cost model disagree: a bug, not bad input
         raise AssertionError(f"derivation reached {report.final} against {budget.target}")
     log.info("derive%s: argmax %.4g -> %.4g %s (budget %.4g): %d groups moved, %d candidate steps down, %d up, "
-             "probability lost %.3f%s", " (exact)" if exact else "", start, report.final, budget.unit, budget.target,
+             "probability lost %.3f%s", " (exact)" if exact else " (site)" if site else "", start, report.final,
+             budget.unit, budget.target,
              report.moved_groups, report.downgraded_groups, report.upgraded_groups, report.probability_lost,
              "" if report.optimality_gap is None else f", optimality gap {report.optimality_gap:.2g}")
     return result, report
+
+
+def site_choice(choice: dict[str, list[int]], columns: dict[str, list[int]], probs, prices, constant: float,
+                target: float, fill: bool) -> tuple[dict[str, list[int]], float]:
+    """search.derivation=site: per site, the groups take the two adjacent candidates around the site's expected bits
+    (the mean over its groups of each group's expected bits), as many at the upper one as that mean asks; the groups
+    with the higher expected bits take the upper one. A site keeps the precision the search gave it, and within it
+    the groups differ by at most one candidate: quantization error grows faster than linearly as bits fall, so at
+    one mean a spread of precisions costs more than two adjacent ones, unless the groups really differ in
+    sensitivity, which a short search tells apart little better than chance (BENCHMARKS.md, "Are the search's choices
+    signal or noise?"). Each site's position on its ladder of candidates, counted in groups, is then moved a group at
+    a time (the site furthest above its share first) until the exact size fits `target`, and (with `fill`) back up
+    while it still does. Returns the choice (sorted candidate index per group) and its total price."""
+    ladder: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}  # site -> (groups, candidates, order, price)
+    want: dict[str, float] = {}
+    pos: dict[str, int] = {}
+    total = constant
+    fixed: dict[str, list[int]] = {}
+    for name, now in choice.items():
+        cands, price = prices[name]
+        n, k = len(now), len(cands)
+        if k == 1:
+            fixed[name] = list(now)
+            total += float(price[now].sum())
+            continue
+        q = probs[name][1][:, columns[name]]  # [G, K] in sorted candidate order
+        expected = q @ torch.tensor(cands, dtype=q.dtype)  # [G] each group's expected bits
+        mean = float(expected.mean())
+        i = max([j for j in range(k - 1) if cands[j] <= mean], default=0)
+        frac = min(max((mean - cands[i]) / (cands[i + 1] - cands[i]), 0.0), 1.0)
+        want[name] = n * (i + frac)
+        pos[name] = int(round(want[name]))
+        order = torch.argsort(-expected, stable=True)
+        ladder[name] = (n, k, order, price)
+        total += _site_price(pos[name], n, price)
+
+    def step(name: str, d: int) -> float:
+        n, _, _, price = ladder[name]
+        return _site_price(pos[name] + d, n, price) - _site_price(pos[name], n, price)
+
+    while total > target:
+        movable = [nm for nm in pos if pos[nm] > 0 and step(nm, -1) < 0]
+        if not movable:
+            raise ValueError("cannot fit the budget: every group is already at its fewest bits")
+        name = max(movable, key=lambda nm: ((pos[nm] - want[nm]) / ladder[nm][0], nm))
+        total += step(name, -1)
+        pos[name] -= 1
+    while fill:
+        room = [nm for nm in pos if pos[nm] < ladder[nm][0] * (ladder[nm][1] - 1) and total + step(nm, +1) <= target]
+        if not room:
+            break
+        name = min(room, key=lambda nm: ((pos[nm] - want[nm]) / ladder[nm][0], nm))
+        total += step(name, +1)
+        pos[name] += 1
+    out = dict(fixed)
+    for name, (n, k, order, _) in ladder.items():
+        low, upper = min(pos[name] // n, k - 1), pos[name] % n
+        bits = [low] * n
+        for g in order[:upper].tolist():
+            bits[g] = low + 1
+        out[name] = bits
+    return {name: out[name] for name in choice}, total
+
+
+def _site_price(t: int, n: int, price: torch.Tensor) -> float:
+    """Price of a site of `n` groups at ladder position `t`: t // n candidates up for all, one more for t % n."""
+    low, upper = t // n, t % n
+    if low >= len(price) - 1:
+        return float(n * price[-1])
+    return float((n - upper) * price[low] + upper * price[low + 1])
 
 
 def _probability_knapsack(choice: dict[str, list[int]], columns: dict[str, list[int]], probs, prices,

@@ -151,7 +151,8 @@ def run_search(
         teacher.save()
 
     supernet = accelerator.unwrap_model(net)
-    arch, report = derive(supernet, budget, scale_bits=space.scale_bits, exact=cfg.derivation is Derivation.exact)
+    arch, report = derive(supernet, budget, scale_bits=space.scale_bits, exact=cfg.derivation is Derivation.exact,
+                          site=cfg.derivation is Derivation.site)
     summary = arch.summary()
     if run.main_process:
         arch.save(run.path / "architecture.json")

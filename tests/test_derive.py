@@ -1,11 +1,13 @@
 """Budgets and derivation: reachability errors, linear prices == cost model, repair meets the budget."""
 import dataclasses
+import json
 
 import pytest
 import torch
 from transformers import BertForSequenceClassification
 
 from search.budget import Budget, Penalty, check_bitops_target, start_at_budget, start_probs, uniform
+from conftest import load_tool
 from search.derive import candidate_probs, derive
 from supernet import Architecture, Scope, SearchSpace, SiteArch, SiteKind, expected_size, sites, to_supernet
 
@@ -310,3 +312,81 @@ def test_the_architecture_picture_draws_every_site_and_says_the_activations_bits
                                for i, (n, s) in enumerate(arch)), arch.other_params)
     assert _activations(mixed).startswith("activations: 4 bits at ") and "8 bits at" in _activations(mixed)
     assert plot_architecture(mixed, tmp_path / "a.png").stat().st_size > 1000
+
+
+def _site_mean(probs, name) -> float:
+    """A site's expected bits: the mean over its groups of each group's expected bits."""
+    bits, p = probs[name]
+    return float((p @ torch.tensor(bits, dtype=p.dtype)).mean())
+
+
+@pytest.mark.parametrize("avg_bits", [1.5, 2.0, 3.0, 5.0])  # the argmax is at 3.36 bits
+def test_site_derivation_keeps_each_sites_expected_bits_on_two_adjacent_candidates(tiny_cfg, avg_bits):
+    model = _supernet(tiny_cfg, seed=3)
+    budget, probs = Budget(avg_bits=avg_bits), candidate_probs(model)
+    arch, report = derive(model, budget, site=True)
+    assert report.site and budget.fits(arch)
+    # filled up to the budget: short of it by less than one group one candidate up (8 - 4 bits of 4 x 32 weights)
+    groups_weights = arch.size(Scope.ENCODER).weights
+    assert report.final > avg_bits - 4 * 32 * 4 / groups_weights
+    searched = [(n, s) for n, s in arch if len(probs[n][0]) > 1 and s.kind.value == "encoder"]
+    assert searched
+    for name, site in searched:
+        cands = sorted(probs[name][0])
+        used = sorted(set(site.bits))
+        assert len(used) <= 2 and (len(used) == 1 or cands.index(used[1]) == cands.index(used[0]) + 1), (name, used)
+    # the greedy repair keeps each group's own choice: a spread of up to four precisions per site
+    greedy, _ = derive(model, budget)
+    assert max(len(set(s.bits)) for n, s in greedy if n in dict(searched)) > 2
+    if avg_bits == 3.0:  # near the expected size: every site within one candidate step of its own expected bits
+        for name, site in searched:
+            mean = _site_mean(probs, name)
+            cands = sorted(probs[name][0])
+            gap = max(b - a for a, b in zip(cands, cands[1:]))
+            assert abs(sum(site.bits) / len(site.bits) - mean) <= gap
+
+
+def test_site_derivation_puts_the_groups_with_more_expected_bits_on_the_upper_candidate(tiny_cfg):
+    model = _supernet(tiny_cfg, seed=3)
+    probs = candidate_probs(model)
+    arch, _ = derive(model, Budget(avg_bits=3.0), site=True)
+    for name, site in arch:
+        bits, p = probs[name]
+        if len(bits) == 1 or len(set(site.bits)) == 1:
+            continue
+        expected = p @ torch.tensor(bits, dtype=p.dtype)
+        upper = max(site.bits)
+        high = [float(expected[g]) for g, b in enumerate(site.bits) if b == upper]
+        low = [float(expected[g]) for g, b in enumerate(site.bits) if b != upper]
+        assert min(high) >= max(low)
+
+
+def test_site_derivation_reports_an_unreachable_budget(tiny_cfg):
+    strict = to_supernet(BertForSequenceClassification(tiny_cfg), dataclasses.replace(SPACE, w_bits=[2, 4]))
+    with pytest.raises(ValueError, match="every group is already at its fewest bits"):
+        derive(strict, Budget(avg_bits=1.0), site=True)
+
+
+def test_rederive_reproduces_a_searchs_own_derivation_and_applies_another(tiny_cfg, tmp_path, capsys):
+    """tools/rederive.py reads a finished search's files: greedy gives back its architecture.json, site another
+    within the same budget; a directory without them is a one-line error."""
+    rederive = load_tool("rederive.py")
+    model = _supernet(tiny_cfg, seed=3)
+    budget = Budget(avg_bits=2.0)
+    arch, _ = derive(model, budget)
+    search = tmp_path / "search"
+    search.mkdir()
+    arch.save(search / "architecture.json")
+    probs = candidate_probs(model)
+    (search / "alphas.json").write_text(json.dumps({n: {"bits": list(b), "probs": p.tolist()} for n, (b, p) in probs.items()}))
+    (search / "metrics.json").write_text(json.dumps({"budget": {"unit": "avg_bits", "target": 2.0, "scope": "encoder"}}))
+    assert rederive.main([str(search), "--derivation", "greedy", "--out", str(tmp_path / "g.json")]) == 0
+    assert Architecture.load(tmp_path / "g.json") == arch
+    assert rederive.main([str(search), "--derivation", "site", "--out", str(tmp_path / "s.json")]) == 0
+    site = Architecture.load(tmp_path / "s.json")
+    assert site == derive(model, budget, site=True)[0] and site != arch and budget.fits(site)
+    out = capsys.readouterr().out.splitlines()
+    assert "greedy -> " in out[0] and ": site -> " in out[1] and "avg_bits (budget 2), " in out[1]
+    (search / "alphas.json").unlink()
+    assert rederive.main([str(search), "--out", str(tmp_path / "x.json")]) == 2
+    assert "is not a finished search directory: no " in capsys.readouterr().err and not (tmp_path / "x.json").exists()
