@@ -361,6 +361,19 @@ def test_site_derivation_puts_the_groups_with_more_expected_bits_on_the_upper_ca
         assert min(high) >= max(low)
 
 
+def test_site_derivation_without_a_budget_keeps_each_sites_expected_bits(tiny_cfg):
+    model = _supernet(tiny_cfg, seed=3)
+    probs = candidate_probs(model)
+    arch, report = derive(model, None, site=True)
+    assert report.site and report.target is None and report.final is None and report.moved_groups > 0
+    for name, site in arch:
+        cands = sorted(probs[name][0])
+        if len(cands) > 1:  # rounded to whole groups: within one group's step of the site's expected bits
+            step = max(b - a for a, b in zip(cands, cands[1:])) / len(site.bits)
+            assert abs(sum(site.bits) / len(site.bits) - _site_mean(probs, name)) <= step / 2 + 1e-9
+            assert len(set(site.bits)) <= 2
+
+
 def test_site_derivation_reports_an_unreachable_budget(tiny_cfg):
     strict = to_supernet(BertForSequenceClassification(tiny_cfg), dataclasses.replace(SPACE, w_bits=[2, 4]))
     with pytest.raises(ValueError, match="every group is already at its fewest bits"):
