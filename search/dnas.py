@@ -97,10 +97,10 @@ def run_search(
     if not any(s.wq.searchable for _, s in sites(net)):
         raise UserError(f"space.w_bits={list(space.w_bits)} offers one candidate: there is nothing to search; "
                         f"give two or more (e.g. [0,2,4,8]) or run stage=qat with that precision")
-    template = Architecture.from_supernet(net, space.scale_bits)
-    check_bitops_target(cfg.bitops_target, template, site_candidates(net), space.a_bits)
+    template, candidates = Architecture.from_supernet(net, space.scale_bits), site_candidates(net)
+    check_bitops_target(cfg.bitops_target, template, candidates, space.a_bits)
     if budget is not None:
-        budget.check_reachable(template, site_candidates(net))
+        budget.check_reachable(template, candidates)
         if cfg.alpha_init is AlphaInit.budget:
             level = start_at_budget(net, budget, template, cfg.tau_start)
             log.info("search.alpha_init=budget: every group starts around %.3g bits, the budget's uniform point", level)

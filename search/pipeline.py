@@ -42,8 +42,8 @@ def finetuned_on(name_or_path: str, task: str) -> bool:
 def check_up_front(c: Config, budgets: Sequence[Budget], hawq: bool, search: bool = True) -> Architecture:
     """Bad input fails now, before the run directory is written, not after fine-tuning and an hour of search: the
     task's data (read and tokenised as every step will, into the cache they reuse), HAWQ-V2's settings when `hawq`
-    runs, impossible budgets, and an unreachable bit-operations target when a `search` runs. Returns the architecture skeleton of `c.model` converted with `c.space` (its sites
-    and groups, at the argmax of fresh logits)."""
+    runs, impossible budgets, and an unreachable bit-operations target when a `search` runs. Returns the architecture
+    skeleton of `c.model` converted with `c.space` (its sites and groups, at the argmax of fresh logits)."""
     if hawq:
         check_hawq_settings(c.hawq, c.space)
     if c.model.finetuned:
