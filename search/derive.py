@@ -35,7 +35,7 @@ from torch import nn
 from supernet import Architecture, Scope, SiteArch, sites
 from supernet.cost import FP32_BITS
 
-from .budget import Budget
+from .budget import Budget, start_probs
 from .knapsack import Knapsack
 
 log = logging.getLogger(__name__)
@@ -248,10 +248,9 @@ def site_choice(choice: dict[str, list[int]], columns: dict[str, list[int]], pro
             continue
         q = probs[name][1][:, columns[name]]  # [G, K] in sorted candidate order
         expected = q @ torch.tensor(cands, dtype=q.dtype)  # [G] each group's expected bits
-        mean = float(expected.mean())
-        i = max([j for j in range(k - 1) if cands[j] <= mean], default=0)
-        frac = min(max((mean - cands[i]) / (cands[i + 1] - cands[i]), 0.0), 1.0)
-        want[name] = n * (i + frac)
+        # the mean's place among the candidates: between the two that bracket it, as the search's at-budget start
+        bracket = start_probs(list(cands), float(expected.mean()), 0.0)
+        want[name] = n * float(bracket @ torch.arange(k, dtype=bracket.dtype))
         pos[name] = int(round(want[name]))
         order = torch.argsort(-expected, stable=True)
         ladder[name] = (n, k, order, price)
