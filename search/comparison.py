@@ -32,7 +32,7 @@ from .config import Method
 from .rundir import write_atomic, write_text_atomic
 
 __all__ = ["Kind", "Row", "Point", "collect", "collect_draws", "pool_draws", "draws_table", "draw_name", "aggregate",
-           "write_comparison", "budget_dir", "verdict", "target_met",
+           "write_comparison", "budget_dir", "verdict", "target_met", "on_split",
            "standings", "seeds_ahead", "paired_difference", "Difference", "method_of", "LAYOUT"]
 
 
@@ -149,6 +149,21 @@ def collect(roots: Iterable[Path], max_draws: int | None = None) -> list[Row]:
     (method, budget, seed): several QAT draws of one architecture and seed become their median (of the first
     `max_draws` draws, when given: 1 reads each seed's first QAT run alone, as a comparison of one draw has it)."""
     return pool_draws(collect_draws(roots, max_draws))
+
+
+def on_split(rows: Sequence[Row], split: str) -> list[Row]:
+    """`rows` judged on another evaluated split (SST-2's `test_labeled`): each row's main metric on `split`, which
+    `collect` keeps among its `others` as "<split> <metric>", in place of the main split's. A row without it is a
+    ValueError naming its run, since judging some runs on dev and others on test would mix two measures."""
+    judged = []
+    for r in rows:
+        name = f"{split} {r.metric_name}"
+        value = dict(r.others).get(name)
+        if value is None:
+            raise ValueError(f"{r.run_dir} has no {name} result; evaluate that split (eval.splits=[{split}]) "
+                             f"or judge on the main split")
+        judged.append(dataclasses.replace(r, metric_name=name, metric=value))
+    return judged
 
 
 def collect_draws(roots: Iterable[Path], max_draws: int | None = None) -> list[tuple[int, Row]]:

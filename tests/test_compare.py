@@ -21,8 +21,8 @@ from conftest import ROOT, load_tool
 from search.__main__ import run_stage
 from search.budget import uniform
 from search.compare import _reuse_uniform, _warn_unmatched_hawq, draw_seed, uniform_bits
-from search.comparison import (Kind, aggregate, collect, collect_draws, draws_table, paired, paired_difference, verdict,
-                               write_comparison)
+from search.comparison import (Kind, aggregate, collect, collect_draws, draws_table, on_split, paired, paired_difference,
+                               verdict, write_comparison)
 from search.rundir import STATE_FILE, RunDir, changed_settings, run_step, schema_defaults
 from supernet import Architecture, QuantMode, SearchSpace, to_supernet
 
@@ -75,6 +75,20 @@ def test_every_evaluated_split_reaches_the_table(tmp_path):
     assert point.median == 81.0 and point.others == (("test_labeled accuracy", 82.0),)
     _, paths = write_comparison(collect([tmp_path]), tmp_path / "out", "t")
     assert "| accuracy 81.00 [80.00, 82.00] | test_labeled accuracy 82.00 | 3 |" in paths["comparison.md"].read_text()
+    # judged on the labelled test set: its metric in place of dev's, and a run without that split is named
+    judged = on_split(collect([tmp_path]), "test_labeled")
+    assert [(r.metric_name, r.metric) for r in judged] == [("test_labeled accuracy", v) for v in (81.0, 84.0, 82.0)]
+    _metrics(tmp_path / "fp32", 85.0)  # the FP32 reference, evaluated on dev alone
+    with pytest.raises(ValueError, match=r"fp32 has no test_labeled f1 result; evaluate that split"):
+        on_split(collect([tmp_path / "fp32"]), "test_labeled")
+    tool = [sys.executable, "tools/standings.py", "--split", "test_labeled", "--seeds-ahead"]
+    (tmp_path / "fp32" / "metrics.json").write_text(json.dumps({
+        "split": "validation", "main_metric": {"name": "accuracy", "value": 85.0},
+        "splits": {"validation": split(85.0), "test_labeled": split(86.0)}}))
+    out = subprocess.run([*tool, f"T={tmp_path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "| T (test_labeled accuracy) | 2 | 86.00 | 82.00 | - | - |" in out
+    bad = subprocess.run([*tool[:2], "--split", "test", f"T={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "has no test accuracy result" in bad.stderr
 
 
 def test_paired_changes_match_runs_by_method_budget_and_seed(tmp_path):

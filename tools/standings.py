@@ -13,7 +13,8 @@ model's mean lead over each baseline paired by seed, with its 95% t-interval ove
 interval holds 0 is one these seeds cannot tell from none). Several QAT draws per seed
 (`compare.qat_draws`) count as their median; `--max-draws N` reads each seed's first N alone. A pattern that matches no
 directory, a task with no finished quantized run, or runs that cannot be pooled (two results for one method, budget
-and seed; two tasks) are errors.
+and seed; two tasks) are errors. `--split NAME` judges every run on another evaluated split, e.g. SST-2's
+`test_labeled`, in place of dev (a run that did not evaluate it is an error).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import glob
 import sys
 from pathlib import Path
 
-from search.comparison import LAYOUT, collect, standings
+from search.comparison import LAYOUT, collect, on_split, standings
 
 
 def main() -> int:
@@ -36,6 +37,8 @@ def main() -> int:
                    help="add the searched model's mean lead over each baseline, paired by seed, with its 95%% t-interval")
     p.add_argument("--max-draws", type=int, default=None, metavar="N",
                    help="read only each seed's first N QAT draws (default: all; 1: as a comparison of one draw)")
+    p.add_argument("--split", default=None, metavar="NAME",
+                   help="judge on this evaluated split (e.g. test_labeled, SST-2's labelled test set) in place of dev")
     args = p.parse_args()
     if args.max_draws is not None and args.max_draws < 1:
         print(f"error: --max-draws {args.max_draws} is invalid; give 1 or more", file=sys.stderr)
@@ -55,6 +58,8 @@ def main() -> int:
             dirs |= found
         try:
             rows = collect(sorted(dirs), args.max_draws)
+            if args.split:
+                rows = on_split(rows, args.split)
         except ValueError as e:  # a metrics.json that is not a finished run's, or runs of different settings
             print(f"error: {name}: {e}", file=sys.stderr)
             return 2
