@@ -98,6 +98,11 @@ def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Ro
                          f"re-run that step or move the file out of the way") from e
 
 
+def split_metric(split: str, metric: str) -> str:
+    """The name under which a row's `others` keep another split's main metric: "test_labeled accuracy"."""
+    return f"{split} {metric}"
+
+
 def _read_row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Row:
     m = json.loads(path.read_text())
     arch = m.get("architecture") or {}
@@ -106,7 +111,7 @@ def _read_row(path: Path, method: Kind, budget: float | None, seed: int | None) 
     metrics = (m.get("splits") or {}).get(split, {}).get("metrics", {})
     others = tuple((k, float(v)) for k, v in metrics.items() if k != main)
     # the extra evaluated splits (SST-2's labelled test set) by their main metric: "test_labeled accuracy"
-    others += tuple((f"{name} {s['main_metric']['name']}", float(s["main_metric"]["value"]))
+    others += tuple((split_metric(name, s["main_metric"]["name"]), float(s["main_metric"]["value"]))
                     for name, s in (m.get("splits") or {}).items() if name != split and "main_metric" in s)
     return Row(method, budget, seed, m["main_metric"]["name"], float(m["main_metric"]["value"]),
                float(arch.get("encoder_avg_bits", 32.0)), float(arch.get("encoder_mb", float("nan"))),
@@ -153,11 +158,11 @@ def collect(roots: Iterable[Path], max_draws: int | None = None) -> list[Row]:
 
 def on_split(rows: Sequence[Row], split: str) -> list[Row]:
     """`rows` judged on another evaluated split (SST-2's `test_labeled`): each row's main metric on `split`, which
-    `collect` keeps among its `others` as "<split> <metric>", in place of the main split's. A row without it is a
+    `collect` keeps among its `others` (named by `split_metric`), in place of the main split's. A row without it is a
     ValueError naming its run, since judging some runs on dev and others on test would mix two measures."""
     judged = []
     for r in rows:
-        name = f"{split} {r.metric_name}"
+        name = split_metric(split, r.metric_name)
         value = dict(r.others).get(name)
         if value is None:
             raise ValueError(f"{r.run_dir} has no {name} result; evaluate that split (eval.splits=[{split}]) "
