@@ -33,6 +33,7 @@ from .rundir import write_atomic, write_text_atomic
 
 __all__ = ["Kind", "Row", "Point", "collect", "collect_draws", "pool_draws", "draws_table", "draw_name", "aggregate",
            "write_comparison", "budget_dir", "verdict", "target_met", "on_split",
+           "QUALITY_TOLERANCE", "quality_misses",
            "standings", "seeds_ahead", "paired_difference", "Difference", "method_of", "LAYOUT"]
 
 
@@ -356,6 +357,37 @@ def target_needs(points: Sequence[Point], budget: float) -> float | None:
     return hawq.median
 
 
+# issue #4's quality targets: the searched model within this many points of FP32 at each budget (bits), and above
+# uniform QAT at the same budget
+QUALITY_TOLERANCE = {4.0: 0.3, 3.0: 0.5, 2.0: 1.0, 1.5: 2.5}
+
+
+def quality_misses(points: Sequence[Point], budget: float) -> list[str] | None:
+    """What keeps the searched median from issue #4's quality target at `budget` (`QUALITY_TOLERANCE`): further
+    below FP32 than allowed, or not above uniform QAT. [] when it is met; None when there is nothing to judge (no
+    target at this budget, or the searched run, FP32 or uniform QAT missing)."""
+    s, uni = _find(points, Kind.searched, budget), _find(points, Kind.uniform, budget)
+    fp = _find(points, Kind.fp32, None)
+    tolerance = QUALITY_TOLERANCE.get(budget)
+    if tolerance is None or s is None or fp is None or uni is None:
+        return None
+    if any(math.isnan(p.median) for p in (s, fp, uni)):
+        return ["not comparable (a metric is not a number)"]
+    misses = []
+    if fp.median - s.median > tolerance + 1e-9:  # 0.3 below is within 0.3, whatever the rounding
+        misses.append(f"{fp.median - s.median:.2f} below FP32, allowed {tolerance:g}")
+    if s.median <= uni.median:
+        misses.append("uniform " + ("equal" if s.median == uni.median else "ahead"))
+    return misses
+
+
+def _quality(misses: list[str] | None) -> str:
+    """`quality_misses` in words."""
+    if misses is None:
+        return "-"
+    return "met" if not misses else f"**not met** ({'; '.join(misses)})"
+
+
 def _needs(need: float | None) -> str:
     """`target_needs` in words."""
     if need is None:
@@ -397,6 +429,7 @@ STANDINGS_COLUMNS = ["task", "budget (bits)", "FP32", "searched", "HAWQ-V2", "un
 SEEDS_AHEAD_COLUMNS = ["seeds ahead of HAWQ-V2", "seeds ahead of uniform"]
 NEEDS_COLUMNS = ["searched needs"]
 CI_COLUMNS = ["searched - HAWQ-V2, paired mean [95% CI]", "searched - uniform, paired mean [95% CI]"]
+QUALITY_COLUMNS = ["searched - FP32", "#4 target"]
 
 
 def _differences(rows: Sequence[Row], budget: float, base: Kind) -> list[float]:
@@ -471,13 +504,14 @@ def paired_lines(rows: Sequence[Row]) -> list[str]:
 
 
 def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False, needs: bool = False,
-              ci: bool = False) -> str:
+              ci: bool = False, quality: bool = False) -> str:
     """One markdown table over several tasks' comparisons (each task's runs, as `collect` reads them): per task
     and budget the median metric of FP32 and of every method, the searched model's lead over each baseline
     (negative: it loses) and issue #6's target. With `by_seed` two more columns say on how many seeds the
     searched model is ahead of each baseline, paired by seed (`seeds_ahead`). With `needs` one more says which
     searched median would meet the target (`target_needs`), or that none can. With `ci` two more give the
-    searched model's mean lead over each baseline paired by seed and its 95% t-interval (`paired_difference`)."""
+    searched model's mean lead over each baseline paired by seed and its 95% t-interval (`paired_difference`). With
+    `quality` two more give the searched median's distance from FP32 and issue #4's target (`quality_misses`)."""
 
     def cell(p: Point | None) -> str:
         return "-" if p is None else f"{p.median:.2f}"
@@ -494,7 +528,7 @@ def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False,
         return "-" if found is None else str(found)
 
     columns = (STANDINGS_COLUMNS + (SEEDS_AHEAD_COLUMNS if by_seed else []) + (NEEDS_COLUMNS if needs else [])
-               + (CI_COLUMNS if ci else []))
+               + (CI_COLUMNS if ci else []) + (QUALITY_COLUMNS if quality else []))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for task, rows in tasks:
         points = aggregate(rows)
@@ -512,6 +546,8 @@ def standings(tasks: Sequence[tuple[str, Sequence[Row]]], by_seed: bool = False,
                 values.append(_needs(target_needs(points, budget)))
             if ci:
                 values += [interval(rows, budget, Kind.hawq), interval(rows, budget, Kind.uniform)]
+            if quality:
+                values += [lead(s, fp), _quality(quality_misses(points, budget))]
             lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 

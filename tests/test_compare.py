@@ -22,7 +22,7 @@ from search.__main__ import run_stage
 from search.budget import uniform
 from search.compare import _reuse_uniform, _warn_unmatched_hawq, draw_seed, uniform_bits
 from search.comparison import (Kind, aggregate, collect, collect_draws, draws_table, on_split, paired, paired_difference,
-                               verdict, write_comparison)
+                               quality_misses, verdict, write_comparison)
 from search.rundir import STATE_FILE, RunDir, changed_settings, run_step, schema_defaults
 from supernet import Architecture, QuantMode, SearchSpace, to_supernet
 
@@ -320,6 +320,24 @@ def test_standings_tool_puts_every_task_budget_and_lead_in_one_table(tmp_path):
                          (f"T5={tmp_path}/d", "T5: only the FP32 reference in")):
         run = subprocess.run([*tool, bad], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode == 2 and message in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_quality_column_names_what_misses_issue_4s_target(tmp_path):
+    """#4: within 0.3/0.5/1/2.5 points of FP32 at 4/3/2/1.5 bits, and above uniform QAT; FP32 is 85 in `_tree`."""
+    _tree(tmp_path, {("qat", 4, 1): 84.7, ("uniform4", 4, 1): 84.0,  # exactly 0.3 below: within
+                     ("qat", 3, 1): 84.4, ("uniform3", 3, 1): 84.4,  # 0.6 below, and a tie with uniform
+                     ("qat", 2, 1): 84.5, ("uniform2", 2, 1): 84.9,  # close enough, uniform ahead
+                     ("qat", 1.5, 1): 83.0,  # no uniform run: nothing to judge
+                     ("qat", 2.5, 1): 84.0, ("uniform3", 2.5, 1): 83.0})  # no target at 2.5 bits
+    points = aggregate(collect([tmp_path]))
+    assert [quality_misses(points, b) for b in (4, 3, 2, 1.5, 2.5)] == [
+        [], ["0.60 below FP32, allowed 0.5", "uniform equal"], ["uniform ahead"], None, None]
+    out = subprocess.run([sys.executable, "tools/standings.py", "--quality", f"T={tmp_path}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].endswith("| seeds | searched - FP32 | #4 target |")
+    assert [" | ".join(line.rsplit(" | ", 2)[1:]) for line in out[2:]] == [
+        "-0.30 | met |", "-0.60 | **not met** (0.60 below FP32, allowed 0.5; uniform equal) |", "-1.00 | - |",
+        "-0.50 | **not met** (uniform ahead) |", "-2.00 | - |"]
 
 
 def test_uniform_bits_never_gives_the_baseline_less_room():

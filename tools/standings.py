@@ -14,7 +14,9 @@ interval holds 0 is one these seeds cannot tell from none). Several QAT draws pe
 (`compare.qat_draws`) count as their median; `--max-draws N` reads each seed's first N alone. A pattern that matches no
 directory, a task with no finished quantized run, or runs that cannot be pooled (two results for one method, budget
 and seed; two tasks) are errors. `--split NAME` judges every run on another evaluated split, e.g. SST-2's
-`test_labeled`, in place of dev (a run that did not evaluate it is an error).
+`test_labeled`, in place of dev (a run that did not evaluate it is an error). `--quality` adds the searched median's
+distance from FP32 and issue #4's quality target: within 0.3 point of FP32 at 4 bits, 0.5 at 3, 1 at 2 and 2.5 at 1.5
+bits, and above uniform QAT (what misses it is named).
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ def main() -> int:
                    help="add the searched median that would meet #6's target, or 'out of reach' where uniform >= HAWQ-V2")
     p.add_argument("--ci", action="store_true",
                    help="add the searched model's mean lead over each baseline, paired by seed, with its 95%% t-interval")
+    p.add_argument("--quality", action="store_true",
+                   help="add the searched median's distance from FP32 and #4's target (within 0.3/0.5/1/2.5 of FP32 at "
+                        "4/3/2/1.5 bits, above uniform)")
     p.add_argument("--max-draws", type=int, default=None, metavar="N",
                    help="read only each seed's first N QAT draws (default: all; 1: as a comparison of one draw)")
     p.add_argument("--split", default=None, metavar="NAME",
@@ -69,7 +74,7 @@ def main() -> int:
                   file=sys.stderr)
             return 2
         tasks.append((name, rows))
-    print(standings(tasks, by_seed=args.seeds_ahead, needs=args.needs, ci=args.ci), end="")
+    print(standings(tasks, by_seed=args.seeds_ahead, needs=args.needs, ci=args.ci, quality=args.quality), end="")
     return 0
 
 
