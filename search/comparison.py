@@ -88,6 +88,7 @@ class Row:
     # the main split's other metrics (MRPC: accuracy beside F1), then the other splits' main metrics
     others: tuple[tuple[str, float], ...] = ()
     draws: int = 1  # QAT runs (draws) of this architecture and seed: `metric` and `others` are their medians
+    split: str | None = None  # the split `metric` is on ("validation"), where metrics.json names it
 
 
 def _row(path: Path, method: Kind, budget: float | None, seed: int | None) -> Row:
@@ -119,7 +120,7 @@ def _read_row(path: Path, method: Kind, budget: float | None, seed: int | None) 
                float(arch.get("total_mb", float("nan"))), float(arch.get("total_compression") or 1.0),
                int(arch.get("pruned_groups", 0)), str(path.parent),
                *_fp32_mb(path.parent, arch),
-               others)
+               others, split=split)
 
 
 def _fp32_mb(run_dir: Path, arch: dict[str, Any]) -> tuple[float, float]:
@@ -159,10 +160,14 @@ def collect(roots: Iterable[Path], max_draws: int | None = None) -> list[Row]:
 
 def on_split(rows: Sequence[Row], split: str) -> list[Row]:
     """`rows` judged on another evaluated split (SST-2's `test_labeled`): each row's main metric on `split`, which
-    `collect` keeps among its `others` (named by `split_metric`), in place of the main split's. A row without it is a
-    ValueError naming its run, since judging some runs on dev and others on test would mix two measures."""
+    `collect` keeps among its `others` (named by `split_metric`), in place of the main split's; a row whose main split
+    is `split` stays as it is. A row without it is a ValueError naming its run, since judging some runs on dev and
+    others on test would mix two measures."""
     judged = []
     for r in rows:
+        if r.split == split:  # judged on its main split already
+            judged.append(r)
+            continue
         name = split_metric(split, r.metric_name)
         value = dict(r.others).get(name)
         if value is None:

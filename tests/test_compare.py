@@ -78,6 +78,8 @@ def test_every_evaluated_split_reaches_the_table(tmp_path):
     # judged on the labelled test set: its metric in place of dev's, and a run without that split is named
     judged = on_split(collect([tmp_path]), "test_labeled")
     assert [(r.metric_name, r.metric) for r in judged] == [("test_labeled accuracy", v) for v in (81.0, 84.0, 82.0)]
+    on_dev = on_split(collect([tmp_path]), "validation")  # the main split: the rows as they are
+    assert [(r.metric_name, r.metric) for r in on_dev] == [("accuracy", v) for v in (80.0, 82.0, 81.0)]
     _metrics(tmp_path / "fp32", 85.0)  # the FP32 reference, evaluated on dev alone
     with pytest.raises(ValueError, match=r"fp32 has no test_labeled f1 result; evaluate that split"):
         on_split(collect([tmp_path / "fp32"]), "test_labeled")
