@@ -379,8 +379,9 @@ def quality_misses(points: Sequence[Point], budget: float) -> list[str] | None:
     if any(math.isnan(p.median) for p in (s, fp, uni)):
         return ["not comparable (a metric is not a number)"]
     misses = []
-    if fp.median - s.median > tolerance + 1e-9:  # 0.3 below is within 0.3, whatever the rounding
-        misses.append(f"{fp.median - s.median:.2f} below FP32, allowed {tolerance:g}")
+    gap = fp.median - s.median
+    if gap > tolerance and not _same(gap, tolerance):  # 0.3 below is within 0.3, whatever the rounding
+        misses.append(f"{gap:.2f} below FP32, allowed {tolerance:g}")
     if s.median <= uni.median:
         misses.append("uniform " + ("equal" if s.median == uni.median else "ahead"))
     return misses
